@@ -1,0 +1,72 @@
+"""Tensor checks at the public boundary: TypeError/ValueError naming the argument, value and expectation."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import torch
+
+TargetKind = Literal["index", "probs"]
+
+
+def check_logits(name: str, x) -> None:
+    """A floating tensor with at least one dimension."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must have a floating dtype (float16, bfloat16, float32, float64), got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError(f"{name} must have a class dimension, got a 0-d tensor")
+
+
+def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
+    """Class indices (the input's shape without the class dim) or probabilities (the input's shape)."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    class_dim = 0 if input.dim() == 1 else 1
+    index_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    if target.is_floating_point() and target.shape == input.shape:
+        if ignore_index >= 0:  # as PyTorch: a negative ignore_index can never match and is allowed
+            raise ValueError(
+                f"ignore_index={ignore_index} can't be used with class-probability targets "
+                f"(floating target of the input's shape {tuple(input.shape)})"
+            )
+        return "probs"
+    if not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool:
+        if target.shape == index_shape:
+            return "index"
+    raise ValueError(
+        f"target of shape {tuple(target.shape)} and dtype {target.dtype} matches neither target kind for input "
+        f"of shape {tuple(input.shape)}: expected integer class indices of shape {tuple(index_shape)} or "
+        f"floating class probabilities of shape {tuple(input.shape)}"
+    )
+
+
+def check_weight(weight: Optional[torch.Tensor], num_classes: int, input: torch.Tensor) -> None:
+    """None, or a floating (C,) tensor on the input's device."""
+    if weight is None:
+        return
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must have a floating dtype, got {weight.dtype}")
+    if weight.shape != (num_classes,):
+        raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
+    if weight.device != input.device:
+        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+
+
+def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    """Every class index is in [0, C) or equals ignore_index.
+
+    Reads the target on the host, so it is called only for CPU tensors. On CUDA the kernels clamp
+    the index for memory safety and give the offending rows a NaN loss and gradient instead.
+    """
+    bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        value = int(target[bad].reshape(-1)[0])
+        raise ValueError(
+            f"target contains class index {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
+        )

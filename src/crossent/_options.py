@@ -1,0 +1,66 @@
+"""Loss options: one frozen dataclass, validated once where it is built (the public boundary)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+Reduction = Literal["none", "mean", "sum"]
+Impl = Literal["auto", "torch", "triton"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+_IMPLS = ("auto", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions:
+    """Everything about a cross-entropy call that is not a tensor.
+
+    Building one validates it: a bad value raises TypeError/ValueError naming the argument.
+    """
+
+    ignore_index: int = -100
+    reduction: Reduction = "mean"
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    softcap: Optional[float] = None
+    inplace_backward: bool = False
+    impl: Impl = "auto"
+
+    def __post_init__(self):
+        _check_int("ignore_index", self.ignore_index)
+        _check_choice("reduction", self.reduction, _REDUCTIONS)
+        _check_choice("impl", self.impl, _IMPLS)
+        _check_real("label_smoothing", self.label_smoothing, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_real("z_loss", self.z_loss, "a finite float >= 0", lambda v: v >= 0.0)
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
+        if not isinstance(self.inplace_backward, bool):
+            raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
+        # Normalise numbers to plain Python floats (a numpy scalar or int would do but would not hash alike).
+        object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+        object.__setattr__(self, "z_loss", float(self.z_loss))
+        if self.softcap is not None:
+            object.__setattr__(self, "softcap", float(self.softcap))
+
+
+def _check_int(name, value):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{name} must be one of {allowed}; got {value!r}")
+
+
+def _check_real(name, value, expected, ok):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        try:
+            value = float(value)  # numpy scalars, 0-d arrays
+        except (TypeError, ValueError):
+            raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}") from None
+    if not (math.isfinite(value) and ok(value)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")

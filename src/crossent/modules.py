@@ -1,0 +1,62 @@
+"""nn.Module wrappers: store the options (validated once, at construction) and call the functional API."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from crossent._options import CrossEntropyOptions, Impl, Reduction
+from crossent.functional import cross_entropy_with_options
+
+__all__ = ["CrossEntropyLoss"]
+
+
+class CrossEntropyLoss(nn.Module):
+    """Module form of :func:`crossent.cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
+
+    ``weight`` is registered as a buffer (it moves with ``.to()``), as in PyTorch. Every argument has
+    the meaning it has in :func:`crossent.cross_entropy`.
+
+    Example:
+        >>> import torch, crossent
+        >>> loss_fn = crossent.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4)
+        >>> loss_fn(torch.randn(8, 10), torch.randint(0, 10, (8,))).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        inplace_backward: bool = False,
+        impl: Impl = "auto",
+    ):
+        super().__init__()
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        self.register_buffer("weight", weight)
+        self.options = CrossEntropyOptions(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            inplace_backward=inplace_backward,
+            impl=impl,
+        )
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return cross_entropy_with_options(input, target, self.weight, self.options)
+
+    def extra_repr(self) -> str:
+        o = self.options
+        return (
+            f"ignore_index={o.ignore_index}, reduction={o.reduction!r}, label_smoothing={o.label_smoothing}, "
+            f"z_loss={o.z_loss}, softcap={o.softcap}, impl={o.impl!r}"
+        )

@@ -1,0 +1,239 @@
+"""The seed's math in numpy: the float64 oracle every other path is tested against.
+
+Readable first, fast never. Everything here materializes the full (N, C) log-probabilities.
+Derivations are in ``docs/math.md``; the notation below follows it.
+
+For logits ``z`` (one row, C classes), ``m = max_c z_c``::
+
+    lse(z)          = m + log Σ_c exp(z_c − m)
+    log_softmax(z)  = z − lse(z)
+    softmax(z)      = exp(z − lse(z))
+
+Every option of the cross-entropy (class weights ``w``, label smoothing ``ε``, class-index or
+class-probability targets) is one *weighted target vector* ``u`` per row:
+
+    class index t:      u_c = w_t (1 − ε) [c = t] + ε w_c / C
+    probabilities y:    u_c = w_c ((1 − ε) y_c + ε / C)
+
+and then, with ``U = Σ_c u_c``, ``p = softmax(z)`` and the z-loss coefficient ``s``::
+
+    loss = −Σ_c u_c log p_c + s · ω · lse²        (ω = w_t, or Σ_c w_c y_c for probabilities)
+    ∂loss/∂z = U p − u + 2 s ω lse p
+
+With ``softcap = κ`` the logits are first replaced by ``κ tanh(z / κ)`` and the gradient is
+multiplied by ``1 − tanh²(z / κ)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "logsumexp",
+    "log_softmax",
+    "softmax",
+    "cross_entropy",
+    "cross_entropy_grad",
+    "entropy",
+    "kl_divergence",
+]
+
+
+def logsumexp(z, axis=-1):
+    """``m + log Σ exp(z − m)`` along ``axis`` with ``m`` the maximum (no overflow for huge ``z``).
+
+    A slice that is all ``−inf`` gives ``−inf``.
+
+    >>> float(logsumexp(np.array([0.0, np.log(3.0)])))  # log(1 + 3)
+    1.3862943611198906
+    >>> float(logsumexp(np.array([1000.0, 1000.0])))  # 1000 + log 2, no overflow
+    1000.6931471805599
+    """
+    z = np.asarray(z, dtype=np.float64)
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)  # an all −inf slice: exp(−inf − 0) = 0, log 0 = −inf
+    with np.errstate(divide="ignore"):
+        out = m + np.log(np.sum(np.exp(z - m), axis=axis, keepdims=True))
+    return np.squeeze(out, axis=axis)
+
+
+def log_softmax(z, axis=-1):
+    """``z − lse(z)`` along ``axis``.
+
+    >>> log_softmax(np.zeros(4)).round(6).tolist()  # uniform: log(1/4)
+    [-1.386294, -1.386294, -1.386294, -1.386294]
+    """
+    z = np.asarray(z, dtype=np.float64)
+    return z - np.expand_dims(logsumexp(z, axis=axis), axis)
+
+
+def softmax(z, axis=-1):
+    """``exp(z − lse(z))`` along ``axis``; each slice sums to one.
+
+    >>> softmax(np.array([0.0, np.log(3.0)])).round(6).tolist()
+    [0.25, 0.75]
+    """
+    return np.exp(log_softmax(z, axis=axis))
+
+
+def entropy(y, axis=-1):
+    """Shannon entropy ``H(y) = −Σ_c y_c log y_c`` in nats, with ``0 log 0 = 0``.
+
+    >>> float(entropy(np.array([0.5, 0.5])))  # log 2
+    0.6931471805599453
+    """
+    y = np.asarray(y, dtype=np.float64)
+    return -np.sum(_xlogy(y, y), axis=axis)
+
+
+def kl_divergence(y, logits, axis=-1):
+    """``KL(y ‖ softmax(logits)) = Σ_c y_c (log y_c − log_softmax(logits)_c)``, ``0 log 0 = 0``.
+
+    With it, cross-entropy splits as ``CE(y, logits) = H(y) + KL(y ‖ ŷ)``.
+
+    >>> float(kl_divergence(np.array([1.0, 0.0]), np.array([0.0, 0.0])))  # log 2
+    0.6931471805599453
+    """
+    y = np.asarray(y, dtype=np.float64)
+    lp = log_softmax(logits, axis=axis)
+    with np.errstate(invalid="ignore"):
+        return np.sum(np.where(y > 0, _xlogy(y, y) - y * lp, 0.0), axis=axis)
+
+
+def _xlogy(x, y):
+    """``x log y`` with ``0 log y = 0`` (also for ``y = 0``)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(x == 0, 0.0, x * np.log(np.where(x == 0, 1.0, y)))
+
+
+def cross_entropy(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+):
+    """Softmax cross-entropy with the options and semantics of ``torch.nn.functional.cross_entropy``.
+
+    ``loss_i = −Σ_c u_ic log softmax(z_i)_c + s ω_i lse(z_i)²`` with ``u`` the weighted target
+    vector of the module docstring. Reductions: ``"none"`` (per-position losses), ``"sum"``,
+    ``"mean"`` (divided by ``Σ_i w_{t_i}`` over non-ignored positions for class indices — PyTorch's
+    weighted mean — or by the number of positions for probabilities). A mean over zero total
+    weight is 0 (PyTorch gives NaN).
+
+    Args:
+        logits: (C,), (N, C) or (N, C, d1, ..., dK); the class dimension is 1 (0 when unbatched).
+        target: class indices (), (N) or (N, d1, ..., dK), integers in [0, C) or ``ignore_index``;
+            or class probabilities with the shape of ``logits``.
+        weight: optional (C,) class weights.
+        ignore_index: class-index value whose positions contribute nothing.
+        reduction: ``"none"``, ``"mean"`` or ``"sum"``.
+        label_smoothing: ε in [0, 1]; mixes the target with the uniform distribution.
+        z_loss: s ≥ 0; adds ``s · lse²`` per position, weighted like the log-likelihood term.
+        softcap: κ > 0 or None; logits become ``κ tanh(z / κ)`` first.
+
+    Returns:
+        float64 array: () for ``"mean"``/``"sum"``, the target's batch shape for ``"none"``.
+
+    >>> float(cross_entropy(np.array([[0.0, 0.0, 0.0, 0.0]]), np.array([2])))  # uniform: log 4
+    1.3862943611198906
+    """
+    rows = _Rows(logits, target, weight, ignore_index, label_smoothing, softcap)
+    lse = logsumexp(rows.z)
+    with np.errstate(invalid="ignore"):  # u_c = 0 where z_c = −inf: the term is 0, not nan
+        nll = np.sum(np.where(rows.u != 0, rows.u * (lse[:, None] - rows.z), 0.0), axis=1)
+    loss = np.where(rows.valid, nll + z_loss * rows.omega * lse**2, 0.0)
+    if reduction == "none":
+        return loss.reshape(rows.batch_shape)
+    if reduction == "sum":
+        return loss.sum()
+    return loss.sum() / rows.denom if rows.denom != 0 else np.float64(0.0)
+
+
+def cross_entropy_grad(
+    logits,
+    target,
+    weight=None,
+    ignore_index=-100,
+    reduction="mean",
+    label_smoothing=0.0,
+    z_loss=0.0,
+    softcap=None,
+    grad_output=1.0,
+):
+    """∂J/∂logits of :func:`cross_entropy` times ``grad_output``; ``Ŷ − Y`` in the plain case.
+
+    Per row, on the (soft-capped) logits ``z`` with ``p = softmax(z)``, ``U = Σ_c u_c``::
+
+        ∂loss/∂z = (U + 2 s ω lse) p − u
+
+    then times ``1 − tanh²(z_raw / κ)`` with a softcap, times ``grad_output`` (a scalar for
+    ``"mean"``/``"sum"``, an array of the target's batch shape for ``"none"``), and divided by the
+    mean's denominator. Ignored positions get a zero gradient.
+
+    Returns:
+        float64 array with the shape of ``logits``.
+
+    >>> cross_entropy_grad(np.array([[0.0, 0.0]]), np.array([1])).tolist()  # p − onehot
+    [[0.5, -0.5]]
+    """
+    rows = _Rows(logits, target, weight, ignore_index, label_smoothing, softcap)
+    lse = logsumexp(rows.z)
+    p = np.exp(rows.z - lse[:, None])
+    grad = (rows.u.sum(axis=1) + 2 * z_loss * rows.omega * lse)[:, None] * p - rows.u
+    grad = np.where(rows.valid[:, None], grad, 0.0) * rows.chain
+    scale = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), rows.batch_shape).reshape(-1)
+    if reduction == "mean":
+        scale = scale / rows.denom if rows.denom != 0 else np.zeros_like(scale)
+    return rows.to_logits_layout(grad * scale[:, None])
+
+
+class _Rows:
+    """The inputs as rows: logits (R, C) after the softcap, u (R, C), ω (R,), the mean's denominator.
+
+    Positions are flattened in the order of the target's batch shape (class axis moved last).
+    """
+
+    def __init__(self, logits, target, weight, ignore_index, label_smoothing, softcap):
+        logits = np.asarray(logits, dtype=np.float64)
+        target = np.asarray(target)
+        self.unbatched = logits.ndim == 1
+        if self.unbatched:
+            logits, target = logits[None], target[None]
+        self.logits_shape = logits.shape
+        num_classes = logits.shape[1]
+        z = np.moveaxis(logits, 1, -1).reshape(-1, num_classes)
+        w = np.ones(num_classes) if weight is None else np.asarray(weight, dtype=np.float64)
+        eps = float(label_smoothing)
+        self.chain = np.ones_like(z)
+        if softcap is not None:
+            th = np.tanh(z / softcap)
+            z, self.chain = softcap * th, 1.0 - th**2
+        self.z = z
+        if np.issubdtype(target.dtype, np.floating):  # class probabilities, shaped like logits
+            self.batch_shape = target.shape[:1] + target.shape[2:]
+            y = np.moveaxis(target.astype(np.float64), 1, -1).reshape(-1, num_classes)
+            self.u = w * ((1 - eps) * y + eps / num_classes)
+            self.omega = y @ w
+            self.valid = np.ones(len(z), dtype=bool)
+            self.denom = float(len(z))
+        else:  # class indices
+            self.batch_shape = target.shape
+            t = target.reshape(-1).astype(np.int64)
+            self.valid = t != ignore_index
+            t_safe = np.where(self.valid, t, 0)
+            onehot = np.eye(num_classes)[t_safe]
+            self.omega = np.where(self.valid, w[t_safe], 0.0)
+            self.u = (1 - eps) * self.omega[:, None] * onehot + eps * w / num_classes
+            self.denom = float(self.omega.sum())
+        if self.unbatched:
+            self.batch_shape = ()
+
+    def to_logits_layout(self, rows):
+        """(R, C) rows back to the caller's logits shape (class axis where it was)."""
+        n, c, *rest = self.logits_shape
+        out = np.moveaxis(rows.reshape(n, *rest, c), -1, 1)
+        return out[0] if self.unbatched else out

@@ -1,0 +1,12 @@
+"""Shared fixtures: every test seeds its RNGs."""
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+    yield
