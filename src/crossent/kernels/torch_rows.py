@@ -2,18 +2,21 @@
 
 Fused: softcap, row max, sum-exp, target gather, smoothing and z-loss terms, one chunk of rows at a time.
 Never materialized: the (N, C) log-probabilities or any full-size temporary; only chunk-sized scratch.
-Written in place: only ``out`` in ``backward`` (it aliases the logits when the caller asked for that).
+Written in place: only ``out`` in the backward functions (it aliases the logits when asked to).
 
-Every function takes logits ``(..., C)`` (any strides), targets ``(...)`` int (class indices) or
-``(..., C)`` float (probabilities), and returns per-position fp32 (fp64 for fp64 logits) values.
-The formulas are derived in docs/math.md ("Row kernels"); the names follow it:
-``u`` weighted target vector, ``U = Σ_c u_c``, ``ω`` z-loss weight, ``g`` upstream gradient per row.
+Two levels. ``forward`` / ``backward`` take whole rows. For class-index targets they are built from the
+vocabulary-shard pieces ``shard_stats`` → (``combine_stats`` or all-reduces) → ``index_loss`` and
+``shard_backward``, which the fused linear CE (vocabulary chunks) and vocab-parallel CE (one shard
+per rank) use directly. Logits are ``(..., C)`` with any strides; targets ``(...)`` int (class indices)
+or ``(..., C)`` float (probabilities); per-position results are fp32 (fp64 for fp64 logits).
+The formulas are derived in docs/math.md; the names follow it: ``u`` weighted target vector,
+``U = Σ_c u_c``, ``ω`` z-loss weight, ``g`` upstream gradient per row.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Tuple
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -43,34 +46,14 @@ def forward(
     softcap: Optional[float],
 ) -> Tuple[Tensor, Tensor]:
     """Per-position loss and log-sum-exp, both ``logits.shape[:-1]`` in the compute dtype."""
-    z3, t3, shape = _as_3d(logits, target)
-    cdt = compute_dtype(logits.dtype)
-    c = Classes(weight, z3.shape[-1], cdt, label_smoothing)
-    probs = target.is_floating_point()
-    rows = z3.shape[:2]
-    row_max, row_sum = _empty_rows(rows, cdt, z3.device, 2)
-    # Σ_c u_c z_c (probabilities) or Σ_c w_c z_c (smoothing); U = Σ_c u_c and ω (probabilities)
-    dot, total, omega = _empty_rows(rows, cdt, z3.device, 3)
-    for idx, x, scratch in _chunks(z3, cdt, 2 if probs else 0):
-        src = _capped(x, z3[idx], softcap)
-        if probs:
-            u, uz = scratch
-            omega[idx] = _weighted_targets(u, t3[idx], c)
-            total[idx] = u.sum(-1)
-            dot[idx] = torch.mul(u, src, out=uz).nansum(-1)  # drops exactly the 0·(−inf) terms
-        elif c.eps:
-            dot[idx] = c.dot(src)
-        row_max[idx] = src.amax(-1)
-        # an all −inf row: clamping its max keeps exp(−inf − m) = 0, so lse = log 0 = −inf, not nan
-        torch.sub(src, row_max[idx].clamp_(min=torch.finfo(cdt).min).unsqueeze(-1), out=x).exp_()
-        row_sum[idx] = x.sum(-1)
-    lse = row_sum.log_().add_(row_max)
-    if probs:
-        # loss = U lse − Σ_c u_c z_c + s ω lse²   (NaN logits reach lse, so NaN propagates)
-        loss = total * lse - dot + z_loss * omega * lse * lse
-    else:
-        loss = _index_loss(z3, t3, c, ignore_index, z_loss, softcap, lse, dot)
-    return loss.reshape(shape), lse.reshape(shape)
+    if target.is_floating_point():
+        return _probs_forward(logits, target, weight, label_smoothing, z_loss, softcap)
+    stats = shard_stats(logits, target, weight, 0, label_smoothing != 0.0, softcap)
+    lse = stats.lse()
+    loss = index_loss(
+        lse, stats.target_logit, stats.dot, target, weight, ignore_index, label_smoothing, z_loss, logits.shape[-1]
+    )
+    return loss, lse
 
 
 def backward(
@@ -86,31 +69,258 @@ def backward(
     out: Tensor,
 ) -> None:
     """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (``logits.shape``; may be ``logits``)."""
-    z3, t3, _ = _as_3d(logits, target)
-    try:
-        out3 = out.view(z3.shape)
-    except RuntimeError:  # an in-place target whose strides don't flatten: go through a buffer
+    if not _views_as_3d(out, logits):  # an in-place target whose strides don't flatten: via a buffer
         buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
         backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, buf)
         out.copy_(buf)
         return
+    if target.is_floating_point():
+        _probs_backward(logits, target, weight, lse, grad_loss, label_smoothing, z_loss, softcap, out)
+    else:
+        shard_backward(
+            logits, target, weight, 0, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
+            logits.shape[-1], out,
+        )  # fmt: skip
+
+
+# --- class-index targets over a vocabulary shard -----------------------------------------------------
+# A shard is the columns [v0, v0 + V_s) of the full C-class logits: the whole row (v0 = 0, V_s = C),
+# a vocabulary chunk of the fused linear CE, or one rank's slice in vocab-parallel CE. Targets and
+# weights are always global (class ids in [0, C), weight (C,)). Per row:
+#   loss = ω ((1 − ε)(lse − z_t) + s lse²) + (ε / C)(W lse − Σ_c w_c z_c),    ω = w_t, W = Σ_c w_c
+#   ∂loss/∂z_c = (ω (1 − ε + 2 s lse) + ε W / C) p_c − ω (1 − ε) [c = t] − ε w_c / C
+
+
+class RowStats(NamedTuple):
+    """What one shard contributes per row; shards combine by :func:`combine_stats` (or all-reduces).
+
+    ``max`` is the shard's row max (an all −inf row is clamped to the dtype's lowest finite value, so
+    that ``sumexp = Σ exp(z − max)`` is 0 there, not NaN); ``target_logit`` is ``z_t`` where the target
+    lies in the shard, else 0; ``dot`` is ``Σ_c w_c z_c`` over the shard's columns (only with smoothing).
+    """
+
+    max: Tensor
+    sumexp: Tensor
+    target_logit: Tensor
+    dot: Optional[Tensor]
+
+    def lse(self) -> Tensor:
+        """``max + log sumexp``: the log-sum-exp over the columns these stats cover."""
+        return self.sumexp.log().add_(self.max)
+
+
+def combine_stats(parts: Sequence[RowStats]) -> RowStats:
+    """Stats of the union of disjoint shards: ``M = max_k m_k``, ``S = Σ_k s_k exp(m_k − M)``, sums of the rest."""
+    row_max = torch.stack([p.max for p in parts]).amax(0)
+    sumexp = sum(p.sumexp * torch.exp(p.max - row_max) for p in parts)
+    target_logit = sum(p.target_logit for p in parts)
+    dot = None if parts[0].dot is None else sum(p.dot for p in parts)
+    return RowStats(row_max, sumexp, target_logit, dot)
+
+
+def shard_stats(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    vocab_start: int,
+    need_dot: bool,
+    softcap: Optional[float],
+) -> RowStats:
+    """Per-row max, sum-exp, target logit and (``need_dot``) ``Σ_c w_c z_c`` of a shard ``(..., V_s)``."""
+    z3, t3, shape = _as_3d(logits, target)
     cdt = compute_dtype(logits.dtype)
-    lse3 = lse.reshape(z3.shape[:2])
-    g3 = grad_loss.to(cdt).expand(lse.shape).reshape(z3.shape[:2])
-    c = Classes(weight, z3.shape[-1], cdt, label_smoothing)
-    probs = target.is_floating_point()
+    w_shard = _shard_weight(weight, vocab_start, z3.shape[-1], cdt)
+    row_max, sumexp = _empty_rows(z3.shape[:2], cdt, z3.device, 2)
+    dot = torch.empty_like(row_max) if need_dot else None
+    lowest = torch.finfo(cdt).min
+    for idx, x, _ in _chunks(z3, cdt, 0):
+        src = _capped(x, z3[idx], softcap)
+        if need_dot:
+            dot[idx] = _dot(src, w_shard)
+        m = src.amax(-1).clamp_(min=lowest)
+        row_max[idx] = m
+        torch.sub(src, m.unsqueeze(-1), out=x).exp_()
+        sumexp[idx] = x.sum(-1)
+    local, t_local = _local_targets(t3, vocab_start, z3.shape[-1])
+    z_t = z3.gather(-1, t_local.unsqueeze(-1)).squeeze(-1).to(cdt)  # the target logit, in fp32
+    if softcap is not None:
+        z_t = softcap * torch.tanh(z_t / softcap)
+    z_t = torch.where(local, z_t, 0.0)
+    return RowStats(row_max.reshape(shape), sumexp.reshape(shape), z_t.reshape(shape), None if dot is None else dot.reshape(shape))
+
+
+def index_loss(
+    lse: Tensor,
+    target_logit: Tensor,
+    dot: Optional[Tensor],
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    num_classes: int,
+) -> Tensor:
+    """The per-position loss from the row's lse, target logit and (with smoothing) ``Σ_c w_c z_c``.
+
+    Ignored positions give 0; a class index outside [0, C) gives NaN.
+    """
+    eps = label_smoothing
+    valid, t_safe, bad = _index_masks(target, ignore_index, num_classes)
+    omega = torch.where(valid, _weight_at(weight, t_safe, lse), 0.0)
+    loss = omega * ((1.0 - eps) * (lse - target_logit) + z_loss * lse * lse)
+    if eps:
+        total_weight = num_classes if weight is None else weight.to(lse.dtype).sum()
+        loss = loss + (eps / num_classes) * (total_weight * lse - dot)
+    return torch.where(valid, loss, 0.0).masked_fill_(bad, math.nan)
+
+
+def shard_backward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    vocab_start: int,
+    lse: Tensor,
+    grad_loss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    num_classes: int,
+    out: Tensor,
+) -> None:
+    """Write ``g · ∂loss/∂z`` for the shard's columns into ``out`` (the shard's shape; may be ``logits``).
+
+    ``lse`` is the full row's log-sum-exp (all shards combined), ``grad_loss`` the upstream gradient g.
+    ``out`` must view as (N, M, V_s) like the logits (a fresh contiguous buffer always does).
+    """
+    z3, t3, _ = _as_3d(logits, target)
+    out3 = out.view(z3.shape)
+    cdt = compute_dtype(logits.dtype)
+    rows = _IndexGradRows(t3, weight, vocab_start, z3.shape[-1], num_classes, ignore_index,
+                          label_smoothing, z_loss, _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape))  # fmt: skip
+    w_shard = _shard_weight(weight, vocab_start, z3.shape[-1], cdt)
     direct = out.dtype == cdt  # compute straight into out's chunk: no scratch, no copy
-    if not probs:
-        rows = _IndexGradRows(t3, c, ignore_index, lse3, g3, z_loss)
-    for idx, x, scratch in _chunks(z3, cdt, 1 + probs, scratch_for_x=not direct):
+    for idx, x, scratch in _chunks(z3, cdt, 1 if softcap else 0, scratch_for_x=not direct):
         x = out3[idx] if direct else x
-        chain = scratch[-1] if softcap else None
+        chain = scratch[0] if softcap else None
         src = _capped(x, z3[idx], softcap, chain_out=chain)
-        if probs:
-            _probs_grad_chunk(x, src, t3[idx], c, lse3[idx], g3[idx], z_loss, scratch[0])
-        else:
-            _index_grad_chunk(x, src, rows, idx, c)
+        torch.sub(src, rows.shift[idx].unsqueeze(-1), out=x).exp_()
+        if rows.sign is not None:
+            x.mul_(rows.sign[idx].unsqueeze(-1))
+        x.scatter_add_(-1, rows.t_local[idx].unsqueeze(-1), rows.at_target[idx].unsqueeze(-1))
+        if rows.smooth is not None:
+            if w_shard is None:
+                x.sub_(rows.smooth[idx].unsqueeze(-1))
+            else:
+                x.addcmul_(rows.smooth[idx].unsqueeze(-1), w_shard, value=-1.0)
         if chain is not None:
+            x.mul_(chain)
+        if not direct:
+            out3[idx].copy_(x)
+
+
+class _IndexGradRows:
+    """Per-position constants of the class-index gradient, computed once over all rows (O(N))."""
+
+    def __init__(self, t3, weight, vocab_start, shard_size, num_classes, ignore_index, eps, z_loss, lse, g):
+        valid, t_safe, bad = _index_masks(t3, ignore_index, num_classes)
+        local, self.t_local = _local_targets(t3, vocab_start, shard_size)
+        g = torch.where(valid, g, 0.0)
+        omega = torch.where(valid, _weight_at(weight, t_safe, g), 0.0)
+        total_weight = num_classes if weight is None else weight.to(g.dtype).sum()
+        # a·p with a = g (ω (1 − ε + 2 s lse) + ε W / C) is computed as exp(z − (lse − log|a|))·sign(a):
+        # one pass instead of three. Ignored rows have a = 0, so shift = +inf and exactly 0 comes out.
+        a = g * (omega * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
+        self.shift = (lse - a.abs().log()).masked_fill_(bad, math.nan)  # out-of-range target: NaN row
+        self.sign = a.sign() if _maybe_negative(a) else None
+        # −g ω (1 − ε) at the target column, where the target lies in this shard (else add 0)
+        self.at_target = torch.where(local, -(1.0 - eps) * g * omega, 0.0)
+        self.smooth = (eps / num_classes) * g if eps else None  # the −ε w_c / C term, times g
+
+
+def _index_masks(t, ignore_index, num_classes):
+    """(valid, t clamped into [0, C) for safe indexing, out-of-range rows that must become NaN)."""
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= num_classes))
+    t_safe = torch.where(valid, t, 0).clamp_(0, num_classes - 1)
+    return valid, t_safe, bad
+
+
+def _local_targets(t, vocab_start, shard_size):
+    """(target lies in [v0, v0 + V_s), its column in the shard clamped into range).
+
+    An ignore_index inside the range counts as local here; every use of it is multiplied by ω = 0 or
+    masked by ``valid`` afterwards, so ignored rows still contribute nothing.
+    """
+    local = (t >= vocab_start) & (t < vocab_start + shard_size)
+    return local, (t - vocab_start).clamp_(0, max(shard_size - 1, 0))
+
+
+def _weight_at(weight, t_safe, like):
+    """``w_t`` for clamped class indices (ones without weights), in ``like``'s dtype."""
+    return torch.ones_like(like) if weight is None else weight.to(like.dtype)[t_safe]
+
+
+def _shard_weight(weight, vocab_start, shard_size, cdt):
+    return None if weight is None else weight[vocab_start : vocab_start + shard_size].to(cdt)
+
+
+def _dot(x, w):
+    """``Σ_c w_c x_c`` over the last dim (``w`` None: all ones)."""
+    return x.sum(-1) if w is None else x @ w
+
+
+def _rows_of(values, z3, cdt, shape=None):
+    """A per-position tensor (lse or the upstream gradient, maybe stride-0) as (N, M) in the compute dtype."""
+    values = values.to(cdt)
+    if shape is not None:
+        values = values.expand(shape)
+    return values.reshape(z3.shape[:2])
+
+
+# --- probability targets (full rows only) -----------------------------------------------------------
+#   u_c = w_c ((1 − ε) y_c + ε / C),  U = Σ_c u_c,  ω = Σ_c w_c y_c
+#   loss = U lse − Σ_c u_c z_c + s ω lse²            (a term with u_c = 0 is 0, even at z_c = −inf)
+#   ∂loss/∂z_c = (U + 2 s ω lse) p_c − u_c
+
+
+def _probs_forward(logits, target, weight, eps, z_loss, softcap):
+    z3, y3, shape = _as_3d(logits, target)
+    cdt = compute_dtype(logits.dtype)
+    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    row_max, sumexp, dot, total, omega = _empty_rows(z3.shape[:2], cdt, z3.device, 5)
+    lowest = torch.finfo(cdt).min
+    for idx, x, (u, uz) in _chunks(z3, cdt, 2):
+        omega[idx] = _weighted_targets(u, y3[idx], w, eps)
+        total[idx] = u.sum(-1)
+        src = _capped(x, z3[idx], softcap)
+        dot[idx] = torch.mul(u, src, out=uz).nansum(-1)  # drops exactly the 0·(−inf) terms
+        m = src.amax(-1).clamp_(min=lowest)
+        row_max[idx] = m
+        torch.sub(src, m.unsqueeze(-1), out=x).exp_()
+        sumexp[idx] = x.sum(-1)
+    lse = sumexp.log_().add_(row_max)
+    loss = total * lse - dot + z_loss * omega * lse * lse  # NaN logits reach lse, so NaN propagates
+    return loss.reshape(shape), lse.reshape(shape)
+
+
+def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap, out):
+    z3, y3, _ = _as_3d(logits, target)
+    out3 = out.view(z3.shape)  # out is ours (contiguous) or the logits, which _as_3d viewed the same way
+    cdt = compute_dtype(logits.dtype)
+    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
+    direct = out.dtype == cdt
+    for idx, x, scratch in _chunks(z3, cdt, 2, scratch_for_x=not direct):
+        x = out3[idx] if direct else x
+        u, chain = scratch
+        omega = _weighted_targets(u, y3[idx], w, eps)
+        src = _capped(x, z3[idx], softcap, chain_out=chain if softcap else None)
+        lse_i, g_i = lse3[idx], g3[idx]
+        torch.sub(src, lse_i.unsqueeze(-1), out=x).exp_()  # p
+        x.mul_((g_i * (u.sum(-1) + 2.0 * z_loss * omega * lse_i)).unsqueeze(-1))
+        x.addcmul_(u, g_i.unsqueeze(-1), value=-1.0)
+        if softcap:
             x.mul_(chain)
         if not direct:
             out3[idx].copy_(x)
@@ -130,111 +340,25 @@ def probs_target_grad(
     z3, _, _ = _as_3d(logits, target)
     out = torch.empty(z3.shape, dtype=target.dtype, device=target.device)
     cdt = compute_dtype(logits.dtype)
-    lse3 = lse.reshape(z3.shape[:2])
-    g3 = grad_loss.to(cdt).expand(lse.shape).reshape(z3.shape[:2])
-    c = Classes(weight, z3.shape[-1], cdt, label_smoothing)
+    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
     for idx, x, _ in _chunks(z3, cdt, 0):
         src = _capped(x, z3[idx], softcap)
-        torch.sub(src, lse3[idx].unsqueeze(-1), out=x).mul_(-(1.0 - c.eps))  # −(1 − ε) log p
+        torch.sub(src, lse3[idx].unsqueeze(-1), out=x).mul_(-(1.0 - label_smoothing))  # −(1 − ε) log p
         x.add_((z_loss * lse3[idx] * lse3[idx]).unsqueeze(-1))
-        if c.w is not None:
-            x.mul_(c.w)
+        if w is not None:
+            x.mul_(w)
         out[idx].copy_(x.mul_(g3[idx].unsqueeze(-1)))
     return out.reshape(target.shape)
 
 
-class Classes:
-    """Per-class constants: weights ``w`` (or None for all ones), ``W = Σ_c w_c``, ``ε``, ``C``."""
-
-    def __init__(self, weight: Optional[Tensor], num_classes: int, cdt: torch.dtype, label_smoothing: float):
-        self.w = None if weight is None else weight.to(cdt)
-        self.W = float(num_classes) if weight is None else self.w.sum()
-        self.eps = label_smoothing
-        self.C = num_classes
-
-    def at(self, t: Tensor, like: Tensor) -> Tensor:
-        """``w_t`` for class indices ``t`` (already clamped into range)."""
-        return torch.ones_like(like) if self.w is None else self.w[t]
-
-    def dot(self, x: Tensor) -> Tensor:
-        """``Σ_c w_c x_c`` over the last dim."""
-        return x.sum(-1) if self.w is None else x @ self.w
-
-
-# --- class-index targets --------------------------------------------------------------------------
-#   loss = ω ((1 − ε)(lse − z_t) + s lse²) + (ε / C)(W lse − Σ_c w_c z_c),   ω = w_t
-#   ∂loss/∂z_c = (ω (1 − ε + 2 s lse) + ε W / C) p_c − ω (1 − ε) [c = t] − ε w_c / C
-
-
-def _index_loss(z3, t3, c: Classes, ignore_index, z_loss, softcap, lse, smooth):
-    """The per-position loss from lse, the target logit and (with smoothing) Σ_c w_c z_c."""
-    valid, t_safe, bad = _index_masks(t3, ignore_index, c.C)
-    z_t = z3.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1).to(lse.dtype)  # the target logit, in fp32
-    if softcap is not None:
-        z_t = softcap * torch.tanh(z_t / softcap)
-    omega = torch.where(valid, c.at(t_safe, z_t), 0.0)
-    loss = omega * ((1.0 - c.eps) * (lse - z_t) + z_loss * lse * lse)
-    if c.eps:
-        loss = loss + (c.eps / c.C) * (c.W * lse - smooth)
-    return torch.where(valid, loss, 0.0).masked_fill_(bad, math.nan)
-
-
-class _IndexGradRows:
-    """Per-position constants of the class-index gradient, computed once over all rows."""
-
-    def __init__(self, t3, c: Classes, ignore_index, lse, g, z_loss):
-        valid, self.t_safe, bad = _index_masks(t3, ignore_index, c.C)
-        g = torch.where(valid, g, 0.0)
-        omega = torch.where(valid, c.at(self.t_safe, g), 0.0)
-        # a·p with a = g (ω (1 − ε + 2 s lse) + ε W / C) is computed as exp(z − (lse − log|a|))·sign(a):
-        # one pass instead of three. Ignored rows have a = 0, so shift = +inf and exactly 0 comes out.
-        a = g * (omega * (1.0 - c.eps + 2.0 * z_loss * lse) + c.eps * c.W / c.C)
-        self.shift = (lse - a.abs().log()).masked_fill_(bad, math.nan)  # out-of-range target: NaN row
-        self.sign = a.sign() if _maybe_negative(a) else None
-        self.at_target = -(1.0 - c.eps) * g * omega  # the −ω (1 − ε) [c = t] term, times g
-        self.smooth = (c.eps / c.C) * g if c.eps else None  # the −ε w_c / C term, times g
-
-
-def _index_grad_chunk(x, src, rows: _IndexGradRows, idx, c: Classes):
-    torch.sub(src, rows.shift[idx].unsqueeze(-1), out=x).exp_()
-    if rows.sign is not None:
-        x.mul_(rows.sign[idx].unsqueeze(-1))
-    x.scatter_add_(-1, rows.t_safe[idx].unsqueeze(-1), rows.at_target[idx].unsqueeze(-1))
-    if rows.smooth is not None:
-        if c.w is None:
-            x.sub_(rows.smooth[idx].unsqueeze(-1))
-        else:
-            x.addcmul_(rows.smooth[idx].unsqueeze(-1), c.w, value=-1.0)
-
-
-def _index_masks(t, ignore_index, num_classes):
-    """(valid, t clamped into [0, C) for safe indexing, out-of-range rows that must become NaN)."""
-    valid = t != ignore_index
-    bad = valid & ((t < 0) | (t >= num_classes))
-    t_safe = torch.where(valid, t, 0).clamp_(0, num_classes - 1)
-    return valid, t_safe, bad
-
-
-# --- probability targets --------------------------------------------------------------------------
-#   u_c = w_c ((1 − ε) y_c + ε / C),  U = Σ_c u_c,  ω = Σ_c w_c y_c
-#   loss = U lse − Σ_c u_c z_c + s ω lse²            (a term with u_c = 0 is 0, even at z_c = −inf)
-#   ∂loss/∂z_c = (U + 2 s ω lse) p_c − u_c
-
-
-def _probs_grad_chunk(x, src, y, c: Classes, lse, g, z_loss, u):
-    omega = _weighted_targets(u, y, c)
-    torch.sub(src, lse.unsqueeze(-1), out=x).exp_()  # p
-    x.mul_((g * (u.sum(-1) + 2.0 * z_loss * omega * lse)).unsqueeze(-1))
-    x.addcmul_(u, g.unsqueeze(-1), value=-1.0)
-
-
-def _weighted_targets(u, y, c: Classes):
-    """Fill ``u`` with the weighted targets; return ``ω = Σ_c w_c y_c``."""
+def _weighted_targets(u, y, w, eps):
+    """Fill ``u`` with ``w_c ((1 − ε) y_c + ε / C)``; return ``ω = Σ_c w_c y_c``."""
     u.copy_(y)
-    omega = c.dot(u)
-    u.mul_(1.0 - c.eps).add_(c.eps / c.C)
-    if c.w is not None:
-        u.mul_(c.w)
+    omega = _dot(u, w)
+    u.mul_(1.0 - eps).add_(eps / u.shape[-1])
+    if w is not None:
+        u.mul_(w)
     return omega
 
 
@@ -261,14 +385,27 @@ def _empty_rows(rows, cdt, device, count):
     return [torch.empty(rows, dtype=cdt, device=device) for _ in range(count)]
 
 
+def _views_as_3d(out, logits):
+    """Whether ``out`` can be viewed (no copy) as the (N, M, C) shape the kernels work on."""
+    try:
+        out.view(_shape_3d(logits.shape))
+        return True
+    except RuntimeError:
+        return False
+
+
+def _shape_3d(shape):
+    """(..., C) as (N, M, C): N the first batch dim (1 if none), M the product of the rest."""
+    batch = shape[:-1]
+    return (batch[0] if len(batch) else 1, math.prod(batch[1:]), shape[-1])
+
+
 def _as_3d(logits, target):
     """View logits as (N, M, C) and the target as (N, M) or (N, M, C); return the batch shape too."""
-    shape = logits.shape[:-1]
-    n = shape[0] if len(shape) else 1
-    m = math.prod(shape[1:])
-    z3 = logits.reshape(n, m, logits.shape[-1])
-    t3 = target.reshape(n, m, logits.shape[-1]) if target.is_floating_point() else target.reshape(n, m)
-    return z3, t3, shape
+    n, m, c = _shape_3d(logits.shape)
+    z3 = logits.reshape(n, m, c)
+    t3 = target.reshape(n, m, c) if target.is_floating_point() else target.reshape(n, m)
+    return z3, t3, logits.shape[:-1]
 
 
 def _chunks(z3: Tensor, cdt, n_scratch: int, scratch_for_x: bool = True) -> Iterator:
