@@ -1,0 +1,78 @@
+"""Shared test helpers: input builders, one call that returns (loss, input grad), numpy conversion."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+# Float64 agreement between two exact-in-float64 computations of the same formula (different summation
+# orders). A wrong term (a missing weight, a wrong denominator, a sign) is orders of magnitude larger.
+F64 = dict(rtol=1e-10, atol=1e-12)
+
+
+def class_dim(x: torch.Tensor) -> int:
+    """The class dimension: 0 for unbatched (C,), else 1."""
+    return 0 if x.dim() == 1 else 1
+
+
+def index_shape(logits_shape) -> tuple:
+    """The class-index target shape for logits of ``logits_shape`` (class dim removed)."""
+    cd = 0 if len(logits_shape) == 1 else 1
+    return tuple(logits_shape[:cd]) + tuple(logits_shape[cd + 1 :])
+
+
+def make_logits(shape, dtype=torch.float64, scale=3.0) -> torch.Tensor:
+    """Seeded standard-normal logits times ``scale`` (a few nats of spread, so no class is negligible)."""
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def make_index_target(logits_shape, *, ignore_value=None, num_ignored=None) -> torch.Tensor:
+    """int64 class indices in [0, C); with ``ignore_value``, some positions (never all, unless the target
+    is unbatched or has one position) are set to it."""
+    c = logits_shape[0 if len(logits_shape) == 1 else 1]
+    t = torch.randint(0, c, index_shape(logits_shape))
+    if ignore_value is not None:
+        flat = t.view(-1)
+        n = flat.numel()
+        k = num_ignored if num_ignored is not None else max(1, n // 3)
+        if n > 1:
+            k = min(k, n - 1)
+        flat[torch.randperm(n)[:k]] = ignore_value
+    return t
+
+
+def make_prob_target(logits_shape, dtype=torch.float64, zeros=False) -> torch.Tensor:
+    """Class probabilities of the logits' shape (each position sums to 1 over the class dim); with
+    ``zeros`` some entries are exactly 0 (0 · log p must give 0)."""
+    cd = 0 if len(logits_shape) == 1 else 1
+    y = torch.softmax(torch.randn(logits_shape, dtype=torch.float64) * 2, dim=cd)
+    if zeros:
+        y = torch.where(torch.rand(logits_shape, dtype=torch.float64) < 0.3, 0.0, y)
+        y[(slice(None),) * cd + (0,)] += 1e-3  # keep every position's mass positive
+        y = y / y.sum(cd, keepdim=True)
+    return y.to(dtype)
+
+
+def loss_and_grad(fn, logits, target, grad_output=None, **kwargs):
+    """Run ``fn(leaf, target, **kwargs)`` on a fresh leaf copy of ``logits``; backward with ``grad_output``
+    (default: ones of the loss's shape). Returns (loss detached, d loss / d logits)."""
+    x = logits.detach().clone().requires_grad_(True)
+    loss = fn(x, target, **kwargs)
+    if grad_output is None:
+        grad_output = torch.ones_like(loss)
+    (grad,) = torch.autograd.grad(loss, x, grad_output.to(loss.dtype))
+    return loss.detach(), grad
+
+
+def np64(t) -> np.ndarray:
+    """A tensor (or None) as a float64/int64 numpy array."""
+    if t is None:
+        return None
+    t = t.detach().cpu()
+    return t.numpy() if not t.is_floating_point() else t.to(torch.float64).numpy()
+
+
+def max_abs_error(actual: torch.Tensor, expected: np.ndarray) -> float:
+    """max |actual − expected| in float64 (0 for empty)."""
+    a = actual.detach().to(torch.float64).cpu().numpy()
+    return float(np.max(np.abs(a - expected), initial=0.0))
