@@ -76,3 +76,24 @@ def max_abs_error(actual: torch.Tensor, expected: np.ndarray) -> float:
     """max |actual − expected| in float64 (0 for empty)."""
     a = actual.detach().to(torch.float64).cpu().numpy()
     return float(np.max(np.abs(a - expected), initial=0.0))
+
+
+def torch_expected(logits, target, grad_output=None, weight=None, ignore_index=-100, reduction="mean",
+                   label_smoothing=0.0, module=False):
+    """PyTorch's loss and input grad (functional or module form), with crossent's one documented
+    difference applied: a class-index "mean" over zero total weight is 0 with a zero gradient (torch: NaN)."""
+    opts = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    if module:
+        mod = torch.nn.CrossEntropyLoss(**opts)
+        loss, grad = loss_and_grad(lambda x, t: mod(x, t), logits, target, grad_output)
+    else:
+        loss, grad = loss_and_grad(torch.nn.functional.cross_entropy, logits, target, grad_output, **opts)
+    if reduction == "mean" and not target.is_floating_point():
+        num_classes = logits.shape[0 if logits.dim() == 1 else 1]
+        w = torch.ones(num_classes, dtype=logits.dtype) if weight is None else weight.to(logits.dtype)
+        valid = target != ignore_index
+        if float(torch.where(valid, w[target.clamp(0, num_classes - 1)], 0.0).sum()) == 0.0:
+            if not torch.isnan(loss):
+                raise AssertionError("torch was expected to give NaN for a zero-weight mean; its behaviour changed")
+            loss, grad = torch.zeros_like(loss), torch.zeros_like(grad)
+    return loss, grad
