@@ -21,10 +21,12 @@ from _helpers import (
     make_index_target,
     make_logits,
     make_prob_target,
+    np64,
     torch_expected,
 )
 
 import crossent
+from crossent import reference as R
 
 C = 7
 SHAPES = {
@@ -119,3 +121,49 @@ def test_module_weight_is_a_buffer_that_moves_with_to():
     assert fn.weight.dtype == torch.float64
     logits, target = make_logits((5, C)), make_index_target((5, C))
     torch.testing.assert_close(fn(logits, target), F.cross_entropy(logits, target, weight=weight.double()), **F64)
+
+
+# --- the extras torch lacks (z_loss, softcap): against crossent.reference, and gradcheck ------------
+
+EXTRAS = {
+    "z_loss": dict(z_loss=0.05),
+    "softcap": dict(softcap=2.5),
+    "z_loss+softcap": dict(z_loss=0.05, softcap=2.5),
+    "z_loss+softcap+ls": dict(z_loss=0.05, softcap=2.5, label_smoothing=0.2),
+    "tiny-softcap": dict(softcap=0.3),  # tanh saturates: the chain factor 1 − tanh² is far from 1
+}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["no-weight", "weight"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("extra", EXTRAS.values(), ids=EXTRAS.keys())
+def test_extras_match_reference(extra, shape, kind, weighted, reduction):
+    logits, target, weight = _make(kind, shape, weighted, -100 if kind == "index" else None)
+    g = _upstream(shape, reduction)
+    opts = dict(weight=weight, reduction=reduction, **extra)
+    loss, grad = loss_and_grad(crossent.cross_entropy, logits, target, g, **opts)
+    ref_opts = dict(opts, weight=np64(weight))
+    want_loss = R.cross_entropy(np64(logits), np64(target), **ref_opts)
+    want_grad = R.cross_entropy_grad(np64(logits), np64(target), grad_output=np64(g), **ref_opts)
+    torch.testing.assert_close(loss, torch.as_tensor(want_loss), **F64)
+    torch.testing.assert_close(grad, torch.from_numpy(want_grad), **F64)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("kind", ["index", "probs"])
+@pytest.mark.parametrize("shape", [(3, 4), (2, 4, 3)], ids=["2d", "3d"])
+@pytest.mark.parametrize("extra", list(EXTRAS.values())[:4], ids=list(EXTRAS.keys())[:4])
+def test_extras_gradcheck(extra, shape, kind, reduction):
+    """Finite differences of crossent itself: input grad (and soft-target grad for probabilities)."""
+    logits, target, weight = _make(kind, shape, True, -100 if kind == "index" else None)
+    x = logits.clone().requires_grad_()
+    if kind == "probs":
+        y = target.clone().requires_grad_()
+        fn = lambda x, y: crossent.cross_entropy(x, y, weight, reduction=reduction, **extra)  # noqa: E731
+        inputs = (x, y)
+    else:
+        fn = lambda x: crossent.cross_entropy(x, target, weight, reduction=reduction, **extra)  # noqa: E731
+        inputs = (x,)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5, raise_exception=True)
