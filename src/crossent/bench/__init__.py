@@ -1,0 +1,1 @@
+"""The benchmark behind ``crossent bench``: timing, memory and accuracy measurement, table output."""
