@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -57,10 +58,8 @@ def _check_choice(name, value, choices):
 
 
 def _check_real(name, value, expected, ok):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        try:
-            value = float(value)  # numpy scalars, 0-d arrays
-        except (TypeError, ValueError):
-            raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}") from None
+    # numbers.Real admits Python and numpy ints/floats; bool, str and tensors are refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}")
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")

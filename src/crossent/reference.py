@@ -225,7 +225,8 @@ class _Rows:
             t = target.reshape(-1).astype(np.int64)
             self.valid = t != ignore_index
             t_safe = np.where(self.valid, t, 0)
-            onehot = np.eye(num_classes)[t_safe]
+            onehot = np.zeros_like(z)
+            onehot[np.arange(len(t_safe)), t_safe] = 1.0
             self.omega = np.where(self.valid, w[t_safe], 0.0)
             self.u = (1 - eps) * self.omega[:, None] * onehot + eps * w / num_classes
             self.denom = float(self.omega.sum())
