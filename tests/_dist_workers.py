@@ -1,0 +1,263 @@
+"""Spawn targets for tests/test_distributed.py: gloo ranks on 127.0.0.1 that run many cases per spawn.
+
+``run_world(world, job)`` starts ``world`` processes, each runs ``JOBS[job](rank, world)`` (a dict of
+case name → result) and sends it back; the parent gets ``{rank: results}`` or a clear failure, never a
+hang (collectives time out after ``COLLECTIVE_TIMEOUT_S``, the parent waits at most ``timeout_s``).
+Cases compare each rank's loss and gradient with single-process ``crossent`` on the full data, built
+from the same seed on every rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import itertools
+import os
+import queue
+import socket
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import crossent
+from crossent import distributed as cd
+
+COLLECTIVE_TIMEOUT_S = 30
+C = 23  # global vocabulary: not a power of two, split unequally below
+SIZES = {1: [23], 2: [10, 13], 3: [7, 11, 5]}  # V_local per rank; 3 ranks also give a 5-wide shard
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_world(world: int, job: str, timeout_s: float = 120.0) -> dict:
+    """Run ``job`` on ``world`` gloo ranks; return ``{rank: results}``; raise on crash or timeout."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, job, results), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    out = {}
+    try:
+        for _ in range(world):
+            rank, payload = results.get(timeout=timeout_s)
+            if isinstance(payload, str):
+                raise RuntimeError(f"rank {rank} crashed:\n{payload}")
+            out[rank] = payload
+    except queue.Empty:
+        raise TimeoutError(f"job {job!r} on {world} ranks gave no result within {timeout_s} s") from None
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    return out
+
+
+def _worker(rank, world, port, job, results):
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group(
+            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
+        )  # fmt: skip
+        try:
+            payload = JOBS[job](rank, world)
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - report anything to the parent instead of hanging it
+        payload = traceback.format_exc()
+    results.put((rank, payload))
+
+
+# --- data and comparisons ----------------------------------------------------------------------------
+
+
+def my_range(rank, world, starts=None):
+    sizes = SIZES[world]
+    start = cd.vocab_ranges(sizes)[rank][0] if starts is None else starts[rank]
+    return start, start + sizes[rank]
+
+
+def make_data(seed, batch, dtype, ignore_index=-100, ignore_frac=0.25, weighted=False, target_hi=C):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(*batch, C, generator=g, dtype=torch.float64) * 3).to(dtype)
+    target = torch.randint(0, target_hi, batch, generator=g)
+    target[torch.rand(batch, generator=g) < ignore_frac] = ignore_index
+    weight = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weighted else None
+    upstream = torch.randn(batch, generator=g, dtype=torch.float64)
+    return logits, target, weight, upstream
+
+
+def reference(logits, target, weight, upstream, **opts):
+    """Single-process crossent on the full logits: (loss, grad)."""
+    z = logits.clone().requires_grad_()
+    loss = crossent.cross_entropy(z.movedim(-1, 1) if z.dim() > 2 else z, target, weight, **opts)
+    _backward(loss, upstream, opts.get("reduction", "mean"))
+    return loss.detach(), z.grad
+
+
+def parallel(logits, target, weight, upstream, lo, hi, **opts):
+    """This rank's vocab-parallel result: (loss, grad of its columns)."""
+    z = logits[..., lo:hi].clone().requires_grad_()
+    loss = cd.vocab_parallel_cross_entropy(z, target, weight=weight, **opts)
+    _backward(loss, upstream, opts.get("reduction", "mean"))
+    return loss.detach(), z.grad
+
+
+def _backward(loss, upstream, reduction):
+    if reduction == "none":
+        (loss * upstream.to(loss.dtype)).sum().backward()  # a random per-position upstream gradient
+    else:
+        (loss * 1.7).backward()
+
+
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-6),
+       torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}  # fmt: skip
+
+
+def check_same(got, want, dtype, what):
+    """None if equal within the dtype's tolerance, else the assert_close message (worst index, values)."""
+    try:
+        torch.testing.assert_close(got, want, **TOL[dtype], equal_nan=True, msg=lambda m: f"{what}: {m}")
+        if got is not None and got.dtype != want.dtype:
+            return f"{what}: dtype {got.dtype} != {want.dtype}"
+    except AssertionError as e:
+        return str(e)
+    return None
+
+
+def compare(rank, world, logits, target, weight, upstream, starts=None, **opts):
+    lo, hi = my_range(rank, world, starts)
+    loss, grad = parallel(logits, target, weight, upstream, lo, hi, vocab_start=None if starts is None else lo, **opts)
+    ref_loss, ref_grad = reference(logits, target, weight, upstream, **opts)
+    return check_same(loss, ref_loss, logits.dtype, "loss") or check_same(
+        grad, ref_grad[..., lo:hi], logits.dtype, "grad"
+    )
+
+
+# --- jobs --------------------------------------------------------------------------------------------
+
+OPTION_GRID = list(
+    itertools.product(
+        ["none", "mean", "sum"],  # reduction
+        [False, True],  # class weights
+        [-100, 4],  # ignore_index: the default, and one inside [0, C) (a real class that is skipped)
+        [0.0, 0.1],  # label smoothing (uses the global C)
+        [0.0, 0.01],  # z-loss
+        [None, 5.0],  # softcap (logits are ~N(0, 9): the cap bites)
+    )
+)
+
+
+def parity_job(rank, world):
+    """Every option combination, float64 to 1e-10 on (17, C) rows; float32 and 3-D shapes on a subset."""
+    out = {}
+    for i, (red, weighted, ign, eps, zl, cap) in enumerate(OPTION_GRID):
+        opts = dict(reduction=red, ignore_index=ign, label_smoothing=eps, z_loss=zl, softcap=cap)
+        name = f"f64 {opts} weight={weighted}"
+        data = make_data(i, (17,), torch.float64, ignore_index=ign, weighted=weighted)
+        out[name] = compare(rank, world, *data, **opts)
+        if i % 5 == 0:  # float32, and 3-D (B, T, V) logits, on a spread of the grid
+            data = make_data(1000 + i, (3, 5), torch.float32, ignore_index=ign, weighted=weighted)
+            out["f32 (3, 5) " + name[4:]] = compare(rank, world, *data, **opts)
+    return out
+
+
+def edge_job(rank, world):
+    out = {}
+    full = dict(reduction="mean", label_smoothing=0.1, z_loss=0.01, softcap=5.0)
+    for red in ("mean", "sum", "none"):
+        # every target in rank 0's slice: the other ranks hold no target column
+        data = make_data(1, (19,), torch.float64, weighted=True, target_hi=SIZES[world][0])
+        out[f"no target outside rank 0, {red}"] = compare(rank, world, *data, **{**full, "reduction": red})
+        # every target ignored: loss 0 and zero gradient (mean over zero weight is 0, not NaN)
+        data = make_data(2, (9,), torch.float64, weighted=True, ignore_frac=1.0)
+        lo, hi = my_range(rank, world)
+        loss, grad = parallel(*data, lo, hi, **{**full, "reduction": red})
+        ok = bool((loss == 0).all()) and bool((grad == 0).all())
+        out[f"all ignored, {red}"] = None if ok else f"loss {loss}, grad max {grad.abs().max()}"
+        out[f"all ignored vs single-process, {red}"] = compare(rank, world, *data, **{**full, "reduction": red})
+    # explicit vocab_start, shards NOT in rank order (rank r holds block world-1-r)
+    sizes = SIZES[world]
+    starts = [sum(sizes[r + 1 :]) for r in range(world)]
+    for red in ("mean", "none"):
+        data = make_data(3, (11,), torch.float64, weighted=True)
+        out[f"explicit vocab_start, reversed order, {red}"] = compare(
+            rank, world, *data, starts=starts, **{**full, "reduction": red}
+        )
+    # a row whose whole slice on some rank is −inf (masked vocabulary padding), target elsewhere
+    logits, target, weight, up = make_data(4, (8,), torch.float64)
+    lo_last, _ = my_range(world - 1, world)
+    logits[:4, lo_last:] = -float("inf")
+    target[:4] = 0
+    out["-inf slice on the last rank"] = compare(rank, world, logits, target, weight, up, reduction="none")
+    # empty batch, unbatched (V_local,) logits with a 0-d target, bfloat16 logits (loss in fp32)
+    out["empty batch"] = compare(rank, world, *make_data(5, (0,), torch.float64), reduction="mean")
+    out["unbatched"] = compare(rank, world, *make_data(6, (), torch.float64, ignore_frac=0.0), label_smoothing=0.2)
+    out["bfloat16"] = compare(rank, world, *make_data(7, (6, 4), torch.bfloat16), z_loss=0.01)
+    return out
+
+
+def _capture(fn):
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - we return the exception for the parent to judge
+        return (type(e).__name__, str(e))
+    return ("no error", "")
+
+
+def error_job(rank, world):
+    """Each case must raise the same exception on every rank; the group must stay usable after each."""
+    sizes = SIZES[world]
+    lo, hi = my_range(rank, world)
+    logits, target, weight, _ = make_data(8, (6,), torch.float64, weighted=True)
+    z = logits[..., lo:hi]
+    vp = cd.vocab_parallel_cross_entropy
+    out = {}
+    starts = [a for a, _ in cd.vocab_ranges(sizes)]
+    gap = [s + (1 if r == world - 1 else 0) for r, s in enumerate(starts)]
+    out["gap"] = _capture(lambda: vp(z, target, vocab_start=gap[rank]))
+    overlap = [max(s - (1 if r == world - 1 else 0), 0) for r, s in enumerate(starts)]
+    out["overlap"] = _capture(lambda: vp(z, target, vocab_start=overlap[rank]))
+    out["vocab_start on rank 0 only"] = _capture(lambda: vp(z, target, vocab_start=0 if rank == 0 else None))
+    too_big = target.clone()
+    too_big[2] = C
+    out["target = C"] = _capture(lambda: vp(z, too_big))
+    negative = target.clone()
+    negative[1] = -3
+    out["target = -3"] = _capture(lambda: vp(z, negative))
+    last = rank == world - 1
+    longer = make_data(8, (7,), torch.float64)[0][..., lo:hi]
+    out["rows differ on the last rank"] = _capture(
+        lambda: vp(longer if last else z, torch.zeros(7 if last else 6, dtype=torch.int64))
+    )
+    out["float target on the last rank (local TypeError)"] = _capture(
+        lambda: vp(z, target.double() if last else target)
+    )
+    out["target shape mismatch on rank 0 (local)"] = _capture(lambda: vp(z, target[:5] if rank == 0 else target))
+    out["weight not (C,)"] = _capture(lambda: vp(z, target, weight=weight[:-1]))
+    out["label_smoothing differs"] = _capture(lambda: vp(z, target, label_smoothing=0.1 if rank == 0 else 0.0))
+    out["dtype differs"] = _capture(lambda: vp(z.float() if last else z, target))
+    out["bad reduction"] = _capture(lambda: vp(z, target, reduction="avg"))
+    # the group still works: a valid call after all the errors
+    data = make_data(9, (5,), torch.float64)
+    out["valid call after errors"] = compare(rank, world, *data, label_smoothing=0.1)
+    return out
+
+
+CASES = {"parity": parity_job, "edge": edge_job, "errors": error_job}
+
+
+def all_job(rank, world):
+    """Every case group in one spawn per world size (spawning costs seconds of imports per rank)."""
+    return {name: fn(rank, world) for name, fn in CASES.items()}
+
+
+JOBS = {**CASES, "all": all_job}

@@ -1,0 +1,141 @@
+"""Vocab-parallel cross-entropy (crossent.distributed) against single-process crossent, on gloo ranks.
+
+One spawned job per world size runs every case (tests/_dist_workers.py) and the tests below judge its
+results: 2 ranks (shards 10 + 13 of C = 23) and 3 ranks (7 + 11 + 5). Each job is bounded in time: gloo
+collectives time out after 30 s and the parent waits at most 120 s, so a hang fails instead of blocking.
+"""
+
+import sys
+
+import pytest
+import torch.distributed as dist
+
+import _dist_workers as workers
+from crossent.distributed import check_vocab_layout, vocab_parallel_cross_entropy, vocab_ranges
+
+WORLDS = [2, 3]
+_results = {}
+
+
+def results(world):
+    """All case results of one world size, ``{rank: {group: {case: result}}}``, computed once."""
+    if world not in _results:
+        _results[world] = workers.run_world(world, "all", timeout_s=120)
+    return _results[world]
+
+
+def _failures(world, group):
+    res = results(world)
+    assert sorted(res) == list(range(world))
+    names = list(res[0][group])
+    assert all(list(res[r][group]) == names for r in res), "ranks ran different cases"
+    return names, [f"rank {r} {name}: {res[r][group][name]}" for name in names for r in res if res[r][group][name]]
+
+
+# --- pure shard math ------------------------------------------------------------------------------------
+
+
+def test_vocab_ranges_hand_values():
+    assert vocab_ranges([3, 5, 2]) == [(0, 3), (3, 8), (8, 10)]
+    assert vocab_ranges([7]) == [(0, 7)]
+    assert vocab_ranges([]) == []
+
+
+@pytest.mark.parametrize("bad", [[3, 0], [2, -1], [2, 1.5], [True, 2]])
+def test_vocab_ranges_rejects_bad_sizes(bad):
+    with pytest.raises(ValueError, match="int size >= 1"):
+        vocab_ranges(bad)
+
+
+def test_check_vocab_layout_any_order():
+    assert check_vocab_layout([0, 10], [10, 13]) == 23
+    assert check_vocab_layout([13, 0], [10, 13]) == 23  # rank 1 holds the first block
+    assert check_vocab_layout([5, 0, 16], [11, 5, 7]) == 23
+
+
+@pytest.mark.parametrize(
+    "starts, sizes, kind",
+    [([0, 11], [10, 13], "gap"), ([0, 9], [10, 13], "overlap"), ([1, 11], [10, 13], "gap"), ([0, 0], [4, 4], "overlap")],
+)
+def test_check_vocab_layout_rejects(starts, sizes, kind):
+    with pytest.raises(ValueError, match=rf"tile \[0, C\).*\({kind}\)"):
+        check_vocab_layout(starts, sizes)
+
+
+def test_check_vocab_layout_length_mismatch():
+    with pytest.raises(ValueError, match="2 shard starts for 3 shard sizes"):
+        check_vocab_layout([0, 1], [1, 1, 1])
+
+
+def test_needs_a_process_group():
+    assert not dist.is_initialized()
+    import torch
+
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64))
+
+
+# --- spawned ranks -----------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", WORLDS)
+def test_parity_every_option(world):
+    """96 option combinations (reduction × weight × ignore_index × smoothing × z-loss × softcap) in
+    float64 to 1e-10 and 20 of them in float32 on 3-D logits: loss and this rank's gradient columns."""
+    names, failures = _failures(world, "parity")
+    assert len(names) == len(workers.OPTION_GRID) + len(workers.OPTION_GRID[::5])
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", WORLDS)
+def test_edge_cases(world):
+    """No target on a rank's slice, all ignored (0 and zero grads), explicit out-of-order vocab_start,
+    a −inf slice, empty batch, unbatched logits, bfloat16."""
+    names, failures = _failures(world, "edge")
+    assert len(names) == 15
+    assert not failures, "\n".join(failures[:10])
+
+
+ERRORS = {
+    "gap": ("ValueError", "(gap)"),
+    "overlap": ("ValueError", "(overlap)"),
+    "vocab_start on rank 0 only": ("ValueError", "given on every rank or on none"),
+    "target = C": ("ValueError", "class index 23 (rank 0), outside the global vocabulary [0, 23)"),
+    "target = -3": ("ValueError", "class index -3 (rank 0), outside the global vocabulary"),
+    "rows differ on the last rank": ("ValueError", "same shapes other than the vocabulary dim"),
+    "float target on the last rank (local TypeError)": ("TypeError", "bad input on rank {last}: target must hold integer"),
+    "target shape mismatch on rank 0 (local)": ("ValueError", "bad input on rank 0: target of shape (5,)"),
+    "weight not (C,)": ("ValueError", "full (23,) class-weight vector"),
+    "label_smoothing differs": ("ValueError", "same options"),
+    "dtype differs": ("ValueError", "same dtypes"),
+    "bad reduction": ("ValueError", "reduction must be one of"),
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", WORLDS)
+def test_errors_raised_on_every_rank(world):
+    """Each bad input raises the same exception with the same message on every rank (no hang), and the
+    group still works afterwards."""
+    res = {r: results(world)[r]["errors"] for r in range(world)}
+    for case, (kind, text) in ERRORS.items():
+        got = {res[r][case] for r in range(world)}
+        assert len(got) == 1, f"{case}: ranks raised different errors {got}"
+        (got_kind, message), = got
+        assert got_kind == kind and text.format(last=world - 1) in message, f"{case}: {got_kind}: {message}"
+    assert res[0]["valid call after errors"] is None and all(r["valid call after errors"] is None for r in res.values())
+    assert set(res[0]) == set(ERRORS) | {"valid call after errors"}
+
+
+@pytest.mark.timeout(120)
+def test_single_rank_group():
+    """P = 1 (the benchmark's baseline) is the single-process loss."""
+    res = workers.run_world(1, "edge", timeout_s=90)
+    failures = [f"{k}: {v}" for k, v in res[0].items() if v]
+    assert not failures, "\n".join(failures)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-v"]))
