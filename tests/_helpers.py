@@ -97,3 +97,15 @@ def torch_expected(logits, target, grad_output=None, weight=None, ignore_index=-
                 raise AssertionError("torch was expected to give NaN for a zero-weight mean; its behaviour changed")
             loss, grad = torch.zeros_like(loss), torch.zeros_like(grad)
     return loss, grad
+
+
+def reference_expected(logits, target, grad_output=None, weight=None, **opts):
+    """crossent.reference's loss and input grad (float64 numpy) for tensor arguments."""
+    from crossent import reference
+
+    z, t, w = np64(logits), np64(target), np64(weight)
+    g = 1.0 if grad_output is None else np64(grad_output)
+    return (
+        reference.cross_entropy(z, t, weight=w, **opts),
+        reference.cross_entropy_grad(z, t, weight=w, grad_output=g, **opts),
+    )
