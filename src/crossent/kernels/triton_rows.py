@@ -1,0 +1,400 @@
+"""Row kernels in Triton: the GPU path, and the same kernels on CPU tensors under ``TRITON_INTERPRET=1``.
+
+Fused: softcap, online max/sum-exp, target gather, class weights, label smoothing, z-loss; one program per row.
+Never materialized: log-probabilities, softmax, or any fp32 copy of the logits; a row streams through registers.
+Written in place: ``out`` of ``backward``, which may alias the logits (each block is read before it is written).
+
+``forward`` and ``backward`` have exactly the signatures and semantics of :mod:`crossent.kernels.torch_rows`
+(the oracle for this file) and return the same fp32 per-position loss and LSE. Formulas, with ``x`` the
+(soft-capped) logits of one row, ``lse = m + log Σ_c exp(x_c − m)``, ``p_c = exp(x_c − lse)``, ``g`` the
+upstream gradient of the row (derivations: docs/math.md, "Row kernels")::
+
+    class index t (ω = w_t, 0 when t = ignore_index):
+        loss = ω ((1 − ε)(lse − x_t) + s lse²) + (ε / C)(W lse − Σ_c w_c x_c),   W = Σ_c w_c
+        ∂loss/∂x_c = (ω (1 − ε + 2 s lse) + ε W / C) p_c − ω (1 − ε) [c = t] − ε w_c / C
+    probabilities y (u_c = w_c ((1 − ε) y_c + ε / C), U = Σ_c u_c, ω = Σ_c w_c y_c):
+        loss = U lse − Σ_c u_c x_c + s ω lse²
+        ∂loss/∂x_c = (U + 2 s ω lse) p_c − u_c
+
+With a softcap κ the gradient is further multiplied by ``1 − tanh²(z / κ)``. Ignored rows give loss 0 and
+gradient 0; a class index outside [0, C) (possible only on CUDA, where the public layer does not sync the
+host to check) is clamped for the memory access and gives a NaN loss and NaN gradient row.
+
+What runs where:
+- class-index and probability targets: both kernels (a ``PROBS`` constexpr picks the target branch);
+- float64 logits: :mod:`torch_rows` (the kernels compute in fp32; fp64 is the oracle's precision and is
+  not a GPU training dtype worth a kernel variant);
+- the gradient w.r.t. probability targets (``ce_target_grad``): :mod:`torch_rows`, via the custom op.
+
+Whether the kernels are compiled (CUDA tensors) or interpreted (CPU tensors, ``TRITON_INTERPRET=1``) is
+Triton's choice, made once per process when ``triton.language`` is imported: set the variable before that.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crossent.kernels import torch_rows
+
+try:  # Triton is optional (GPU extra); without it this module imports but cannot launch.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = tl = None
+
+
+# --- launch table ------------------------------------------------------------------------------------
+# Both kernels run one program per row and stream the row in BLOCK-column steps.
+# bytes per logit -> (largest BLOCK, num_warps at that BLOCK). BLOCK = min(next_pow2(C), largest); below
+# the largest, warps shrink so every thread keeps 16 logits (num_warps = BLOCK / (32 · 16), at least 1).
+# Where the numbers come from: no GPU was lent while this file was written, so these are starting values
+# from the sizing rule for memory-bound row kernels, not measurements: 16 KiB of logits in flight per
+# program per step (fp32: 4096 × 4 B; 16-bit: 8192 × 2 B), i.e. 16 logits per thread = 4 (fp32) or 2
+# (16-bit) 16-byte loads, ~16 fp32 registers of row data per thread, so several programs fit per SM.
+# Re-measure with `python benchmarks/gpu.py --sweep` on the target GPU and record the device here.
+ROW_LAUNCH = {
+    2: (8192, 16),  # bfloat16 / float16
+    4: (4096, 8),  # float32
+}
+_LOGITS_PER_THREAD = 16
+# Compile options shared by both kernels: FMA contraction on (fewer roundings in a·p + b; also Triton's
+# default, stated so that Triton 3.9's "default will change" warning does not apply).
+_COMPILE = {"enable_fp_fusion": True}
+
+
+class Launch(NamedTuple):
+    block: int
+    num_warps: int
+
+
+def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
+    """The (BLOCK, num_warps) of both row kernels for logits of ``dtype`` with ``num_classes`` columns."""
+    largest, warps = ROW_LAUNCH[torch.tensor([], dtype=dtype).element_size()]
+    block = min(_next_pow2(num_classes), largest)
+    return Launch(block, max(1, min(warps, block // (32 * _LOGITS_PER_THREAD))))
+
+
+# --- public entry points (same contract as torch_rows) -------------------------------------------------
+
+
+def forward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+) -> Tuple[Tensor, Tensor]:
+    """Per-position loss and log-sum-exp, both ``logits.shape[:-1]`` in fp32 (fp64 via torch_rows)."""
+    if _use_torch(logits):
+        return torch_rows.forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    shape, num_classes = logits.shape[:-1], logits.shape[-1]
+    z, t, probs = _rows(logits, target)
+    rows = z.shape[0]
+    loss = torch.empty(rows, dtype=torch.float32, device=z.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=z.device)
+    if rows:
+        w, wsum = _class_weights(weight, z, label_smoothing)
+        block, warps = row_launch(z.dtype, num_classes)
+        _row_forward_kernel[(rows,)](
+            z, z.stride(0), t, t.stride(0), w, wsum, loss, lse,
+            num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+            PROBS=probs, HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None,
+            BLOCK=block, num_warps=warps, **_COMPILE,
+        )  # fmt: skip
+    return loss.reshape(shape), lse.reshape(shape)
+
+
+def backward(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    grad_loss: Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+    out: Tensor,
+) -> None:
+    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (``logits.shape``; may be ``logits``)."""
+    if _use_torch(logits):
+        torch_rows.backward(
+            logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, out
+        )
+        return
+    num_classes = logits.shape[-1]
+    z, t, probs = _rows(logits, target)
+    rows = z.shape[0]
+    if not rows:
+        return
+    dst = _unit_stride_view(out, rows, num_classes)
+    direct = dst is not None
+    if not direct:  # ``out`` has strides that don't flatten to rows: write a buffer, copy once
+        dst = torch.empty((rows, num_classes), dtype=out.dtype, device=out.device)
+    lse = lse.to(torch.float32).reshape(rows)
+    g = grad_loss.to(torch.float32).expand(logits.shape[:-1]).reshape(rows)  # stride 0 for a scalar
+    w, wsum = _class_weights(weight, z, label_smoothing)
+    block, warps = row_launch(z.dtype, num_classes)
+    _row_backward_kernel[(rows,)](
+        z, z.stride(0), t, t.stride(0), w, wsum, lse, lse.stride(0), g, g.stride(0), dst, dst.stride(0),
+        num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+        PROBS=probs, HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None,
+        BLOCK=block, num_warps=warps, **_COMPILE,
+    )  # fmt: skip
+    if not direct:
+        out.copy_(dst.view(out.shape))
+
+
+# --- host-side layout ------------------------------------------------------------------------------------
+
+
+def _use_torch(logits: Tensor) -> bool:
+    """fp64 logits, and rows without classes, go to torch_rows (see the module docstring)."""
+    return logits.dtype == torch.float64 or logits.shape[-1] == 0
+
+
+def _rows(logits: Tensor, target: Tensor):
+    """Logits as (R, C) with unit column stride (a view when one exists, else one copy); the target as
+    (R,) class indices or (R, C) probabilities, the same way; and whether the targets are probabilities."""
+    num_classes = logits.shape[-1]
+    z = _unit_columns(logits.reshape(-1, num_classes))
+    probs = target.is_floating_point()
+    t = _unit_columns(target.reshape(-1, num_classes)) if probs else target.reshape(-1)
+    return z, t, probs
+
+
+def _unit_columns(x: Tensor) -> Tensor:
+    """``x`` (R, C) itself when its columns are adjacent in memory, else a contiguous copy (coalesced loads
+    on the GPU are worth one copy; a strided class dim comes from (N, C, d1, ...) inputs)."""
+    return x if x.shape[1] <= 1 or x.stride(1) == 1 else x.contiguous()
+
+
+def _unit_stride_view(out: Tensor, rows: int, num_classes: int) -> Optional[Tensor]:
+    """``out`` viewed as (R, C) with unit column stride, or None where no such view exists."""
+    try:
+        view = out.view(rows, num_classes)
+    except RuntimeError:
+        return None
+    return view if num_classes <= 1 or view.stride(1) == 1 else None
+
+
+def _class_weights(weight: Optional[Tensor], like: Tensor, label_smoothing: float):
+    """(w, W): the weights in fp32, contiguous, and their sum W as a 1-element device tensor (no host
+    sync), both only read by the kernels when present; ``like`` stands in as an unread pointer otherwise."""
+    if weight is None:
+        return like, like
+    w = weight.to(torch.float32).contiguous()
+    return w, (w.sum().reshape(1) if label_smoothing > 0 else w)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+# --- kernels ------------------------------------------------------------------------------------------------
+# Written as plain functions and handed to ``triton.jit`` on first launch by ``_LazyKernel``.
+# Every value is computed in fp32; logits are upcast as they are loaded; index math is int64.
+# Softcap: tanh is not a Triton builtin (libdevice's is not available to the interpreter), so it is
+# written out here: for a = |y| < 1/4 the odd Taylor series through y⁹ (truncation < 1e-8 relative),
+# above it (1 − e^{−2a}) / (1 + e^{−2a}) (no cancellation once e^{−2a} ≤ 0.61). The chain factor
+# 1 − tanh² is 1 − th² on the series branch and 4 e^{−2a} / (1 + e^{−2a})² above it, which stays
+# accurate where th rounds to 1 (torch's 1 − tanh² gives 0 there).
+
+
+def _row_forward_kernel(
+    z_ptr, stride_z,  # logits (R, C), unit column stride
+    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
+    w_ptr, wsum_ptr,  # class weights (C,) fp32 and W = Σ_c w_c (1,) fp32, read only when HAS_WEIGHT
+    loss_ptr, lse_ptr,  # (R,) fp32 outputs
+    C, ignore_index, eps, z_loss, softcap,
+    PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    cols = tl.arange(0, BLOCK)
+    # Online log-sum-exp: running max m and s = Σ exp(x − m), rescaled by exp(m_old − m_new) when the max
+    # grows. m starts at −FLT_MAX, not −inf: an all −inf row then sums exp(−inf) = 0 terms (not exp(nan))
+    # and ends at lse = −FLT_MAX + log 0 = −inf, as torch_rows does.
+    m = tl.full([], -3.4028234663852886e38, tl.float32)
+    s = tl.zeros([], tl.float32)
+    dot = tl.zeros([BLOCK], tl.float32)  # Σ_c u_c x_c (probabilities) or Σ_c w_c x_c (smoothing), per lane
+    u_sum = tl.zeros([BLOCK], tl.float32)  # U = Σ_c u_c (probabilities), per lane
+    wy_sum = tl.zeros([BLOCK], tl.float32)  # ω = Σ_c w_c y_c (probabilities), per lane
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        mask = offs < C
+        x = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
+        if SOFTCAP:
+            y = x / softcap
+            a = tl.abs(y)
+            e = tl.exp(-2.0 * a)
+            a2 = a * a
+            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+            x = tl.where(mask, softcap * tl.where(y < 0, -th, th), float("-inf"))  # padding stays −inf
+        if HAS_WEIGHT:
+            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+        else:
+            w = tl.where(mask, 1.0, 0.0)
+        if PROBS:
+            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            u = w * ((1.0 - eps) * yv + eps / C)
+            u_sum += u
+            wy_sum += w * yv
+            dot += u * tl.where(u != 0.0, x, 0.0)  # u_c = 0 drops the term, also at x_c = −inf (no 0·inf)
+        elif SMOOTH:
+            dot += w * tl.where(w != 0.0, x, 0.0)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)  # a NaN logit reaches s through exp(NaN − m), so NaN propagates
+    if PROBS:
+        # loss = U lse − Σ_c u_c x_c + s ω lse²
+        loss = tl.sum(u_sum, 0) * lse - tl.sum(dot, 0) + z_loss * tl.sum(wy_sum, 0) * lse * lse
+    else:
+        t = tl.load(t_ptr + row * stride_t).to(tl.int64)
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= C))
+        t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1)  # never read outside the row
+        # The target logit is re-read (one element, cached) rather than picked out of a block.
+        x_t = tl.load(z_row + t_safe).to(tl.float32)
+        if SOFTCAP:
+            y = x_t / softcap
+            a = tl.abs(y)
+            e = tl.exp(-2.0 * a)
+            a2 = a * a
+            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+            x_t = softcap * tl.where(y < 0, -th, th)
+        if HAS_WEIGHT:
+            omega = tl.where(valid, tl.load(w_ptr + t_safe), 0.0)
+        else:
+            omega = tl.where(valid, 1.0, 0.0)
+        # loss = ω ((1 − ε)(lse − x_t) + s lse²) + (ε / C)(W lse − Σ_c w_c x_c)
+        loss = omega * ((1.0 - eps) * (lse - x_t) + z_loss * lse * lse)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                big_w = tl.load(wsum_ptr)
+            else:
+                big_w = C * 1.0
+            loss += (eps / C) * (big_w * lse - tl.sum(dot, 0))
+        loss = tl.where(valid, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + row, loss)
+    tl.store(lse_ptr + row, lse)
+
+
+def _row_backward_kernel(
+    z_ptr, stride_z,  # logits (R, C), unit column stride
+    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
+    w_ptr, wsum_ptr,  # class weights (C,) fp32 and W = Σ_c w_c (1,) fp32, read only when HAS_WEIGHT
+    lse_ptr, stride_lse, g_ptr, stride_g,  # (R,) fp32 LSE from forward, upstream gradient (stride 0: a scalar)
+    out_ptr, stride_out,  # (R, C) gradient, unit column stride; may be z_ptr itself
+    C, ignore_index, eps, z_loss, softcap,
+    PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    out_row = out_ptr + row * stride_out
+    cols = tl.arange(0, BLOCK)
+    lse = tl.load(lse_ptr + row * stride_lse)
+    g = tl.load(g_ptr + row * stride_g)
+    if PROBS:
+        # ∂loss/∂x_c = (U + 2 s ω lse) p_c − u_c needs U and ω before the first gradient element, so the
+        # targets (not the logits) are read once more up front.
+        u_sum = tl.zeros([BLOCK], tl.float32)
+        wy_sum = tl.zeros([BLOCK], tl.float32)
+        for start in range(0, C, BLOCK):
+            offs = start + cols
+            mask = offs < C
+            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            u_sum += w * ((1.0 - eps) * yv + eps / C)
+            wy_sum += w * yv
+        p_scale = g * (tl.sum(u_sum, 0) + 2.0 * z_loss * tl.sum(wy_sum, 0) * lse)  # g (U + 2 s ω lse)
+    else:
+        t = tl.load(t_ptr + row * stride_t).to(tl.int64)
+        valid = t != ignore_index
+        bad = valid & ((t < 0) | (t >= C))
+        t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1)
+        if HAS_WEIGHT:
+            omega = tl.where(valid, tl.load(w_ptr + t_safe), 0.0)
+        else:
+            omega = tl.where(valid, 1.0, 0.0)
+        g = tl.where(valid, g, 0.0)
+        # the p_c coefficient: g (ω (1 − ε + 2 s lse) + ε W / C)
+        p_scale = g * omega * (1.0 - eps + 2.0 * z_loss * lse)
+        if SMOOTH:
+            if HAS_WEIGHT:
+                big_w = tl.load(wsum_ptr)
+            else:
+                big_w = C * 1.0
+            p_scale += g * eps * big_w / C
+        at_target = -g * omega * (1.0 - eps)  # the −ω (1 − ε) [c = t] term, times g
+        smooth = g * eps / C  # the −ε w_c / C term is −smooth · w_c
+        poison = tl.where(bad, float("nan"), 0.0)  # out-of-range target: a NaN row, as in torch_rows
+    for start in range(0, C, BLOCK):
+        offs = start + cols
+        mask = offs < C
+        x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
+        if SOFTCAP:
+            y = x / softcap
+            a = tl.abs(y)
+            e = tl.exp(-2.0 * a)
+            a2 = a * a
+            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
+            x = softcap * tl.where(y < 0, -th, th)
+            # d(κ tanh(z / κ))/dz = 1 − tanh², written per branch (see the kernels' header comment)
+            chain = tl.where(a < 0.25, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+        p = tl.exp(x - lse)
+        if PROBS:
+            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            else:
+                w = 1.0
+            # g ((U + 2 s ω lse) p_c − u_c)
+            grad = p_scale * p - g * (w * ((1.0 - eps) * yv + eps / C))
+        else:
+            grad = p_scale * p + tl.where(offs == t_safe, at_target, 0.0)
+            if SMOOTH:
+                if HAS_WEIGHT:
+                    grad -= smooth * tl.load(w_ptr + offs, mask=mask, other=0.0)
+                else:
+                    grad -= smooth
+        if SOFTCAP:
+            grad *= chain
+        if not PROBS:  # ignored rows: exactly 0, even where p is NaN (all −inf logits); bad rows: NaN
+            grad = tl.where(valid, grad, 0.0) + poison
+        tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+class _LazyKernel:
+    """A kernel function wrapped by ``triton.jit`` on its first launch, so that importing this module needs
+    no Triton (and decides nothing); ``kernel[grid](*args, **meta)`` as with ``triton.jit``."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self._jitted = None
+
+    def __getitem__(self, grid):
+        if self._jitted is None:
+            if triton is None:
+                raise RuntimeError("crossent's Triton kernels need the triton package (pip install triton)")
+            self._jitted = triton.jit(self.fn)
+        return self._jitted[grid]
+
+
+_row_forward_kernel = _LazyKernel(_row_forward_kernel)
+_row_backward_kernel = _LazyKernel(_row_backward_kernel)
