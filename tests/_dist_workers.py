@@ -252,7 +252,94 @@ def error_job(rank, world):
     return out
 
 
-CASES = {"parity": parity_job, "edge": edge_job, "errors": error_job}
+# --- fused linear version ---------------------------------------------------------------------------
+D = 7
+
+
+def make_linear(seed, batch, dtype, bias, **kw):
+    logits, target, weight, upstream = make_data(seed, batch, dtype, **kw)  # only the targets/weights/upstream
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(*batch, D, generator=g, dtype=torch.float64).to(dtype)
+    w = (torch.randn(C, D, generator=g, dtype=torch.float64) * 0.8).to(dtype)
+    b = torch.randn(C, generator=g, dtype=torch.float64).to(dtype) if bias else None
+    return x, w, b, target, weight, upstream
+
+
+def compare_linear(rank, world, x, w, b, target, weight, upstream, grads=(True, True, True), chunk_size=5, **opts):
+    """Loss, dX (full), this rank's dW and db rows vs crossent.cross_entropy(F.linear(x, W, b)) on one process."""
+    lo, hi = my_range(rank, world)
+    red = opts.get("reduction", "mean")
+    leaves = [x.clone().requires_grad_(grads[0]), w[lo:hi].clone().requires_grad_(grads[1]),
+              None if b is None else b[lo:hi].clone().requires_grad_(grads[2])]  # fmt: skip
+    loss = cd.vocab_parallel_linear_cross_entropy(
+        leaves[0], leaves[1], target, linear_bias=leaves[2], weight=weight, chunk_size=chunk_size, **opts
+    )
+    _backward(loss, upstream, red)
+    ref = [x.clone().requires_grad_(grads[0]), w.clone().requires_grad_(grads[1]),
+           None if b is None else b.clone().requires_grad_(grads[2])]  # fmt: skip
+    logits = F.linear(*ref)
+    ref_loss = crossent.cross_entropy(logits.movedim(-1, 1) if logits.dim() > 2 else logits, target, weight, **opts)
+    _backward(ref_loss, upstream, red)
+    problems = [check_same(loss.detach(), ref_loss.detach(), x.dtype, "loss")]
+    for name, got, want, sl in zip(("dX", "dW", "db"), leaves, ref, (slice(None), slice(lo, hi), slice(lo, hi))):
+        if want is None:
+            continue
+        if not want.requires_grad:
+            problems.append(None if got.grad is None else f"{name} should have no gradient")
+            continue
+        problems.append(check_same(got.grad, want.grad[sl], x.dtype, name))
+    return next((p for p in problems if p), None)
+
+
+LINEAR_OPTIONS = [
+    dict(),
+    dict(ignore_index=4, weighted=True),
+    dict(label_smoothing=0.1, z_loss=0.01),
+    dict(label_smoothing=0.2, softcap=4.0, weighted=True),
+]
+
+
+def linear_job(rank, world):
+    """Every reduction × bias × option set, float64 to 1e-10, N = 17 rows in chunks of 5 (and 3-D input)."""
+    out = {}
+    for i, (red, bias, extra) in enumerate(itertools.product(["none", "mean", "sum"], [False, True], LINEAR_OPTIONS)):
+        extra = dict(extra)
+        weighted = extra.pop("weighted", False)
+        ign = extra.get("ignore_index", -100)
+        batch = (17,) if i % 2 else (3, 5)
+        data = make_linear(100 + i, batch, torch.float64, bias, ignore_index=ign, weighted=weighted)
+        out[f"f64 {batch} {red} bias={bias} weight={weighted} {extra}"] = compare_linear(
+            rank, world, *data, reduction=red, **extra
+        )
+    data = make_linear(200, (33,), torch.float32, True, weighted=True)
+    out["f32 smoothing z-loss softcap"] = compare_linear(
+        rank, world, *data, chunk_size=8, label_smoothing=0.1, z_loss=0.01, softcap=4.0
+    )
+    data = make_linear(201, (16,), torch.float64, True)
+    out["default chunk_size"] = compare_linear(rank, world, *data, chunk_size=None, reduction="sum")
+    out["only W requires grad"] = compare_linear(rank, world, *data, grads=(False, True, False))
+    out["only input requires grad"] = compare_linear(rank, world, *data, grads=(True, False, False))
+    data = make_linear(202, (12,), torch.float64, True, target_hi=SIZES[world][0])
+    out["no target outside rank 0"] = compare_linear(rank, world, *data, label_smoothing=0.1)
+    data = make_linear(203, (12,), torch.float64, True, ignore_frac=1.0, weighted=True)
+    out["all ignored"] = compare_linear(rank, world, *data, label_smoothing=0.1, z_loss=0.01)
+    lo, hi = my_range(rank, world)
+    x, w, b, target, _, _ = make_linear(204, (6,), torch.float64, True)
+    vp = cd.vocab_parallel_linear_cross_entropy
+    last = rank == world - 1
+    out["error: D mismatch on the last rank"] = _capture(lambda: vp(x, w[lo:hi, :-1] if last else w[lo:hi], target))
+    out["error: bias size"] = _capture(lambda: vp(x, w[lo:hi], target, linear_bias=b))
+    out["error: chunk_size 0"] = _capture(lambda: vp(x, w[lo:hi], target, chunk_size=0))
+    out["error: bias on rank 0 only"] = _capture(
+        lambda: vp(x, w[lo:hi], target, linear_bias=b[lo:hi] if rank == 0 else None)
+    )
+    out["error: input requires grad on rank 0 only"] = _capture(
+        lambda: vp(x.clone().requires_grad_(rank == 0), w[lo:hi], target)
+    )
+    return out
+
+
+CASES = {"parity": parity_job, "edge": edge_job, "errors": error_job, "linear": linear_job}
 
 
 def all_job(rank, world):

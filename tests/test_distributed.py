@@ -104,7 +104,7 @@ ERRORS = {
     "vocab_start on rank 0 only": ("ValueError", "given on every rank or on none"),
     "target = C": ("ValueError", "class index 23 (rank 0), outside the global vocabulary [0, 23)"),
     "target = -3": ("ValueError", "class index -3 (rank 0), outside the global vocabulary"),
-    "rows differ on the last rank": ("ValueError", "same shapes other than the vocabulary dim"),
+    "rows differ on the last rank": ("ValueError", "same shapes (other than the vocabulary dim)"),
     "float target on the last rank (local TypeError)": ("TypeError", "bad input on rank {last}: target must hold integer"),
     "target shape mismatch on rank 0 (local)": ("ValueError", "bad input on rank 0: target of shape (5,)"),
     "weight not (C,)": ("ValueError", "full (23,) class-weight vector"),
@@ -127,6 +127,35 @@ def test_errors_raised_on_every_rank(world):
         assert got_kind == kind and text.format(last=world - 1) in message, f"{case}: {got_kind}: {message}"
     assert res[0]["valid call after errors"] is None and all(r["valid call after errors"] is None for r in res.values())
     assert set(res[0]) == set(ERRORS) | {"valid call after errors"}
+
+
+LINEAR_ERRORS = {
+    "error: D mismatch on the last rank": "bad input on rank {last}: linear_weight of shape (13, 6)" ,
+    "error: bias size": "bad input on rank 0: linear_bias must be None or this rank's",
+    "error: chunk_size 0": "chunk_size must be None or an int >= 1, got 0",
+    "error: bias on rank 0 only": "whether weight or linear_bias is given",
+    "error: input requires grad on rank 0 only": "whether input requires grad",
+}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("world", WORLDS)
+def test_linear_parity_and_errors(world):
+    """Fused linear version vs cross_entropy(F.linear(x, W, b)) in float64 (1e-10): 3 reductions × bias ×
+    4 option sets on 2-D and 3-D input in chunks of 5 rows, float32, default chunking, partial
+    requires_grad, no target on a rank, all ignored; dX full on every rank, dW/db this rank's rows."""
+    res = {r: results(world)[r]["linear"] for r in range(world)}
+    names = [n for n in res[0] if not n.startswith("error:")]
+    assert len(names) == 30
+    failures = [f"rank {r} {n}: {res[r][n]}" for n in names for r in res if res[r][n]]
+    assert not failures, "\n".join(failures[:10])
+    last = "13, 6" if world == 2 else "5, 6"
+    for case, text in LINEAR_ERRORS.items():
+        got = {res[r][case] for r in range(world)}
+        assert len(got) == 1, f"{case}: ranks raised different errors {got}"
+        (kind, message), = got
+        text = text.format(last=world - 1).replace("13, 6", last)
+        assert kind == "ValueError" and text in message, f"{case}: {kind}: {message}"
 
 
 @pytest.mark.timeout(120)

@@ -1,4 +1,4 @@
-"""autograd.Function for vocab-parallel cross-entropy: save tensors, call the shard kernels. No math.
+"""autograd.Functions for vocab-parallel (linear) cross-entropy: save tensors, call the shard kernels. No math.
 
 The forward runs the vocabulary-shard pieces of :mod:`crossent.kernels.torch_rows` in order —
 ``shard_stats`` → ``combine`` (the caller's all-reduce) → ``lse`` → ``index_loss`` — and saves the
@@ -12,6 +12,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from crossent import _vocab_parallel_linear as linear_chunks
 from crossent._options import CrossEntropyOptions
 from crossent.kernels import torch_rows
 from crossent.kernels.torch_rows import RowStats
@@ -57,3 +58,41 @@ class VocabParallelRows(torch.autograd.Function):
                 o.z_loss, o.softcap, s.num_classes, grad_logits,
             )  # fmt: skip
         return grad_logits, None, None, None, None, None
+
+
+class VocabParallelLinearRows(torch.autograd.Function):
+    """Per-position loss of ``x Wᵀ + b`` with this rank's rows W ``(V_local, D)``; x ``(N, D)`` replicated.
+
+    Saves x, W, b (no copies), target, weight and the global LSE; backward recomputes each token chunk's
+    logits and returns this rank's dW, db and the FULL dX (``reduce_input_grad``: the caller's sum over
+    ranks of each rank's share).
+    """
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, shard: Shard, opts: CrossEntropyOptions, rows: int,
+                combine: Combine, reduce_input_grad: Callable[[torch.Tensor], torch.Tensor]):  # fmt: skip
+        local = linear_chunks.stats(x, w, b, target, weight, shard.start, opts.label_smoothing != 0.0,
+                                    opts.softcap, rows)  # fmt: skip
+        stats = combine(local)
+        lse = stats.lse()
+        loss = torch_rows.index_loss(
+            lse, stats.target_logit, stats.dot, target, weight,
+            opts.ignore_index, opts.label_smoothing, opts.z_loss, shard.num_classes,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w, b, target, weight, lse)
+        ctx.shard, ctx.opts, ctx.rows, ctx.reduce_input_grad = shard, opts, rows, reduce_input_grad
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        x, w, b, target, weight, lse = ctx.saved_tensors
+        o, s = ctx.opts, ctx.shard
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        dx, dw, db = linear_chunks.grads(
+            x, w, b, target, weight, s.start, lse, grad_loss, o.ignore_index, o.label_smoothing, o.z_loss,
+            o.softcap, s.num_classes, ctx.rows, need,
+        )  # fmt: skip
+        if dx is not None:
+            dx = ctx.reduce_input_grad(dx)
+        return dx, dw, db, None, None, None, None, None, None, None

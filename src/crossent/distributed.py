@@ -45,11 +45,19 @@ from torch import Tensor
 
 from crossent._checks import check_logits
 from crossent._options import CrossEntropyOptions, Reduction
-from crossent._vocab_parallel_autograd import Combine, Shard, VocabParallelRows
+from crossent._vocab_parallel_autograd import Combine, Shard, VocabParallelLinearRows, VocabParallelRows
+from crossent._vocab_parallel_linear import chunk_rows
 from crossent.functional import _reduce
 from crossent.kernels.torch_rows import RowStats
 
-__all__ = ["vocab_ranges", "check_vocab_layout", "vocab_parallel_cross_entropy"]
+__all__ = [
+    "vocab_ranges",
+    "check_vocab_layout",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "all_reduce_stats",
+    "all_reduce_sum",
+]
 
 
 # --- pure shard math ----------------------------------------------------------------------------------
@@ -157,9 +165,9 @@ def _raise_everywhere(fn: str, local_error: Optional[Exception], table, group):
 
 def _global_error(table, ignore_index: int) -> Tuple[Optional[str], Optional[List[int]], int]:
     """(message or None, shard starts, C) from the gathered table. Pure: the same on every rank."""
-    for col, what in ((_OPTIONS, "options (reduction, ignore_index, label_smoothing, z_loss, softcap, "
-                                 "weight given or not)"),
-                      (_DTYPES, "dtypes"), (_SHAPES, "shapes other than the vocabulary dim"),
+    for col, what in ((_OPTIONS, "options (reduction, ignore_index, label_smoothing, z_loss, softcap; whether "
+                                 "weight or linear_bias is given and whether input requires grad)"),
+                      (_DTYPES, "dtypes"), (_SHAPES, "shapes (other than the vocabulary dim)"),
                       (_ROWS, "number of positions")):  # fmt: skip
         if len({r[col] for r in table}) > 1:
             return f"all ranks must pass the same {what}; ranks differ", None, 0
@@ -346,3 +354,121 @@ def vocab_parallel_cross_entropy(
     shard = Shard(start, logits.shape[-1], num_classes)
     loss = VocabParallelRows.apply(logits, target, weight, shard, opts, all_reduce_stats(group))
     return _reduce(loss, target, weight, "index", opts)
+
+
+def all_reduce_sum(group=None):
+    """The input-gradient hook of the fused linear version: sums each rank's share of dX, in place."""
+
+    def reduce(grad: Tensor) -> Tensor:
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=group)
+        return grad
+
+    return reduce
+
+
+def vocab_parallel_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Fused ``cross_entropy(input @ Wᵀ + b, target)`` with the vocabulary rows of W split over the ranks.
+
+    Equals single-process ``crossent.cross_entropy(F.linear(input, W_full, b_full), target, ...)``
+    (class dim last) where ``W_full`` stacks every rank's ``linear_weight`` in vocabulary order. The
+    N × V_local logits are never held: each rank works through its rows in token chunks of
+    ``chunk_size`` rows (default ``2^22 // V_local`` on CPU), recomputing each chunk's logits in
+    backward (4 matrix products per chunk: 8·N·D·V_local FLOPs per rank per step).
+
+    Gradients: ``input`` gets the FULL gradient on every rank (each rank's share ``G_r W_r`` summed by
+    one all-reduce); ``linear_weight`` and ``linear_bias`` get this rank's rows, no communication.
+
+    Communication per step: the metadata all-gather, N + 2N (3N with label smoothing) elements of fp32
+    (fp64 for fp64 input) in forward, and N·D elements of the input's dtype in backward (when
+    ``input`` requires grad) — against N·V for gathering the logits. See ``docs/distributed.md``.
+
+    Args:
+        input: ``(..., D)`` floating, the same on every rank (replicated hidden states).
+        linear_weight: this rank's ``(V_local, D)`` rows of the output projection, input's dtype/device.
+        target: ``(...)`` integer global class ids (``input.shape[:-1]``), the same on every rank.
+        linear_bias: this rank's ``(V_local,)`` bias, or None (None on every rank, or on none).
+        group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
+            :func:`vocab_parallel_cross_entropy`.
+        chunk_size: token rows per chunk (int ≥ 1), or None for the default.
+
+    Returns:
+        Tensor: ``()`` for ``"mean"``/``"sum"``, ``input.shape[:-1]`` for ``"none"``; fp32 (fp64 for
+        fp64 input); identical on every rank. Every rank must call backward (it holds a collective).
+
+    Raises:
+        ValueError/TypeError on every rank as :func:`vocab_parallel_cross_entropy`, also for a D that
+        differs between input and linear_weight, a bias of the wrong size, chunk_size ≤ 0.
+
+    Example (on each of two ranks, rank r holding rows [3r, 3r + 3) of a 6-row head)::
+
+        >>> w_local = head.weight[3 * rank : 3 * rank + 3].detach().requires_grad_()  # doctest: +SKIP
+        >>> loss = vocab_parallel_linear_cross_entropy(hidden, w_local, target)  # doctest: +SKIP
+        >>> loss.backward()  # hidden.grad full on every rank; w_local.grad this rank's rows  # doctest: +SKIP
+    """
+    fn = "vocab_parallel_linear_cross_entropy"
+    opts_box = []
+
+    def check_and_describe():
+        opts_box.append(CrossEntropyOptions(ignore_index=ignore_index, reduction=reduction,
+                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap))  # fmt: skip
+        check_logits("input", input)
+        _check_linear(input, linear_weight, linear_bias, chunk_size)
+        _check_index_target(target, input.shape[:-1], input.device)
+        _check_vocab_start(vocab_start)
+        _check_full_weight(weight, input.device)
+        grads_on = torch.is_grad_enabled() and input.requires_grad  # dX's all-reduce: all ranks or none
+        return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=target.numel(),
+                    shapes=tuple(input.shape), dtypes=(str(input.dtype), str(target.dtype)),
+                    options=(_option_key(opts_box[0], weight), linear_bias is None, grads_on),
+                    weight=weight, target=target)  # fmt: skip
+
+    start, num_classes = _agree(fn, group, _device_of(input), ignore_index, check_and_describe)
+    opts = opts_box[0]
+    x = input.reshape(-1, input.shape[-1])
+    t = target.reshape(-1)
+    shard = Shard(start, linear_weight.shape[0], num_classes)
+    rows = chunk_rows(x.shape[0], shard.size, x.device, chunk_size)
+    loss = VocabParallelLinearRows.apply(
+        x, linear_weight, linear_bias, t, weight, shard, opts, rows, all_reduce_stats(group), all_reduce_sum(group)
+    )
+    return _reduce(loss.reshape(target.shape), target, weight, "index", opts)
+
+
+def _check_linear(input, linear_weight, linear_bias, chunk_size) -> None:
+    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
+        what = f"shape {tuple(linear_weight.shape)}" if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
+        raise ValueError(f"linear_weight must be this rank's (V_local, D) rows, got {what}")
+    if linear_weight.shape[1] != input.shape[-1] or linear_weight.shape[0] < 1:
+        raise ValueError(
+            f"linear_weight of shape {tuple(linear_weight.shape)} must be (V_local >= 1, D) with the input's "
+            f"D = {input.shape[-1]} (input shape {tuple(input.shape)})"
+        )
+    if linear_weight.dtype != input.dtype or linear_weight.device != input.device:
+        raise ValueError(
+            f"linear_weight ({linear_weight.dtype}, {linear_weight.device}) must match the input's dtype and "
+            f"device ({input.dtype}, {input.device})"
+        )
+    if linear_bias is not None:
+        if not isinstance(linear_bias, Tensor) or linear_bias.shape != (linear_weight.shape[0],):
+            what = tuple(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
+            raise ValueError(f"linear_bias must be None or this rank's ({linear_weight.shape[0]},) bias, got {what}")
+        if linear_bias.dtype != input.dtype or linear_bias.device != input.device:
+            raise ValueError(f"linear_bias ({linear_bias.dtype}, {linear_bias.device}) must match the input's "
+                             f"dtype and device ({input.dtype}, {input.device})")  # fmt: skip
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")

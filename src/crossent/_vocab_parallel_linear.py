@@ -1,0 +1,82 @@
+"""Fused linear + cross-entropy over one rank's vocabulary rows, in token chunks (torch GEMMs + shard kernels).
+
+Fused: a token chunk's logits ``x_c W_rᵀ + b_r``, their shard stats (forward); their gradient, written
+over the same buffer, and the products dX_c, dW, db (backward).
+Never materialized: the N × V_local logits or their gradient; one chunk of rows × V_local at a time.
+Written in place: the chunk buffer (logits, then their gradient) and the dW / db accumulators.
+
+The per-row math is :mod:`crossent.kernels.torch_rows`'s (``shard_stats``, ``shard_backward``); this
+file only slices tokens, runs the matrix products and accumulates. The cross-rank combine of the
+stats and the all-reduce of dX are the caller's (:mod:`crossent.distributed`), once per step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from crossent.kernels import torch_rows
+from crossent.kernels.torch_rows import RowStats, compute_dtype
+
+# Token rows × V_local elements per chunk. Large enough that each chunk's GEMMs run near peak (on a
+# 2-core x86 VM at D = 1024, V_local = 32768–65536 the per-chunk products reach ~90% of a single
+# (N, D) × (D, V) GEMM's FLOP rate from 2^21 elements up), small enough that the one chunk buffer
+# (2^22 fp32 = 16 MiB) is negligible next to W. On CUDA, launch overhead wants bigger chunks.
+CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+
+
+def chunk_rows(num_rows: int, vocab_size: int, device: torch.device, chunk_size: Optional[int]) -> int:
+    """Token rows per chunk: ``chunk_size`` if given, else ``CHUNK_ELEMENTS // V_local`` (at least 1)."""
+    if chunk_size is not None:
+        return chunk_size
+    budget = CHUNK_ELEMENTS.get(device.type, CHUNK_ELEMENTS["cuda"])
+    return max(1, min(max(num_rows, 1), budget // max(vocab_size, 1)))
+
+
+def stats(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+          vocab_start: int, need_dot: bool, softcap: Optional[float], rows: int) -> RowStats:  # fmt: skip
+    """This rank's per-row stats (max, sum-exp, target logit, dot) for ``x`` (N, D) and ``w`` (V_local, D)."""
+    n = x.shape[0]
+    cdt = compute_dtype(x.dtype)
+    out = [torch.empty(n, dtype=cdt, device=x.device) for _ in range(4 if need_dot else 3)]
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        part = torch_rows.shard_stats(F.linear(x[i:j], w, b), target[i:j], weight, vocab_start, need_dot, softcap)
+        for buf, value in zip(out, part):
+            buf[i:j] = value
+    return RowStats(out[0], out[1], out[2], out[3] if need_dot else None)
+
+
+def grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor], vocab_start: int,
+          lse: Tensor, grad_loss: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
+          softcap: Optional[float], num_classes: int, rows: int,
+          need: Tuple[bool, bool, bool]) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:  # fmt: skip
+    """This rank's (dX, dW, db) for the upstream per-row gradient ``grad_loss`` (N,), only those in ``need``.
+
+    Per chunk: ``G = g · ∂loss/∂z`` (rows × V_local, the logits buffer overwritten), then
+    ``dX_c = G W`` (this rank's share of the input gradient: the caller sums it over ranks),
+    ``dW += Gᵀ x_c``, ``db += Σ_rows G``. dW/db accumulate in fp32 for 16-bit parameters (a sum over
+    N rows rounded to 8 bits of mantissa per chunk would lose the small updates), in place otherwise.
+    """
+    n = x.shape[0]
+    need_x, need_w, need_b = need
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    acc = compute_dtype(w.dtype)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+    db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+    g = grad_loss.expand(lse.shape)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        z = F.linear(x[i:j], w, b)
+        torch_rows.shard_backward(z, target[i:j], weight, vocab_start, lse[i:j], g[i:j], ignore_index,
+                                  label_smoothing, z_loss, softcap, num_classes, z)  # fmt: skip
+        if need_x:
+            torch.mm(z, w, out=dx[i:j])
+        if need_w:
+            dw.addmm_(z.t().to(acc), x[i:j].to(acc))
+        if need_b:
+            db.add_(z.sum(0, dtype=acc))
+    return dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype)
