@@ -98,10 +98,10 @@ def forward(
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
     lse = torch.empty(rows, dtype=torch.float32, device=z.device)
     if rows:
-        w, wsum = _class_weights(weight, z, label_smoothing)
+        w, _ = _class_weights(weight, z, 0.0)
         block, warps = row_launch(z.dtype, num_classes)
         _row_forward_kernel[(rows,)](
-            z, z.stride(0), t, t.stride(0), w, wsum, loss, lse,
+            z, z.stride(0), t, t.stride(0), w, loss, lse,
             num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0,
             PROBS=probs, HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None,
             BLOCK=block, num_warps=warps, **_COMPILE,
@@ -184,8 +184,8 @@ def _unit_stride_view(out: Tensor, rows: int, num_classes: int) -> Optional[Tens
 
 
 def _class_weights(weight: Optional[Tensor], like: Tensor, label_smoothing: float):
-    """(w, W): the weights in fp32, contiguous, and their sum W as a 1-element device tensor (no host
-    sync), both only read by the kernels when present; ``like`` stands in as an unread pointer otherwise."""
+    """(w, W): the weights in fp32, contiguous, and (when smoothing needs it in backward) their sum W as a
+    1-element device tensor (no host sync); ``like`` stands in as an unread pointer where absent."""
     if weight is None:
         return like, like
     w = weight.to(torch.float32).contiguous()
@@ -209,7 +209,7 @@ def _next_pow2(n: int) -> int:
 def _row_forward_kernel(
     z_ptr, stride_z,  # logits (R, C), unit column stride
     t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
-    w_ptr, wsum_ptr,  # class weights (C,) fp32 and W = Σ_c w_c (1,) fp32, read only when HAS_WEIGHT
+    w_ptr,  # class weights (C,) fp32, read only when HAS_WEIGHT
     loss_ptr, lse_ptr,  # (R,) fp32 outputs
     C, ignore_index, eps, z_loss, softcap,
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -223,8 +223,12 @@ def _row_forward_kernel(
     # and ends at lse = −FLT_MAX + log 0 = −inf, as torch_rows does.
     m = tl.full([], -3.4028234663852886e38, tl.float32)
     s = tl.zeros([], tl.float32)
-    dot = tl.zeros([BLOCK], tl.float32)  # Σ_c u_c x_c (probabilities) or Σ_c w_c x_c (smoothing), per lane
-    u_sum = tl.zeros([BLOCK], tl.float32)  # U = Σ_c u_c (probabilities), per lane
+    # The loss is assembled from m and log s, never from the rounded lse = m + log s: at |m| ~ 1e4 fp32
+    # rounds lse to ~1e-3, and lse − x_t would carry that error. So the weighted sums are kept relative
+    # to the running max, as Σ_c v_c (x_c − m) with v = u (probabilities) or w (smoothing), re-referenced
+    # by −(m_new − m) Σ v whenever m grows; then W lse − Σ_c w_c x_c = W log s − Σ_c w_c (x_c − m), etc.
+    dot = tl.zeros([BLOCK], tl.float32)  # Σ_c v_c (x_c − m), per lane
+    v_sum = tl.zeros([BLOCK], tl.float32)  # Σ_c v_c: U (probabilities) or W (smoothing), per lane
     wy_sum = tl.zeros([BLOCK], tl.float32)  # ω = Σ_c w_c y_c (probabilities), per lane
     for start in range(0, C, BLOCK):
         offs = start + cols
@@ -238,25 +242,28 @@ def _row_forward_kernel(
             series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
             th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
             x = tl.where(mask, softcap * tl.where(y < 0, -th, th), float("-inf"))  # padding stays −inf
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-        else:
-            w = tl.where(mask, 1.0, 0.0)
-        if PROBS:
-            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
-            u = w * ((1.0 - eps) * yv + eps / C)
-            u_sum += u
-            wy_sum += w * yv
-            dot += u * tl.where(u != 0.0, x, 0.0)  # u_c = 0 drops the term, also at x_c = −inf (no 0·inf)
-        elif SMOOTH:
-            dot += w * tl.where(w != 0.0, x, 0.0)
         m_new = tl.maximum(m, tl.max(x, 0))
+        if PROBS or SMOOTH:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+            else:
+                w = tl.where(mask, 1.0, 0.0)
+            if PROBS:
+                yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+                v = w * ((1.0 - eps) * yv + eps / C)  # u_c
+                wy_sum += w * yv
+            else:
+                v = w
+            dot -= tl.where(v_sum != 0.0, v_sum * (m_new - m), 0.0)
+            dot += v * tl.where(v != 0.0, x - m_new, 0.0)  # v_c = 0 drops the term, also at x_c = −inf
+            v_sum += v
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
-    lse = m + tl.log(s)  # a NaN logit reaches s through exp(NaN − m), so NaN propagates
+    log_s = tl.log(s)  # a NaN logit reaches s through exp(NaN − m), so NaN propagates
+    lse = m + log_s
     if PROBS:
-        # loss = U lse − Σ_c u_c x_c + s ω lse²
-        loss = tl.sum(u_sum, 0) * lse - tl.sum(dot, 0) + z_loss * tl.sum(wy_sum, 0) * lse * lse
+        # loss = U lse − Σ_c u_c x_c + s ω lse² = U log s − Σ_c u_c (x_c − m) + s ω lse²
+        loss = tl.sum(v_sum, 0) * log_s - tl.sum(dot, 0) + z_loss * tl.sum(wy_sum, 0) * lse * lse
     else:
         t = tl.load(t_ptr + row * stride_t).to(tl.int64)
         valid = t != ignore_index
@@ -276,14 +283,11 @@ def _row_forward_kernel(
             omega = tl.where(valid, tl.load(w_ptr + t_safe), 0.0)
         else:
             omega = tl.where(valid, 1.0, 0.0)
-        # loss = ω ((1 − ε)(lse − x_t) + s lse²) + (ε / C)(W lse − Σ_c w_c x_c)
-        loss = omega * ((1.0 - eps) * (lse - x_t) + z_loss * lse * lse)
+        # loss = ω ((1 − ε)(lse − x_t) + s lse²) + (ε / C)(W lse − Σ_c w_c x_c),
+        # with lse − x_t = (m − x_t) + log s and W lse − Σ_c w_c x_c = W log s − Σ_c w_c (x_c − m)
+        loss = omega * ((1.0 - eps) * ((m - x_t) + log_s) + z_loss * lse * lse)
         if SMOOTH:
-            if HAS_WEIGHT:
-                big_w = tl.load(wsum_ptr)
-            else:
-                big_w = C * 1.0
-            loss += (eps / C) * (big_w * lse - tl.sum(dot, 0))
+            loss += (eps / C) * (tl.sum(v_sum, 0) * log_s - tl.sum(dot, 0))
         loss = tl.where(valid, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
     tl.store(loss_ptr + row, loss)
