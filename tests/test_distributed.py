@@ -188,5 +188,17 @@ def test_example_under_torchrun():
     assert last < first - 0.5 and drift == 0.0, m.group(0)
 
 
+@pytest.mark.timeout(150)
+def test_benchmark_quick():
+    """benchmarks/vocab_parallel.py --quick runs P = 1, 2 and its measured bytes equal the formulas."""
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "vocab_parallel.py"), "--quick"]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = [line.split() for line in run.stdout.splitlines() if re.match(r"\s+[12]\s+\d", line)]
+    assert [r[0] for r in rows] == ["1", "2"], run.stdout
+    for r in rows:  # P, V/P, s, GFLOP/s, MiB, fwd bytes, formula, ratio, bwd bytes, formula, ratio
+        assert r[5] == r[6] and r[8] == r[9], run.stdout
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))

@@ -21,11 +21,12 @@ from torch import Tensor
 from crossent.kernels import torch_rows
 from crossent.kernels.torch_rows import RowStats, compute_dtype
 
-# Token rows × V_local elements per chunk. Large enough that each chunk's GEMMs run near peak (on a
-# 2-core x86 VM at D = 1024, V_local = 32768–65536 the per-chunk products reach ~90% of a single
-# (N, D) × (D, V) GEMM's FLOP rate from 2^21 elements up), small enough that the one chunk buffer
-# (2^22 fp32 = 16 MiB) is negligible next to W. On CUDA, launch overhead wants bigger chunks.
-CHUNK_ELEMENTS = {"cpu": 1 << 22, "cuda": 1 << 26}
+# Token rows × V_local elements per chunk: small chunks make thin GEMMs that run far below peak. Measured
+# on a shared 2-core x86 VM, fp32 forward + backward at (N, D, V_local) = (1024, 1024, 32768), against
+# 2.88 s for the same 4 products unchunked: 2^18 → 23.6 s, 2^20 → 8.2 s, 2^22 → 4.1 s, 2^24 → 3.5 s
+# (/tmp probe, not kept; the machine was loaded by other jobs). 2^24 fp32 elements are a 64 MiB
+# buffer, a quarter of W_local at D = 1024, V_local = 65536. On CUDA, launch overhead wants bigger chunks.
+CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
 
 
 def chunk_rows(num_rows: int, vocab_size: int, device: torch.device, chunk_size: Optional[int]) -> int:

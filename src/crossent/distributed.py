@@ -18,7 +18,7 @@ gradient columns are ``g · ∂loss/∂z_c`` from the global LSE (``shard_backwa
 Communication per step (N positions, b bytes per element of the compute dtype: 4 for 16/32-bit
 logits, 8 for float64; P ranks):
 
-    metadata   one all-gather of 11 int64 per rank (checks + shard offsets): 88·P bytes
+    metadata   one all-gather of 11 int64 (checks + shard offsets): 88 bytes sent, 88·P received
     forward    N·b (max) + k·N·b (sum), k = 2, or 3 with label smoothing: 12·N to 16·N bytes in fp32
     backward   nothing (logits version); the fused linear version adds one all-reduce SUM of the
                input gradient, N·D elements in the input's dtype
@@ -387,7 +387,7 @@ def vocab_parallel_linear_cross_entropy(
     Equals single-process ``crossent.cross_entropy(F.linear(input, W_full, b_full), target, ...)``
     (class dim last) where ``W_full`` stacks every rank's ``linear_weight`` in vocabulary order. The
     N × V_local logits are never held: each rank works through its rows in token chunks of
-    ``chunk_size`` rows (default ``2^22 // V_local`` on CPU), recomputing each chunk's logits in
+    ``chunk_size`` rows (default ``2^24 // V_local`` on CPU), recomputing each chunk's logits in
     backward (4 matrix products per chunk: 8·N·D·V_local FLOPs per rank per step).
 
     Gradients: ``input`` gets the FULL gradient on every rank (each rank's share ``G_r W_r`` summed by
