@@ -48,12 +48,14 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 # --- launch table ------------------------------------------------------------------------------------
 # Both kernels run one program per row and stream the row in BLOCK-column steps.
-# bytes per logit -> (largest BLOCK, num_warps at that BLOCK). BLOCK = min(next_pow2(C), largest); below
-# the largest, warps shrink so every thread keeps 16 logits (num_warps = BLOCK / (32 · 16), at least 1).
+# bytes per logit -> (largest BLOCK, num_warps at that BLOCK). BLOCK = min(next_pow2(C), largest). At the
+# largest BLOCK the table's warps are used as they are; below it (short rows) warps shrink so that each
+# thread keeps 16 logits (num_warps = BLOCK / (32 · 16), at least 1).
 # Where the numbers come from: no GPU was lent while this file was written, so these are starting values
 # from the sizing rule for memory-bound row kernels, not measurements: 16 KiB of logits in flight per
 # program per step (fp32: 4096 × 4 B; 16-bit: 8192 × 2 B), i.e. 16 logits per thread = 4 (fp32) or 2
-# (16-bit) 16-byte loads, ~16 fp32 registers of row data per thread, so several programs fit per SM.
+# (16-bit) 16-byte loads and ~16 fp32 registers of row data per thread, so several programs fit per SM
+# (the heaviest variant compiles to 76-80 registers per thread for sm_90 with no spills; see the tests).
 # Re-measure with `python benchmarks/gpu.py --sweep` on the target GPU and record the device here.
 ROW_LAUNCH = {
     2: (8192, 16),  # bfloat16 / float16
@@ -74,7 +76,9 @@ def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
     """The (BLOCK, num_warps) of both row kernels for logits of ``dtype`` with ``num_classes`` columns."""
     largest, warps = ROW_LAUNCH[torch.tensor([], dtype=dtype).element_size()]
     block = min(_next_pow2(num_classes), largest)
-    return Launch(block, max(1, min(warps, block // (32 * _LOGITS_PER_THREAD))))
+    if block < largest:
+        warps = max(1, min(warps, block // (32 * _LOGITS_PER_THREAD)))
+    return Launch(block, warps)
 
 
 # --- public entry points (same contract as torch_rows) -------------------------------------------------
