@@ -107,7 +107,7 @@ def plain_bytes(n: int, c: int, dtype: torch.dtype) -> int:
     the forward reads the logits (N·C·b); the backward reads them again and writes the gradient (2·N·C·b);
     per row, the int64 target is read twice (16 B), the fp32 LSE written and read back (8 B), the fp32 loss
     written (4 B) and the upstream gradient read (4 B)."""
-    b = torch.tensor([], dtype=dtype).element_size()
+    b = dtype.itemsize
     return 3 * n * c * b + n * (16 + 8 + 4 + 4)
 
 
@@ -259,7 +259,7 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     target = torch.randint(0, v, (n,), generator=gen)
     target[torch.rand(n, generator=gen) < IGNORED_FRACTION] = -100
     target = target.to(device)
-    element = torch.tensor([], dtype=dtype).element_size()
+    element = dtype.itemsize
     mem_floor = (n * d + v * d) * element  # dX + dW in the inputs' dtype
 
     # the floor: the same three GEMMs on preallocated buffers
@@ -316,7 +316,7 @@ def sweep(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
     for n, c in shapes:
         for dname in dtypes:
             dtype = DTYPES[dname]
-            key = torch.tensor([], dtype=dtype).element_size()
+            key = dtype.itemsize
             saved = triton_rows.ROW_LAUNCH[key]
             logits = (2.0 * torch.randn(n, c)).to(device=device, dtype=dtype).requires_grad_()
             target = torch.randint(0, c, (n,), device=device)

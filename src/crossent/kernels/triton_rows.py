@@ -74,7 +74,7 @@ class Launch(NamedTuple):
 
 def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
     """The (BLOCK, num_warps) of both row kernels for logits of ``dtype`` with ``num_classes`` columns."""
-    largest, warps = ROW_LAUNCH[torch.tensor([], dtype=dtype).element_size()]
+    largest, warps = ROW_LAUNCH[dtype.itemsize]
     block = min(_next_pow2(num_classes), largest)
     if block < largest:
         warps = max(1, min(warps, block // (32 * _LOGITS_PER_THREAD)))
