@@ -72,10 +72,15 @@ def np64(t) -> np.ndarray:
     return t.numpy() if not t.is_floating_point() else t.to(torch.float64).numpy()
 
 
-def max_abs_error(actual: torch.Tensor, expected: np.ndarray) -> float:
-    """max |actual − expected| in float64 (0 for empty)."""
+def worst_error(actual: torch.Tensor, expected: np.ndarray):
+    """(max |actual − expected|, its index, actual there, expected there), in float64."""
     a = actual.detach().to(torch.float64).cpu().numpy()
-    return float(np.max(np.abs(a - expected), initial=0.0))
+    e = np.broadcast_to(np.asarray(expected, dtype=np.float64), a.shape)
+    if a.size == 0:
+        return 0.0, (), None, None
+    err = np.abs(a - e)
+    i = np.unravel_index(int(np.argmax(err)), err.shape)
+    return float(err[i]), tuple(int(k) for k in i), float(a[i]), float(e[i])
 
 
 def torch_expected(logits, target, grad_output=None, weight=None, ignore_index=-100, reduction="mean",

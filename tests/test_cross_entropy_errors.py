@@ -118,6 +118,23 @@ def test_index_equal_to_a_negative_ignore_index_is_not_out_of_range():
     torch.testing.assert_close(loss[0], torch.tensor(0.0))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the no-host-sync range handling is CUDA's")
+@pytest.mark.parametrize("bad", [C, -3], ids=["C", "negative"])
+def test_index_out_of_range_on_cuda_gives_nan_for_that_row_only(bad):
+    """Documented: on CUDA no ValueError (that would sync the host); the offending row's loss and
+    gradient are NaN, never silent garbage, and the other rows are unaffected."""
+    x = torch.randn(N, C, device="cuda", requires_grad=True)
+    t = torch.randint(0, C, (N,), device="cuda")
+    t[1] = bad
+    loss = crossent.cross_entropy(x, t, reduction="none")
+    loss.backward(torch.ones_like(loss))
+    assert torch.isnan(loss[1]).item() and torch.isnan(x.grad[1]).all().item()
+    rest = [0, 2, 3]
+    want = torch.nn.functional.cross_entropy(x.detach()[rest], t[rest], reduction="none")
+    torch.testing.assert_close(loss.detach()[rest], want)
+    assert torch.isnan(crossent.cross_entropy(x, t)).item()  # and it reaches the mean
+
+
 def test_module_index_out_of_range_raises_value_error():
     t = _target()
     t[1] = C + 3

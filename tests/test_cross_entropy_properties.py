@@ -60,7 +60,7 @@ def test_uniform_logits_give_log_c(target_kind, num_classes, dtype):
     n = 3
     logits = torch.full((n, num_classes), 2.5, dtype=dtype)  # any constant: uniform softmax
     opts = dict(label_smoothing=0.4) if target_kind.endswith("smoothing") else {}
-    target = make_prob_target((n, num_classes)) .to(dtype) if target_kind == "probs" else torch.randint(0, num_classes, (n,))
+    target = make_prob_target((n, num_classes)).to(dtype) if target_kind == "probs" else torch.randint(0, num_classes, (n,))
     loss, grad = loss_and_grad(crossent.cross_entropy, logits, target, **opts)
     # u = (1 − ε) y + ε / C with U = Σ_c u_c (exactly 1 unless 16-bit probabilities round it):
     # loss = U log C per position, ∂/∂z = (U / C − u) / N
@@ -456,12 +456,10 @@ def test_inplace_backward_overwrites_input_with_the_same_gradient(shape, dtype, 
     opts = dict(opts)
     if opts.get("weight") == "rand":
         opts["weight"] = (torch.rand(37, dtype=torch.float64) + 0.5).to(dtype)
-    logits = make_logits(shape).to(dtype)
     target = make_index_target(shape, ignore_value=-100) if kind == "index" else make_prob_target(shape).to(dtype)
     g = torch.randn(index_shape(shape)) if reduction == "none" else None
-    _, want = loss_and_grad(crossent.cross_entropy, logits, target, g, reduction=reduction, **opts)
     # the real use: a non-leaf activation that nothing else reads after the loss's backward
-    w_in = torch.randn(5, logits.shape[1], dtype=dtype, requires_grad=True)
+    w_in = torch.randn(5, shape[1], dtype=dtype, requires_grad=True)
     a = torch.randn(*index_shape(shape), 5, dtype=dtype)
     x = (a @ w_in).movedim(-1, 1) if len(shape) > 2 else a @ w_in  # logits as a non-leaf
     x_storage = x.detach()  # shares storage with x: sees what backward writes there
@@ -494,7 +492,7 @@ def test_deterministic():
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
-def test_np_sanity_of_helpers():
+def test_helpers_build_what_they_say():
     """The helpers the properties rely on build what they say (targets sum to 1, ignores present)."""
     y = make_prob_target((4, 5, 3), zeros=True)
     np.testing.assert_allclose(y.sum(1).numpy(), 1.0, rtol=1e-12)
