@@ -412,7 +412,7 @@ signatures = {
 block, warps = triton_rows.row_launch(torch.bfloat16, 131072)
 constexprs = dict(PROBS=True, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=block)
 for name, signature in signatures.items():
-    source = triton.compiler.ASTSource(fn=triton.jit(getattr(triton_rows, name).fn), signature=signature,
+    source = triton.compiler.ASTSource(fn=getattr(triton_rows, name), signature=signature,
                                        constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

@@ -54,8 +54,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # Where the numbers come from: no GPU was lent while this file was written, so these are starting values
 # from the sizing rule for memory-bound row kernels, not measurements: 16 KiB of logits in flight per
 # program per step (fp32: 4096 × 4 B; 16-bit: 8192 × 2 B), i.e. 16 logits per thread = 4 (fp32) or 2
-# (16-bit) 16-byte loads and ~16 fp32 registers of row data per thread, so several programs fit per SM
-# (the heaviest variant compiles to 76-80 registers per thread for sm_90 with no spills; see the tests).
+# (16-bit) 16-byte loads and ~16 fp32 registers of row data per thread. Compiled for sm_90 at bf16 (cuobjdump),
+# plain rows take 32 (forward) / 46 (backward) registers per thread, so several programs fit per SM; the
+# heaviest variant (probability targets, every option) ~125, one 16-warp program per SM; none spill (tests).
 # Re-measure with `python benchmarks/gpu.py --sweep` on the target GPU and record the device here.
 ROW_LAUNCH = {
     2: (8192, 16),  # bfloat16 / float16
@@ -201,15 +202,34 @@ def _next_pow2(n: int) -> int:
 
 
 # --- kernels ------------------------------------------------------------------------------------------------
-# Written as plain functions and handed to ``triton.jit`` on first launch by ``_LazyKernel``.
 # Every value is computed in fp32; logits are upcast as they are loaded; index math is int64.
-# Softcap: tanh is not a Triton builtin (libdevice's is not available to the interpreter), so it is
-# written out here: for a = |y| < 1/4 the odd Taylor series through y⁹ (truncation < 1e-8 relative),
-# above it (1 − e^{−2a}) / (1 + e^{−2a}) (no cancellation once e^{−2a} ≤ 0.61). The chain factor
-# 1 − tanh² is 1 − th² on the series branch and 4 e^{−2a} / (1 + e^{−2a})² above it, which stays
-# accurate where th rounds to 1 (torch's 1 − tanh² gives 0 there).
+# ``triton.jit`` here only wraps the functions (nothing is compiled or probed at import); without Triton
+# they stay plain functions, never launched: resolve_impl refuses impl="triton" then.
+_jit = triton.jit if triton is not None else (lambda fn: fn)
 
 
+@_jit
+def _softcapped(x, softcap):
+    """``(κ tanh(x / κ), 1 − tanh²(x / κ))`` in fp32, for κ = ``softcap``.
+
+    tanh is not a Triton builtin (libdevice's is not available to the interpreter), so it is written out:
+    for a = |x / κ| < 1/4 the odd Taylor series through a⁹ (truncation < 1e-8 relative), above it
+    (1 − e^{−2a}) / (1 + e^{−2a}) (no cancellation once e^{−2a} ≤ 0.61). The chain factor 1 − tanh² is
+    1 − th² on the series branch and 4 e^{−2a} / (1 + e^{−2a})² above it, which stays accurate where th
+    rounds to 1 (torch's 1 − tanh² gives 0 there). The forward kernel drops the unused chain factor.
+    """
+    y = x / softcap
+    a = tl.abs(y)
+    e = tl.exp(-2.0 * a)
+    a2 = a * a
+    series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
+    small = a < 0.25
+    th = tl.where(small, series, (1.0 - e) / (1.0 + e))
+    chain = tl.where(small, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+    return softcap * tl.where(y < 0, -th, th), chain
+
+
+@_jit
 def _row_forward_kernel(
     z_ptr, stride_z,  # logits (R, C), unit column stride
     t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
@@ -239,13 +259,7 @@ def _row_forward_kernel(
         mask = offs < C
         x = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         if SOFTCAP:
-            y = x / softcap
-            a = tl.abs(y)
-            e = tl.exp(-2.0 * a)
-            a2 = a * a
-            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
-            x = tl.where(mask, softcap * tl.where(y < 0, -th, th), float("-inf"))  # padding stays −inf
+            x = tl.where(mask, _softcapped(x, softcap)[0], float("-inf"))  # padding stays −inf
         m_new = tl.maximum(m, tl.max(x, 0))
         if PROBS or SMOOTH:
             if HAS_WEIGHT:
@@ -276,13 +290,7 @@ def _row_forward_kernel(
         # The target logit is re-read (one element, cached) rather than picked out of a block.
         x_t = tl.load(z_row + t_safe).to(tl.float32)
         if SOFTCAP:
-            y = x_t / softcap
-            a = tl.abs(y)
-            e = tl.exp(-2.0 * a)
-            a2 = a * a
-            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
-            x_t = softcap * tl.where(y < 0, -th, th)
+            x_t = _softcapped(x_t, softcap)[0]
         if HAS_WEIGHT:
             omega = tl.where(valid, tl.load(w_ptr + t_safe), 0.0)
         else:
@@ -298,6 +306,7 @@ def _row_forward_kernel(
     tl.store(lse_ptr + row, lse)
 
 
+@_jit
 def _row_backward_kernel(
     z_ptr, stride_z,  # logits (R, C), unit column stride
     t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
@@ -356,15 +365,7 @@ def _row_backward_kernel(
         mask = offs < C
         x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
-            y = x / softcap
-            a = tl.abs(y)
-            e = tl.exp(-2.0 * a)
-            a2 = a * a
-            series = a * (1.0 + a2 * (-1.0 / 3.0 + a2 * (2.0 / 15.0 + a2 * (-17.0 / 315.0 + a2 * (62.0 / 2835.0)))))
-            th = tl.where(a < 0.25, series, (1.0 - e) / (1.0 + e))
-            x = softcap * tl.where(y < 0, -th, th)
-            # d(κ tanh(z / κ))/dz = 1 − tanh², written per branch (see the kernels' header comment)
-            chain = tl.where(a < 0.25, 1.0 - th * th, 4.0 * e / ((1.0 + e) * (1.0 + e)))
+            x, chain = _softcapped(x, softcap)  # chain = d(κ tanh(z / κ))/dz
         p = tl.exp(x - lse)
         if PROBS:
             yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
@@ -386,23 +387,3 @@ def _row_backward_kernel(
         if not PROBS:  # ignored rows: exactly 0, even where p is NaN (all −inf logits); bad rows: NaN
             grad = tl.where(valid, grad, 0.0) + poison
         tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-class _LazyKernel:
-    """A kernel function wrapped by ``triton.jit`` on its first launch, so that importing this module needs
-    no Triton (and decides nothing); ``kernel[grid](*args, **meta)`` as with ``triton.jit``."""
-
-    def __init__(self, fn):
-        self.fn = fn
-        self._jitted = None
-
-    def __getitem__(self, grid):
-        if self._jitted is None:
-            if triton is None:
-                raise RuntimeError("crossent's Triton kernels need the triton package (pip install triton)")
-            self._jitted = triton.jit(self.fn)
-        return self._jitted[grid]
-
-
-_row_forward_kernel = _LazyKernel(_row_forward_kernel)
-_row_backward_kernel = _LazyKernel(_row_backward_kernel)
