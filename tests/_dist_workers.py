@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import crossent
+from crossent import _vocab_parallel_linear as linear_chunks
 from crossent import distributed as cd
 
 COLLECTIVE_TIMEOUT_S = 30
@@ -319,6 +320,14 @@ def linear_job(rank, world):
     out["default chunk_size"] = compare_linear(rank, world, *data, chunk_size=None, reduction="sum")
     out["only W requires grad"] = compare_linear(rank, world, *data, grads=(False, True, False))
     out["only input requires grad"] = compare_linear(rank, world, *data, grads=(True, False, False))
+    # default chunking with unequal shards: every rank must take the same number of chunks (per-chunk combines)
+    saved = linear_chunks.CHUNK_ELEMENTS["cpu"]
+    linear_chunks.CHUNK_ELEMENTS["cpu"] = 64  # 64 // max V_local rows per chunk: several chunks
+    try:
+        data = make_linear(205, (21,), torch.float64, True, weighted=True)
+        out["default chunking, several chunks"] = compare_linear(rank, world, *data, chunk_size=None, label_smoothing=0.1)
+    finally:
+        linear_chunks.CHUNK_ELEMENTS["cpu"] = saved
     data = make_linear(202, (12,), torch.float64, True, target_hi=SIZES[world][0])
     out["no target outside rank 0"] = compare_linear(rank, world, *data, label_smoothing=0.1)
     data = make_linear(203, (12,), torch.float64, True, ignore_frac=1.0, weighted=True)
@@ -335,6 +344,9 @@ def linear_job(rank, world):
     )
     out["error: input requires grad on rank 0 only"] = _capture(
         lambda: vp(x.clone().requires_grad_(rank == 0), w[lo:hi], target)
+    )
+    out["error: weight requires grad on the last rank only"] = _capture(
+        lambda: vp(x, w[lo:hi].clone().requires_grad_(last), target)
     )
     return out
 

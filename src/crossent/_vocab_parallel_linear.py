@@ -81,3 +81,43 @@ def grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Opt
         if need_b:
             db.add_(z.sum(0, dtype=acc))
     return dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype)
+
+
+def loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Optional[Tensor],
+                   vocab_start: int, ignore_index: int, label_smoothing: float, z_loss: float,
+                   softcap: Optional[float], num_classes: int, rows: int, combine,
+                   need: Tuple[bool, bool, bool]):  # fmt: skip
+    """Per-row loss and LSE, and (dX share, dW, db) for an upstream gradient of 1 on every row, in one pass.
+
+    For ``"mean"``/``"sum"`` the upstream gradient is the same number g for every row, known only in
+    backward; the gradient is linear in g, so it is formed here with g = 1 and scaled there: 3 matrix
+    products per chunk (logits, dX, dW) instead of 4. Each chunk's stats are combined over the ranks
+    (``combine``) before its gradient is formed, so every rank must use the same ``rows``.
+    dW/db are returned in the accumulation dtype (fp32 for 16-bit weights), dX in the input's dtype.
+    """
+    n = x.shape[0]
+    need_x, need_w, need_b = need
+    cdt = compute_dtype(x.dtype)
+    loss, lse = torch.empty(n, dtype=cdt, device=x.device), torch.empty(n, dtype=cdt, device=x.device)
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+    acc = compute_dtype(w.dtype)
+    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
+    db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+    one = torch.ones((), dtype=cdt, device=x.device)
+    for i in range(0, n, rows):
+        j = min(i + rows, n)
+        z = F.linear(x[i:j], w, b)
+        t = target[i:j]
+        st = combine(torch_rows.shard_stats(z, t, weight, vocab_start, label_smoothing != 0.0, softcap))
+        lse[i:j] = st.lse()
+        loss[i:j] = torch_rows.index_loss(lse[i:j], st.target_logit, st.dot, t, weight, ignore_index,
+                                          label_smoothing, z_loss, num_classes)  # fmt: skip
+        torch_rows.shard_backward(z, t, weight, vocab_start, lse[i:j], one, ignore_index, label_smoothing,
+                                  z_loss, softcap, num_classes, z)  # fmt: skip
+        if need_x:
+            torch.mm(z, w, out=dx[i:j])
+        if need_w:
+            dw.addmm_(z.t().to(acc), x[i:j].to(acc))
+        if need_b:
+            db.add_(z.sum(0, dtype=acc))
+    return loss, lse, (dx, dw, db)

@@ -166,7 +166,7 @@ def _raise_everywhere(fn: str, local_error: Optional[Exception], table, group):
 def _global_error(table, ignore_index: int) -> Tuple[Optional[str], Optional[List[int]], int]:
     """(message or None, shard starts, C) from the gathered table. Pure: the same on every rank."""
     for col, what in ((_OPTIONS, "options (reduction, ignore_index, label_smoothing, z_loss, softcap; whether "
-                                 "weight or linear_bias is given and whether input requires grad)"),
+                                 "weight or linear_bias is given; which of input, linear_weight, linear_bias require grad; chunk_size)"),
                       (_DTYPES, "dtypes"), (_SHAPES, "shapes (other than the vocabulary dim)"),
                       (_ROWS, "number of positions")):  # fmt: skip
         if len({r[col] for r in table}) > 1:
@@ -193,11 +193,12 @@ def _global_error(table, ignore_index: int) -> Tuple[Optional[str], Optional[Lis
     return None, starts, num_classes
 
 
-def _agree(fn: str, group, device, ignore_index, check_and_describe) -> Tuple[int, int]:
+def _agree(fn: str, group, device, ignore_index, check_and_describe) -> Tuple[int, int, int]:
     """Run this rank's checks, exchange metadata, raise on every rank if anything is wrong.
 
     ``check_and_describe()`` raises TypeError/ValueError for a bad local argument, else returns the
-    keyword arguments of :func:`_local_meta`. Returns ``(vocab_start, C)`` for this rank.
+    keyword arguments of :func:`_local_meta`. Returns this rank's ``vocab_start``, ``C`` and the
+    largest shard size (for a chunking that is the same on every rank).
     """
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{fn} needs an initialized torch.distributed process group (init_process_group)")
@@ -211,7 +212,7 @@ def _agree(fn: str, group, device, ignore_index, check_and_describe) -> Tuple[in
     message, starts, num_classes = _global_error(table, ignore_index)
     if message is not None:
         raise ValueError(f"{fn}: {message}")
-    return starts[dist.get_rank(group)], num_classes
+    return starts[dist.get_rank(group)], num_classes, max(r[_VSIZE] for r in table)
 
 
 def _check_index_target(target, batch_shape, device) -> None:
@@ -349,7 +350,7 @@ def vocab_parallel_cross_entropy(
                     shapes=tuple(logits.shape[:-1]), dtypes=(str(logits.dtype), str(target.dtype)),
                     options=_option_key(opts_box[0], weight), weight=weight, target=target)  # fmt: skip
 
-    start, num_classes = _agree(fn, group, _device_of(logits), ignore_index, check_and_describe)
+    start, num_classes, _ = _agree(fn, group, _device_of(logits), ignore_index, check_and_describe)
     opts = opts_box[0]
     shard = Shard(start, logits.shape[-1], num_classes)
     loss = VocabParallelRows.apply(logits, target, weight, shard, opts, all_reduce_stats(group))
@@ -387,14 +388,18 @@ def vocab_parallel_linear_cross_entropy(
     Equals single-process ``crossent.cross_entropy(F.linear(input, W_full, b_full), target, ...)``
     (class dim last) where ``W_full`` stacks every rank's ``linear_weight`` in vocabulary order. The
     N × V_local logits are never held: each rank works through its rows in token chunks of
-    ``chunk_size`` rows (default ``2^24 // V_local`` on CPU), recomputing each chunk's logits in
-    backward (4 matrix products per chunk: 8·N·D·V_local FLOPs per rank per step).
+    ``chunk_size`` rows (default ``2^24 // max_r V_r`` on CPU, the same on every rank). With
+    ``"mean"``/``"sum"`` the gradients are formed during the forward pass (3 matrix products per chunk,
+    6·N·D·V_local FLOPs per rank per step; the stats are combined per chunk, same bytes in total) and
+    scaled by the upstream gradient in backward; with ``"none"`` backward recomputes each chunk's
+    logits (4 products, 8·N·D·V_local FLOPs).
 
     Gradients: ``input`` gets the FULL gradient on every rank (each rank's share ``G_r W_r`` summed by
     one all-reduce); ``linear_weight`` and ``linear_bias`` get this rank's rows, no communication.
 
     Communication per step: the metadata all-gather, N + 2N (3N with label smoothing) elements of fp32
-    (fp64 for fp64 input) in forward, and N·D elements of the input's dtype in backward (when
+    (fp64 for fp64 input) in forward (in one max and one sum all-reduce per token chunk for
+    ``"mean"``/``"sum"``, once for ``"none"``), and N·D elements of the input's dtype in backward (when
     ``input`` requires grad) — against N·V for gathering the logits. See ``docs/distributed.md``.
 
     Args:
@@ -431,18 +436,21 @@ def vocab_parallel_linear_cross_entropy(
         _check_index_target(target, input.shape[:-1], input.device)
         _check_vocab_start(vocab_start)
         _check_full_weight(weight, input.device)
-        grads_on = torch.is_grad_enabled() and input.requires_grad  # dX's all-reduce: all ranks or none
+        # what needs a gradient decides the collectives (per-chunk combines, dX's all-reduce): all ranks alike
+        grads_on = torch.is_grad_enabled() and tuple(
+            t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
+        )
         return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=target.numel(),
                     shapes=tuple(input.shape), dtypes=(str(input.dtype), str(target.dtype)),
-                    options=(_option_key(opts_box[0], weight), linear_bias is None, grads_on),
+                    options=(_option_key(opts_box[0], weight), linear_bias is None, grads_on, chunk_size),
                     weight=weight, target=target)  # fmt: skip
 
-    start, num_classes = _agree(fn, group, _device_of(input), ignore_index, check_and_describe)
+    start, num_classes, widest = _agree(fn, group, _device_of(input), ignore_index, check_and_describe)
     opts = opts_box[0]
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1)
     shard = Shard(start, linear_weight.shape[0], num_classes)
-    rows = chunk_rows(x.shape[0], shard.size, x.device, chunk_size)
+    rows = chunk_rows(x.shape[0], widest, x.device, chunk_size)  # the same on every rank
     loss = VocabParallelLinearRows.apply(
         x, linear_weight, linear_bias, t, weight, shard, opts, rows, all_reduce_stats(group), all_reduce_sum(group)
     )
