@@ -35,12 +35,7 @@ class VocabParallelRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, shard: Shard, opts: CrossEntropyOptions, combine: Combine):
         local = torch_rows.shard_stats(logits, target, weight, shard.start, opts.label_smoothing != 0.0, opts.softcap)
-        stats = combine(local)
-        lse = stats.lse()
-        loss = torch_rows.index_loss(
-            lse, stats.target_logit, stats.dot, target, weight,
-            opts.ignore_index, opts.label_smoothing, opts.z_loss, shard.num_classes,
-        )  # fmt: skip
+        loss, lse = _combined_loss(local, combine, target, weight, shard, opts)
         ctx.save_for_backward(logits, target, weight, lse)
         ctx.shard, ctx.opts = shard, opts
         return loss
@@ -84,12 +79,7 @@ class VocabParallelLinearRows(torch.autograd.Function):
         else:
             local = linear_chunks.stats(x, w, b, target, weight, shard.start, opts.label_smoothing != 0.0,
                                         opts.softcap, rows)  # fmt: skip
-            stats = combine(local)
-            lse = stats.lse()
-            loss = torch_rows.index_loss(
-                lse, stats.target_logit, stats.dot, target, weight,
-                opts.ignore_index, opts.label_smoothing, opts.z_loss, shard.num_classes,
-            )  # fmt: skip
+            loss, lse = _combined_loss(local, combine, target, weight, shard, opts)
         ctx.save_for_backward(x, w, b, target, weight, lse)
         ctx.shard, ctx.opts, ctx.rows, ctx.reduce_input_grad = shard, opts, rows, reduce_input_grad
         return loss
@@ -114,6 +104,15 @@ class VocabParallelLinearRows(torch.autograd.Function):
         if dx is not None:
             dx = ctx.reduce_input_grad(dx)
         return dx, dw, db, None, None, None, None, None, None, None
+
+
+def _combined_loss(local, combine, target, weight, shard, opts):
+    """This rank's stats → all ranks' stats (``combine``) → (per-row loss, global LSE)."""
+    stats = combine(local)
+    lse = stats.lse()
+    loss = torch_rows.index_loss(lse, stats.target_logit, stats.dot, target, weight, opts.ignore_index,
+                                 opts.label_smoothing, opts.z_loss, shard.num_classes)  # fmt: skip
+    return loss, lse
 
 
 def _uniform(grad: torch.Tensor) -> bool:

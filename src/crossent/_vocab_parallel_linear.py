@@ -63,23 +63,15 @@ def grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, weight: Opt
     N rows rounded to 8 bits of mantissa per chunk would lose the small updates), in place otherwise.
     """
     n = x.shape[0]
-    need_x, need_w, need_b = need
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    acc = compute_dtype(w.dtype)
-    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-    db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+    acc = _Accumulators(x, w, b, need)
     g = grad_loss.expand(lse.shape)
     for i in range(0, n, rows):
         j = min(i + rows, n)
         z = F.linear(x[i:j], w, b)
         torch_rows.shard_backward(z, target[i:j], weight, vocab_start, lse[i:j], g[i:j], ignore_index,
                                   label_smoothing, z_loss, softcap, num_classes, z)  # fmt: skip
-        if need_x:
-            torch.mm(z, w, out=dx[i:j])
-        if need_w:
-            dw.addmm_(z.t().to(acc), x[i:j].to(acc))
-        if need_b:
-            db.add_(z.sum(0, dtype=acc))
+        acc.add(z, x, w, i, j)
+    dx, dw, db = acc.grads
     return dx, None if dw is None else dw.to(w.dtype), None if db is None else db.to(b.dtype)
 
 
@@ -96,13 +88,9 @@ def loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, we
     dW/db are returned in the accumulation dtype (fp32 for 16-bit weights), dX in the input's dtype.
     """
     n = x.shape[0]
-    need_x, need_w, need_b = need
     cdt = compute_dtype(x.dtype)
     loss, lse = torch.empty(n, dtype=cdt, device=x.device), torch.empty(n, dtype=cdt, device=x.device)
-    dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-    acc = compute_dtype(w.dtype)
-    dw = torch.zeros(w.shape, dtype=acc, device=w.device) if need_w else None
-    db = torch.zeros(b.shape, dtype=acc, device=b.device) if need_b else None
+    acc = _Accumulators(x, w, b, need)
     one = torch.ones((), dtype=cdt, device=x.device)
     for i in range(0, n, rows):
         j = min(i + rows, n)
@@ -114,10 +102,26 @@ def loss_and_grads(x: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, we
                                           label_smoothing, z_loss, num_classes)  # fmt: skip
         torch_rows.shard_backward(z, t, weight, vocab_start, lse[i:j], one, ignore_index, label_smoothing,
                                   z_loss, softcap, num_classes, z)  # fmt: skip
-        if need_x:
-            torch.mm(z, w, out=dx[i:j])
-        if need_w:
-            dw.addmm_(z.t().to(acc), x[i:j].to(acc))
-        if need_b:
-            db.add_(z.sum(0, dtype=acc))
-    return loss, lse, (dx, dw, db)
+        acc.add(z, x, w, i, j)
+    return loss, lse, acc.grads
+
+
+class _Accumulators:
+    """dX (input dtype, one block of rows per chunk), dW and db (summed over chunks, in ``acc`` dtype)."""
+
+    def __init__(self, x, w, b, need):
+        self.acc = compute_dtype(w.dtype)
+        dx = torch.empty_like(x, memory_format=torch.contiguous_format) if need[0] else None
+        dw = torch.zeros(w.shape, dtype=self.acc, device=w.device) if need[1] else None
+        db = torch.zeros(b.shape, dtype=self.acc, device=b.device) if need[2] else None
+        self.grads = (dx, dw, db)
+
+    def add(self, grad_logits, x, w, i, j):
+        """Add the chunk of rows [i, j), whose logits' gradient is ``grad_logits`` (rows × V_local)."""
+        dx, dw, db = self.grads
+        if dx is not None:
+            torch.mm(grad_logits, w, out=dx[i:j])  # this rank's share of dX for these rows
+        if dw is not None:
+            dw.addmm_(grad_logits.t().to(self.acc), x[i:j].to(self.acc))
+        if db is not None:
+            db.add_(grad_logits.sum(0, dtype=self.acc))
