@@ -63,3 +63,35 @@ def _check_real(name, value, expected, ok):
         raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}")
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+AccumulateDtype = Literal["float32", "weight"]
+_ACCUMULATE = ("float32", "weight")
+
+
+@dataclass(frozen=True)
+class LinearCrossEntropyOptions:
+    """Everything about a :func:`crossent.linear_cross_entropy` call that is not a tensor.
+
+    ``loss`` holds the cross-entropy options; the rest choose the chunking (``chunk_size`` token rows per
+    block; ``memory_budget`` bytes of scratch) and where dW is summed across blocks (``"float32"``, or
+    ``"weight"``: in the weight's own dtype). Building one validates it.
+    """
+
+    loss: CrossEntropyOptions = CrossEntropyOptions()
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.loss, CrossEntropyOptions):
+            raise TypeError(f"loss must be a CrossEntropyOptions, got {type(self.loss).__name__}")
+        if self.loss.inplace_backward:
+            raise ValueError("inplace_backward does not apply to linear_cross_entropy (its logits are never stored)")
+        for name in ("chunk_size", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if value <= 0:
+                    raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
+        _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)

@@ -7,12 +7,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from crossent._autograd import CrossEntropyRows
+from crossent._autograd import CrossEntropyRows, LinearCrossEntropyFused, LinearCrossEntropyRecompute
 from crossent._checks import check_logits, check_weight, target_kind
 from crossent._dispatch import resolve_impl
-from crossent._options import CrossEntropyOptions, Impl, Reduction
+from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
+from crossent.kernels.linear_chunks import plan_chunks
+from crossent.kernels.torch_rows import compute_dtype
 
-__all__ = ["cross_entropy"]
+__all__ = ["cross_entropy", "linear_cross_entropy"]
 
 
 def cross_entropy(
@@ -121,10 +123,175 @@ def _reduce(loss: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, o
         return total
     if kind == "probs":
         return total / max(loss.numel(), 1)
-    valid = target != opts.ignore_index
-    if weight is None:
-        denom = valid.sum().to(loss.dtype)
-    else:
-        w = weight.detach().to(loss.dtype)
-        denom = torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0).sum()
+    denom = _index_mean_denominator(target, weight, opts.ignore_index, loss.dtype)
     return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
+
+
+def _index_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """PyTorch's weighted-mean denominator for class indices: ``Σ_i w_{t_i}`` over non-ignored positions."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    w = weight.detach().to(dtype)
+    return torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0).sum()
+
+
+def linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    weight: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    accumulate_dtype: AccumulateDtype = "float32",
+    impl: Impl = "auto",
+) -> Tensor:
+    r"""Cross-entropy of a linear layer's output, ``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``,
+    without ever holding the (N, V) logits, probabilities or their gradient.
+
+    The same loss, options and semantics as :func:`cross_entropy` with class-index targets (class dim last):
+    with ``Z = X Wᵀ + b`` (N tokens, V classes), ``lse_i = log Σ_c exp(Z_ic)``, the NLL term is
+    ``w_t (1 − ε)(lse_i − Z_it)``, plus smoothing ``(ε / V) Σ_c w_c (lse_i − Z_ic)`` and z-loss ``s w_t lse_i²``;
+    ``softcap`` caps Z first. Gradients (``G = ∂loss/∂Z``): ``dX = G W``, ``dW = Gᵀ X``, ``db = Σ_i G_i``.
+
+    How: the tokens are cut into blocks of ``rows``, and the vocabulary into pieces of ``cols`` when one block
+    of full rows would not fit the budget. Per block: logits ``X_blk W_pᵀ`` into one scratch buffer, the loss,
+    the gradient in place (a softmax and O(rows) factors), then ``dX_blk += G W_p``, ``dW_p += Gᵀ X_blk``.
+    With ``"mean"``/``"sum"`` the gradients are formed during forward (3 products per block: the
+    6·N·D·V FLOP floor) and scaled by grad_output in backward; with ``"none"`` forward keeps the per-row
+    lse and backward recomputes the logits (4 products). A vocabulary split adds one logits product.
+
+    Memory: peak extra (beyond the inputs, the loss and the returned gradients dX (N, D), dW (V, D),
+    db (V,)) is the block scratch ``rows · cols · (s_c + s_16) + 3 · rows · D · s_c`` (s_c = 4 bytes, 8 for
+    float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``,
+    the fp32 sum of dW (V · D · 4 bytes), plus O(N + V). ``memory_budget`` bounds the block scratch; the
+    default is 128 MiB on the CPU and 1 GiB on CUDA (``linear_chunks.DEFAULT_MEMORY_BUDGET``).
+
+    Args:
+        input: (..., D) floating, CPU or CUDA.
+        linear_weight: (V, D), the input's dtype and device.
+        target: (...) = ``input.shape[:-1]``, integer class indices in [0, V) or ``ignore_index``.
+        linear_bias: None or (V,), the input's dtype and device.
+        weight: None or (V,) floating class weights (no gradient flows to them).
+        ignore_index, reduction, label_smoothing, z_loss, softcap: as in :func:`cross_entropy`.
+        chunk_size: token rows per block (default: from the budget); with ``memory_budget`` as well,
+            the budget then sets the vocabulary pieces.
+        memory_budget: bytes of block scratch (default above); below one row's scratch is an error.
+        accumulate_dtype: ``"float32"`` sums dW across blocks in fp32 (fp64 for fp64) and casts once;
+            ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
+        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (the block's elementwise step; torch ops for now).
+
+    Returns:
+        Tensor: () for ``"mean"``/``"sum"``, ``target.shape`` for ``"none"``; float32 for 16-bit and float32
+        input, float64 for float64. Gradients come back in each parameter's dtype.
+
+    Raises:
+        TypeError: non-tensor arguments, non-floating input, dtypes that differ between input, weight, bias.
+        ValueError: D of input and weight differ, target shape is not ``input.shape[:-1]``, bias not (V,),
+            class index out of range (CPU), chunk_size ≤ 0, memory_budget too small for one row, bad options.
+
+    Example:
+        >>> import torch, crossent
+        >>> x = torch.zeros(3, 4, requires_grad=True)
+        >>> w = torch.randn(5, 4, requires_grad=True)
+        >>> loss = crossent.linear_cross_entropy(x, w, torch.tensor([0, 2, 4]))
+        >>> round(loss.item(), 6)  # zero input: uniform logits, log 5
+        1.609438
+        >>> loss.backward()
+        >>> bool(torch.allclose(x.grad[0], (w.detach().mean(0) - w.detach()[0]) / 3))  # (p − onehot) W / N
+        True
+    """
+    opts = LinearCrossEntropyOptions(
+        loss=CrossEntropyOptions(
+            ignore_index=ignore_index,
+            reduction=reduction,
+            label_smoothing=label_smoothing,
+            z_loss=z_loss,
+            softcap=softcap,
+            impl=impl,
+        ),
+        chunk_size=chunk_size,
+        memory_budget=memory_budget,
+        accumulate_dtype=accumulate_dtype,
+    )
+    return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias, weight, opts)
+
+
+def linear_cross_entropy_with_options(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    opts: LinearCrossEntropyOptions,
+) -> Tensor:
+    """:func:`linear_cross_entropy` with validated options (the module form builds them once)."""
+    _check_linear(input, linear_weight, target, linear_bias)
+    vocab, dim = linear_weight.shape
+    check_weight(weight, vocab, input)
+    impl = resolve_impl(opts.loss.impl, input.device)
+    x = input.reshape(-1, dim)
+    t = target.reshape(-1)
+    if t.dtype != torch.int64:
+        t = t.long()
+    plan = plan_chunks(x.shape[0], dim, vocab, input.dtype, input.device, opts.chunk_size, opts.memory_budget)
+    if opts.loss.reduction == "none":
+        loss = LinearCrossEntropyRecompute.apply(x, linear_weight, linear_bias, t, weight, opts, plan, impl)
+        return loss.reshape(target.shape)
+    grad_on = torch.is_grad_enabled()
+    needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias))
+    row_scale = _reduction_row_scale(t, weight, opts.loss, compute_dtype(input.dtype))
+    return LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, opts, plan, impl, needs)
+
+
+def _reduction_row_scale(target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions, dtype) -> Tensor:
+    """``∂(reduced loss)/∂loss_i``, the same for every row: 1 for ``"sum"``, ``1 / Σ_i w_{t_i}`` for ``"mean"``
+    (0 when that sum is 0, as :func:`_reduce`). A 0-d tensor: no host sync."""
+    if opts.reduction == "sum":
+        return torch.ones((), dtype=dtype, device=target.device)
+    denom = _index_mean_denominator(target, weight, opts.ignore_index, dtype)
+    return torch.where(denom == 0, 0.0, 1.0 / torch.where(denom == 0, 1.0, denom))
+
+
+def _check_linear(input, linear_weight, target, linear_bias) -> None:
+    """Shapes, dtypes and devices of the linear CE's tensors, before any work."""
+    check_logits("input", input)
+    for name, t in (("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
+        raise TypeError(f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be (V, D), got shape {tuple(linear_weight.shape)}")
+    vocab, dim = linear_weight.shape
+    if input.shape[-1] != dim:
+        raise ValueError(
+            f"input's last dim ({input.shape[-1]}, shape {tuple(input.shape)}) must equal linear_weight's D "
+            f"({dim}, shape {tuple(linear_weight.shape)})"
+        )
+    if vocab == 0:
+        raise ValueError("linear_weight has no rows (V = 0): there are no classes")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if linear_bias is not None and linear_bias.shape != (vocab,):
+        raise ValueError(f"linear_bias must have shape ({vocab},) (one per class), got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")

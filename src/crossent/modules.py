@@ -7,10 +7,10 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from crossent._options import CrossEntropyOptions, Impl, Reduction
-from crossent.functional import cross_entropy_with_options
+from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
+from crossent.functional import cross_entropy_with_options, linear_cross_entropy_with_options
 
-__all__ = ["CrossEntropyLoss"]
+__all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
 
 
 class CrossEntropyLoss(nn.Module):
@@ -59,4 +59,64 @@ class CrossEntropyLoss(nn.Module):
         return (
             f"ignore_index={o.ignore_index}, reduction={o.reduction!r}, label_smoothing={o.label_smoothing}, "
             f"z_loss={o.z_loss}, softcap={o.softcap}, impl={o.impl!r}"
+        )
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Module form of :func:`crossent.linear_cross_entropy`: ``loss_fn(input, linear_weight, target, linear_bias)``.
+
+    Holds the options only (the linear layer's parameters stay with the model, e.g. its output
+    embedding); ``weight`` (class weights) is a buffer, as in :class:`CrossEntropyLoss`. Every argument
+    has the meaning it has in :func:`crossent.linear_cross_entropy`.
+
+    Example:
+        >>> import torch, crossent
+        >>> head = torch.nn.Linear(16, 50, bias=False)
+        >>> loss_fn = crossent.LinearCrossEntropyLoss(label_smoothing=0.1, chunk_size=4)
+        >>> loss_fn(torch.randn(2, 5, 16), head.weight, torch.randint(0, 50, (2, 5))).shape
+        torch.Size([])
+    """
+
+    def __init__(
+        self,
+        weight: Optional[Tensor] = None,
+        ignore_index: int = -100,
+        reduction: Reduction = "mean",
+        label_smoothing: float = 0.0,
+        z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        chunk_size: Optional[int] = None,
+        memory_budget: Optional[int] = None,
+        accumulate_dtype: AccumulateDtype = "float32",
+        impl: Impl = "auto",
+    ):
+        super().__init__()
+        if weight is not None and not isinstance(weight, torch.Tensor):
+            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+        self.register_buffer("weight", weight)
+        self.options = LinearCrossEntropyOptions(
+            loss=CrossEntropyOptions(
+                ignore_index=ignore_index,
+                reduction=reduction,
+                label_smoothing=label_smoothing,
+                z_loss=z_loss,
+                softcap=softcap,
+                impl=impl,
+            ),
+            chunk_size=chunk_size,
+            memory_budget=memory_budget,
+            accumulate_dtype=accumulate_dtype,
+        )
+
+    def forward(
+        self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None
+    ) -> Tensor:
+        return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias, self.weight, self.options)
+
+    def extra_repr(self) -> str:
+        o, lo = self.options, self.options.loss
+        return (
+            f"ignore_index={lo.ignore_index}, reduction={lo.reduction!r}, label_smoothing={lo.label_smoothing}, "
+            f"z_loss={lo.z_loss}, softcap={lo.softcap}, chunk_size={o.chunk_size}, "
+            f"memory_budget={o.memory_budget}, accumulate_dtype={o.accumulate_dtype!r}, impl={lo.impl!r}"
         )
