@@ -58,13 +58,22 @@ def logsumexp(z, axis=-1):
 
 
 def log_softmax(z, axis=-1):
-    """``z − lse(z)`` along ``axis``.
+    """``z − lse(z)`` along ``axis``, formed as ``(z − m) − log Σ exp(z − m)``.
+
+    That order keeps every digit: ``z − m`` is exact near the max, while ``z − lse`` would first round
+    ``lse = m + log Σ`` at |m| (at |z| ~ 1e38 the ``log Σ`` would vanish altogether).
 
     >>> log_softmax(np.zeros(4)).round(6).tolist()  # uniform: log(1/4)
     [-1.386294, -1.386294, -1.386294, -1.386294]
+    >>> bool(log_softmax(np.array([1e38, -1e38, 1e38]))[0] == -np.log(2))
+    True
     """
     z = np.asarray(z, dtype=np.float64)
-    return z - np.expand_dims(logsumexp(z, axis=axis), axis)
+    m = np.max(z, axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    shifted = z - m
+    with np.errstate(divide="ignore"):
+        return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 def softmax(z, axis=-1):
@@ -144,7 +153,7 @@ def cross_entropy(
     rows = _Rows(logits, target, weight, ignore_index, label_smoothing, softcap)
     lse = logsumexp(rows.z)
     with np.errstate(invalid="ignore"):  # u_c = 0 where z_c = −inf: the term is 0, not nan
-        nll = np.sum(np.where(rows.u != 0, rows.u * (lse[:, None] - rows.z), 0.0), axis=1)
+        nll = -np.sum(np.where(rows.u != 0, rows.u * log_softmax(rows.z), 0.0), axis=1)
     loss = np.where(rows.valid, nll + z_loss * rows.omega * lse**2, 0.0)
     if reduction == "none":
         return loss.reshape(rows.batch_shape)
@@ -182,7 +191,7 @@ def cross_entropy_grad(
     """
     rows = _Rows(logits, target, weight, ignore_index, label_smoothing, softcap)
     lse = logsumexp(rows.z)
-    p = np.exp(rows.z - lse[:, None])
+    p = np.exp(log_softmax(rows.z))
     grad = (rows.u.sum(axis=1) + 2 * z_loss * rows.omega * lse)[:, None] * p - rows.u
     grad = np.where(rows.valid[:, None], grad, 0.0) * rows.chain
     scale = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), rows.batch_shape).reshape(-1)

@@ -45,7 +45,7 @@ def forward(
     z_loss: float,
     softcap: Optional[float],
 ) -> Tuple[Tensor, Tensor]:
-    """Per-position loss and log-sum-exp, both ``logits.shape[:-1]`` in the compute dtype."""
+    """Per-position loss (compute dtype) and log-sum-exp (float64), both ``logits.shape[:-1]``."""
     if target.is_floating_point():
         return _probs_forward(logits, target, weight, label_smoothing, z_loss, softcap)
     stats = shard_stats(logits, target, weight, 0, label_smoothing != 0.0, softcap)
@@ -105,8 +105,12 @@ class RowStats(NamedTuple):
     dot: Optional[Tensor]
 
     def lse(self) -> Tensor:
-        """``max + log sumexp``: the log-sum-exp over the columns these stats cover."""
-        return self.sumexp.log().add_(self.max)
+        """``max + log sumexp`` in float64: the log-sum-exp over the columns these stats cover.
+
+        float64 because fp32 would round it at |lse| (a 1e-5 error at lse ≈ 300), and ``lse − z_t``
+        and ``exp(z − lse)`` would inherit that error; per-row float64 costs O(N).
+        """
+        return self.sumexp.double().log_().add_(self.max.double())
 
 
 def combine_stats(parts: Sequence[RowStats]) -> RowStats:
@@ -162,16 +166,19 @@ def index_loss(
 ) -> Tensor:
     """The per-position loss from the row's lse, target logit and (with smoothing) ``Σ_c w_c z_c``.
 
-    Ignored positions give 0; a class index outside [0, C) gives NaN.
+    Computed in float64 (O(N) work; ``lse − z_t`` keeps its digits when |lse| is large) and returned
+    in the target logit's dtype. Ignored positions give 0; a class index outside [0, C) gives NaN.
     """
     eps = label_smoothing
+    out_dtype = target_logit.dtype
+    lse, target_logit = lse.double(), target_logit.double()
     valid, t_safe, bad = _index_masks(target, ignore_index, num_classes)
     omega = torch.where(valid, _weight_at(weight, t_safe, lse), 0.0)
     loss = omega * ((1.0 - eps) * (lse - target_logit) + z_loss * lse * lse)
     if eps:
-        total_weight = num_classes if weight is None else weight.to(lse.dtype).sum()
-        loss = loss + (eps / num_classes) * (total_weight * lse - dot)
-    return torch.where(valid, loss, 0.0).masked_fill_(bad, math.nan)
+        total_weight = num_classes if weight is None else weight.double().sum()
+        loss = loss + (eps / num_classes) * (total_weight * lse - dot.double())
+    return torch.where(valid, loss, 0.0).masked_fill_(bad, math.nan).to(out_dtype)
 
 
 def shard_backward(
@@ -196,15 +203,15 @@ def shard_backward(
     z3, t3, _ = _as_3d(logits, target)
     out3 = out.view(z3.shape)
     cdt = compute_dtype(logits.dtype)
-    rows = _IndexGradRows(t3, weight, vocab_start, z3.shape[-1], num_classes, ignore_index,
-                          label_smoothing, z_loss, _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape))  # fmt: skip
+    rows = _IndexGradRows(t3, weight, vocab_start, z3.shape[-1], num_classes, ignore_index, label_smoothing,
+                          z_loss, _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape), cdt)  # fmt: skip
     w_shard = _shard_weight(weight, vocab_start, z3.shape[-1], cdt)
     direct = out.dtype == cdt  # compute straight into out's chunk: no scratch, no copy
     for idx, x, scratch in _chunks(z3, cdt, 1 if softcap else 0, scratch_for_x=not direct):
         x = out3[idx] if direct else x
         chain = scratch[0] if softcap else None
         src = _capped(x, z3[idx], softcap, chain_out=chain)
-        torch.sub(src, rows.shift[idx].unsqueeze(-1), out=x).exp_()
+        rows.shift.subtract_from(src, idx, out=x).exp_()
         if rows.sign is not None:
             x.mul_(rows.sign[idx].unsqueeze(-1))
         x.scatter_add_(-1, rows.t_local[idx].unsqueeze(-1), rows.at_target[idx].unsqueeze(-1))
@@ -222,20 +229,43 @@ def shard_backward(
 class _IndexGradRows:
     """Per-position constants of the class-index gradient, computed once over all rows (O(N))."""
 
-    def __init__(self, t3, weight, vocab_start, shard_size, num_classes, ignore_index, eps, z_loss, lse, g):
+    def __init__(self, t3, weight, vocab_start, shard_size, num_classes, ignore_index, eps, z_loss, lse, g, cdt):
         valid, t_safe, bad = _index_masks(t3, ignore_index, num_classes)
         local, self.t_local = _local_targets(t3, vocab_start, shard_size)
         g = torch.where(valid, g, 0.0)
         omega = torch.where(valid, _weight_at(weight, t_safe, g), 0.0)
-        total_weight = num_classes if weight is None else weight.to(g.dtype).sum()
+        total_weight = num_classes if weight is None else weight.double().sum()
         # a·p with a = g (ω (1 − ε + 2 s lse) + ε W / C) is computed as exp(z − (lse − log|a|))·sign(a):
-        # one pass instead of three. Ignored rows have a = 0, so shift = +inf and exactly 0 comes out.
-        a = g * (omega * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
-        self.shift = (lse - a.abs().log()).masked_fill_(bad, math.nan)  # out-of-range target: NaN row
-        self.sign = a.sign() if _maybe_negative(a) else None
+        # one exp pass instead of exp and multiply. Ignored rows have a = 0, so the shift is +inf and
+        # exactly 0 comes out. The shift is formed in float64 (lse is float64).
+        a = g.double() * (omega.double() * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
+        self.shift = Shift((lse - a.abs().log()).masked_fill_(bad, math.nan), cdt)  # out-of-range: NaN row
+        self.sign = a.sign().to(cdt) if _maybe_negative(a) else None
         # −g ω (1 − ε) at the target column, where the target lies in this shard (else add 0)
         self.at_target = torch.where(local, -(1.0 - eps) * g * omega, 0.0)
         self.smooth = (eps / num_classes) * g if eps else None  # the −ε w_c / C term, times g
+
+
+class Shift:
+    """A per-row float64 shift ``σ`` applied to fp32 logits as ``(z − hi) − lo`` with ``hi + lo = σ``.
+
+    One fp32 subtraction ``z − fp32(σ)`` would round σ at |σ| (≈ |lse|), an error that ``exp`` turns
+    into a relative error of |lse|·2⁻²⁴ in every probability; the two-term form rounds only relative
+    to the result ``z − σ``, as PyTorch's ``z − lse`` on exact log-probabilities does. For float64
+    logits ``lo`` is 0 and skipped.
+    """
+
+    def __init__(self, sigma: Tensor, cdt: torch.dtype):
+        self.hi = sigma.to(cdt)
+        # σ = +inf (ignored rows) has hi = inf and lo = 0, not inf − inf
+        self.lo = None if cdt == torch.float64 else torch.where(sigma.isinf(), 0.0, sigma - self.hi.double()).to(cdt)
+
+    def subtract_from(self, src: Tensor, idx, out: Tensor) -> Tensor:
+        """``out ← src − σ`` for the rows ``idx`` (broadcast over the class dim)."""
+        torch.sub(src, self.hi[idx].unsqueeze(-1), out=out)
+        if self.lo is not None:
+            out.sub_(self.lo[idx].unsqueeze(-1))
+        return out
 
 
 def _index_masks(t, ignore_index, num_classes):
@@ -294,14 +324,16 @@ def _probs_forward(logits, target, weight, eps, z_loss, softcap):
         omega[idx] = _weighted_targets(u, y3[idx], w, eps)
         total[idx] = u.sum(-1)
         src = _capped(x, z3[idx], softcap)
-        dot[idx] = torch.mul(u, src, out=uz).nansum(-1)  # drops exactly the 0·(−inf) terms
         m = src.amax(-1).clamp_(min=lowest)
         row_max[idx] = m
-        torch.sub(src, m.unsqueeze(-1), out=x).exp_()
-        sumexp[idx] = x.sum(-1)
-    lse = sumexp.log_().add_(row_max)
-    loss = total * lse - dot + z_loss * omega * lse * lse  # NaN logits reach lse, so NaN propagates
-    return loss.reshape(shape), lse.reshape(shape)
+        torch.sub(src, m.unsqueeze(-1), out=x)
+        dot[idx] = torch.mul(u, x, out=uz).nansum(-1)  # Σ u (z − m); nansum drops exactly the 0·(−inf) terms
+        sumexp[idx] = x.exp_().sum(-1)
+    # loss = U lse − Σ u z + s ω lse² = U log s − Σ u (z − m) + s ω lse², in float64 per row
+    log_s = sumexp.double().log_()
+    lse = log_s + row_max.double()
+    loss = total.double() * log_s - dot.double() + z_loss * omega.double() * lse * lse  # NaN logits reach lse
+    return loss.to(cdt).reshape(shape), lse.reshape(shape)
 
 
 def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap, out):
@@ -310,6 +342,7 @@ def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap
     cdt = compute_dtype(logits.dtype)
     w = _shard_weight(weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
+    shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
     direct = out.dtype == cdt
     for idx, x, scratch in _chunks(z3, cdt, 2, scratch_for_x=not direct):
         x = out3[idx] if direct else x
@@ -317,7 +350,7 @@ def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap
         omega = _weighted_targets(u, y3[idx], w, eps)
         src = _capped(x, z3[idx], softcap, chain_out=chain if softcap else None)
         lse_i, g_i = lse3[idx], g3[idx]
-        torch.sub(src, lse_i.unsqueeze(-1), out=x).exp_()  # p
+        shift.subtract_from(src, idx, out=x).exp_()  # p
         x.mul_((g_i * (u.sum(-1) + 2.0 * z_loss * omega * lse_i)).unsqueeze(-1))
         x.addcmul_(u, g_i.unsqueeze(-1), value=-1.0)
         if softcap:
@@ -342,9 +375,10 @@ def probs_target_grad(
     cdt = compute_dtype(logits.dtype)
     w = _shard_weight(weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
+    shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
     for idx, x, _ in _chunks(z3, cdt, 0):
         src = _capped(x, z3[idx], softcap)
-        torch.sub(src, lse3[idx].unsqueeze(-1), out=x).mul_(-(1.0 - label_smoothing))  # −(1 − ε) log p
+        shift.subtract_from(src, idx, out=x).mul_(-(1.0 - label_smoothing))  # −(1 − ε) log p
         x.add_((z_loss * lse3[idx] * lse3[idx]).unsqueeze(-1))
         if w is not None:
             x.mul_(w)
