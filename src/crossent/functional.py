@@ -45,7 +45,7 @@ def cross_entropy(
     Differences from PyTorch, on purpose: a ``"mean"`` over zero total weight (e.g. every target ignored)
     is 0 with a zero gradient, not NaN; for float16/bfloat16 input the loss is float32 (gradients stay in
     the input's dtype). Only O(N) is saved for backward: the input itself (no copy), the target and one
-    fp32 log-sum-exp per position, instead of the N×C log-probabilities.
+    log-sum-exp per position (float64 on the torch path), instead of the N×C log-probabilities.
 
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ..., dK); any floating dtype, CPU or CUDA.
