@@ -21,8 +21,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import crossent
-from crossent import _vocab_parallel_linear as linear_chunks
 from crossent import distributed as cd
+from crossent.kernels import linear_chunks
 
 COLLECTIVE_TIMEOUT_S = 30
 C = 23  # global vocabulary: not a power of two, split unequally below
@@ -266,14 +266,16 @@ def make_linear(seed, batch, dtype, bias, **kw):
     return x, w, b, target, weight, upstream
 
 
-def compare_linear(rank, world, x, w, b, target, weight, upstream, grads=(True, True, True), chunk_size=5, **opts):
+def compare_linear(rank, world, x, w, b, target, weight, upstream, grads=(True, True, True), chunk_size=5,
+                   memory_budget=None, accumulate_dtype="float32", **opts):  # fmt: skip
     """Loss, dX (full), this rank's dW and db rows vs crossent.cross_entropy(F.linear(x, W, b)) on one process."""
     lo, hi = my_range(rank, world)
     red = opts.get("reduction", "mean")
+    chunking = dict(chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype)
     leaves = [x.clone().requires_grad_(grads[0]), w[lo:hi].clone().requires_grad_(grads[1]),
               None if b is None else b[lo:hi].clone().requires_grad_(grads[2])]  # fmt: skip
     loss = cd.vocab_parallel_linear_cross_entropy(
-        leaves[0], leaves[1], target, linear_bias=leaves[2], weight=weight, chunk_size=chunk_size, **opts
+        leaves[0], leaves[1], target, linear_bias=leaves[2], weight=weight, **chunking, **opts
     )
     _backward(loss, upstream, red)
     ref = [x.clone().requires_grad_(grads[0]), w.clone().requires_grad_(grads[1]),
@@ -320,14 +322,24 @@ def linear_job(rank, world):
     out["default chunk_size"] = compare_linear(rank, world, *data, chunk_size=None, reduction="sum")
     out["only W requires grad"] = compare_linear(rank, world, *data, grads=(False, True, False))
     out["only input requires grad"] = compare_linear(rank, world, *data, grads=(True, False, False))
-    # default chunking with unequal shards: every rank must take the same number of chunks (per-chunk combines)
-    saved = linear_chunks.CHUNK_ELEMENTS["cpu"]
-    linear_chunks.CHUNK_ELEMENTS["cpu"] = 64  # 64 // max V_local rows per chunk: several chunks
+    # default chunking with unequal shards and a tiny budget: several token blocks, planned from the widest
+    # shard so that every rank makes the same number of per-block combines (3 ranks: 7/11/5 would differ)
+    saved = dict(linear_chunks.DEFAULT_MEMORY_BUDGET), dict(linear_chunks.MIN_BLOCK_ROWS)
+    linear_chunks.DEFAULT_MEMORY_BUDGET["cpu"], linear_chunks.MIN_BLOCK_ROWS["cpu"] = 1400, 1
     try:
         data = make_linear(205, (21,), torch.float64, True, weighted=True)
-        out["default chunking, several chunks"] = compare_linear(rank, world, *data, chunk_size=None, label_smoothing=0.1)
+        out["default chunking, several blocks"] = compare_linear(rank, world, *data, chunk_size=None, label_smoothing=0.1)
     finally:
-        linear_chunks.CHUNK_ELEMENTS["cpu"] = saved
+        linear_chunks.DEFAULT_MEMORY_BUDGET.update(saved[0])
+        linear_chunks.MIN_BLOCK_ROWS.update(saved[1])
+    # blocks of 4 rows and 10 vocabulary columns: the widest shards split into pieces, the narrow ones not
+    data = make_linear(206, (13,), torch.float64, True, weighted=True)
+    for red in ("mean", "none"):
+        out[f"vocabulary pieces, {red}"] = compare_linear(
+            rank, world, *data, chunk_size=4, memory_budget=1000, reduction=red, label_smoothing=0.1, z_loss=0.01
+        )
+    data = make_linear(207, (2, 9), torch.float64, False)
+    out["accumulate_dtype=weight"] = compare_linear(rank, world, *data, accumulate_dtype="weight", z_loss=0.01)
     data = make_linear(202, (12,), torch.float64, True, target_hi=SIZES[world][0])
     out["no target outside rank 0"] = compare_linear(rank, world, *data, label_smoothing=0.1)
     data = make_linear(203, (12,), torch.float64, True, ignore_frac=1.0, weighted=True)
@@ -339,6 +351,9 @@ def linear_job(rank, world):
     out["error: D mismatch on the last rank"] = _capture(lambda: vp(x, w[lo:hi, :-1] if last else w[lo:hi], target))
     out["error: bias size"] = _capture(lambda: vp(x, w[lo:hi], target, linear_bias=b))
     out["error: chunk_size 0"] = _capture(lambda: vp(x, w[lo:hi], target, chunk_size=0))
+    out["error: memory_budget differs"] = _capture(
+        lambda: vp(x, w[lo:hi], target, memory_budget=1 << 20 if rank == 0 else None)
+    )
     out["error: bias on rank 0 only"] = _capture(
         lambda: vp(x, w[lo:hi], target, linear_bias=b[lo:hi] if rank == 0 else None)
     )

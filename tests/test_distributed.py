@@ -136,7 +136,8 @@ def test_errors_raised_on_every_rank(world):
 LINEAR_ERRORS = {
     "error: D mismatch on the last rank": "bad input on rank {last}: linear_weight of shape (13, 6)" ,
     "error: bias size": "bad input on rank 0: linear_bias must be None or this rank's",
-    "error: chunk_size 0": "chunk_size must be None or an int >= 1, got 0",
+    "error: chunk_size 0": "chunk_size must be None or an int > 0, got 0",
+    "error: memory_budget differs": "all ranks must pass the same options",
     "error: bias on rank 0 only": "whether weight or linear_bias is given",
     "error: input requires grad on rank 0 only": "which of input, linear_weight, linear_bias require grad",
     "error: weight requires grad on the last rank only": "which of input, linear_weight, linear_bias require grad",
@@ -152,7 +153,7 @@ def test_linear_parity_and_errors(world):
     requires_grad, no target on a rank, all ignored; dX full on every rank, dW/db this rank's rows."""
     res = {r: results(world)[r]["linear"] for r in range(world)}
     names = [n for n in res[0] if not n.startswith("error:")]
-    assert len(names) == 31
+    assert len(names) == 34
     failures = [f"rank {r} {n}: {res[r][n]}" for n in names for r in res if res[r][n]]
     assert not failures, "\n".join(failures[:10])
     last = "13, 6" if world == 2 else "5, 6"

@@ -1,9 +1,11 @@
 """autograd.Functions for vocab-parallel (linear) cross-entropy: save tensors, call the shard kernels. No math.
 
-The forward runs the vocabulary-shard pieces of :mod:`crossent.kernels.torch_rows` in order —
+Logits version: the forward runs the vocabulary-shard pieces of :mod:`crossent.kernels.torch_rows` in order —
 ``shard_stats`` → ``combine`` (the caller's all-reduce) → ``lse`` → ``index_loss`` — and saves the
-logits (no copy), target, weight and the global fp32 LSE. The backward is local: ``shard_backward``
-with the global LSE needs nothing from the other ranks.
+logits (no copy), target, weight and the global LSE (float64, O(N)). The backward is local: ``shard_backward``
+with the global LSE needs nothing from the other ranks. Fused linear version: the chunk loops of
+:mod:`crossent.kernels.linear_chunks` with the same all-reduce as their stats hook, and one all-reduce
+of the input gradient in backward.
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from crossent import _vocab_parallel_linear as linear_chunks
 from crossent._options import CrossEntropyOptions
-from crossent.kernels import torch_rows
+from crossent.kernels import linear_chunks, torch_rows
 from crossent.kernels.torch_rows import RowStats
 
 
@@ -55,55 +56,64 @@ class VocabParallelRows(torch.autograd.Function):
         return grad_logits, None, None, None, None, None
 
 
-class VocabParallelLinearRows(torch.autograd.Function):
-    """Per-position loss of ``x Wᵀ + b`` with this rank's rows W ``(V_local, D)``; x ``(N, D)`` replicated.
-
-    ``"mean"``/``"sum"`` with a gradient wanted: forward forms the gradients for a unit upstream gradient
-    in the same pass (``linear_chunks.loss_and_grads``, one combine per token chunk) and backward scales
-    them by the upstream gradient, which is then one number for every row. ``"none"`` (a per-row
-    upstream gradient): forward combines once and saves x, W, b (no copies), target, weight and the
-    global LSE; backward recomputes each chunk's logits. Either way backward returns this rank's dW, db
-    and the FULL dX (``reduce_input_grad``: the caller's sum over ranks of each rank's share).
-    """
+class VocabParallelLinearFused(torch.autograd.Function):
+    """``"mean"``/``"sum"`` of the vocab-parallel fused linear CE, on the chunk loop of
+    :func:`crossent.kernels.linear_chunks.linear_loss_and_grads` with the cross-rank ``combine`` as its
+    stats hook (once per token block, the same blocks on every rank). The gradients are formed during
+    forward for the per-row scale ``row_scale``; backward multiplies them by grad_output and sums this
+    rank's share of dX over the ranks (``reduce_input_grad``). Returns the reduced loss, as
+    :class:`crossent._autograd.LinearCrossEntropyFused` does."""
 
     @staticmethod
-    def forward(ctx, x, w, b, target, weight, shard: Shard, opts: CrossEntropyOptions, rows: int,
-                combine: Combine, reduce_input_grad: Callable[[torch.Tensor], torch.Tensor]):  # fmt: skip
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        ctx.grads = None
-        if opts.reduction != "none" and any(need):
-            loss, lse, ctx.grads = linear_chunks.loss_and_grads(
-                x, w, b, target, weight, shard.start, opts.ignore_index, opts.label_smoothing, opts.z_loss,
-                opts.softcap, shard.num_classes, rows, combine, need,
-            )  # fmt: skip
-        else:
-            local = linear_chunks.stats(x, w, b, target, weight, shard.start, opts.label_smoothing != 0.0,
-                                        opts.softcap, rows)  # fmt: skip
-            loss, lse = _combined_loss(local, combine, target, weight, shard, opts)
-        ctx.save_for_backward(x, w, b, target, weight, lse)
-        ctx.shard, ctx.opts, ctx.rows, ctx.reduce_input_grad = shard, opts, rows, reduce_input_grad
-        return loss
+    def forward(ctx, x, w, b, target, weight, row_scale, shard: Shard, loss_opts, plan, accumulate, needs,
+                combine: Combine, reduce_input_grad):  # fmt: skip
+        out = linear_chunks.linear_loss_and_grads(
+            x, w, b, target, weight, loss_opts, plan, grad_scale=row_scale if any(needs) else None, needs=needs,
+            accumulate=accumulate, vocab_start=shard.start, num_classes=shard.num_classes, combine=combine,
+        )  # fmt: skip
+        ctx.save_for_backward(*(g if need else None for g, need in zip(out.grads, needs)))
+        ctx.reduce_input_grad = reduce_input_grad
+        return out.loss.sum() * row_scale  # Σ_i row_scale · loss_i: the scale the gradients were formed with
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        dx, dw, db = (None if g is None else g.mul_(grad_out) for g in ctx.saved_tensors)
+        if dx is not None:
+            dx = ctx.reduce_input_grad(dx)
+        return dx, dw, db, *(None,) * 10
+
+
+class VocabParallelLinearRecompute(torch.autograd.Function):
+    """``"none"`` of the vocab-parallel fused linear CE: forward combines the stats (per token block) and
+    saves x, W, b (no copies), target, weight and the global LSE; backward, given the per-row upstream
+    gradient, recomputes the logits block by block (:func:`~crossent.kernels.linear_chunks.linear_grads`,
+    no communication) and sums this rank's share of dX over the ranks."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, target, weight, shard: Shard, loss_opts, plan, accumulate, combine: Combine,
+                reduce_input_grad):  # fmt: skip
+        out = linear_chunks.linear_loss_and_grads(
+            x, w, b, target, weight, loss_opts, plan, needs=(False, False, False), accumulate=accumulate,
+            vocab_start=shard.start, num_classes=shard.num_classes, combine=combine,
+        )  # fmt: skip
+        ctx.save_for_backward(x, w, b, target, weight, out.lse)
+        ctx.args = (shard, loss_opts, plan, accumulate, reduce_input_grad)
+        return out.loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
         x, w, b, target, weight, lse = ctx.saved_tensors
-        o, s = ctx.opts, ctx.shard
-        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
-        if ctx.grads is not None and _uniform(grad_loss):
-            g = grad_loss.reshape(-1)[:1].reshape(())  # the one upstream value (a tensor: no host sync)
-            dx, dw, db = (None if t is None else t.mul_(g.to(t.dtype)) for t in ctx.grads)
-            dw = None if dw is None else dw.to(w.dtype)
-            db = None if db is None else db.to(b.dtype)
-        else:  # a per-row upstream gradient: recompute the chunks' logits
-            dx, dw, db = linear_chunks.grads(
-                x, w, b, target, weight, s.start, lse, grad_loss, o.ignore_index, o.label_smoothing, o.z_loss,
-                o.softcap, s.num_classes, ctx.rows, need,
-            )  # fmt: skip
-        ctx.grads = None
+        shard, loss_opts, plan, accumulate, reduce_input_grad = ctx.args
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], b is not None and ctx.needs_input_grad[2])
+        dx, dw, db = linear_chunks.linear_grads(
+            x, w, b, target, weight, lse, grad_loss, loss_opts, plan, needs=needs, accumulate=accumulate,
+            vocab_start=shard.start, num_classes=shard.num_classes,
+        )  # fmt: skip
         if dx is not None:
-            dx = ctx.reduce_input_grad(dx)
-        return dx, dw, db, None, None, None, None, None, None, None
+            dx = reduce_input_grad(dx)
+        return dx, dw, db, *(None,) * 8
 
 
 def _combined_loss(local, combine, target, weight, shard, opts):
@@ -113,8 +123,3 @@ def _combined_loss(local, combine, target, weight, shard, opts):
     loss = torch_rows.index_loss(lse, stats.target_logit, stats.dot, target, weight, opts.ignore_index,
                                  opts.label_smoothing, opts.z_loss, shard.num_classes)  # fmt: skip
     return loss, lse
-
-
-def _uniform(grad: torch.Tensor) -> bool:
-    """Whether every row gets the same upstream gradient: the expanded scalar that ``sum``/``mean`` send."""
-    return grad.numel() <= 1 or all(st == 0 for st in grad.stride())

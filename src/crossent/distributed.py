@@ -44,11 +44,18 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossent._checks import check_logits
-from crossent._options import CrossEntropyOptions, Reduction
-from crossent._vocab_parallel_autograd import Combine, Shard, VocabParallelLinearRows, VocabParallelRows
-from crossent._vocab_parallel_linear import chunk_rows
-from crossent.functional import _reduce
-from crossent.kernels.torch_rows import RowStats
+from crossent._options import AccumulateDtype, CrossEntropyOptions, LinearCrossEntropyOptions, Reduction
+from crossent._vocab_parallel_autograd import (
+    Combine,
+    Shard,
+    VocabParallelLinearFused,
+    VocabParallelLinearRecompute,
+    VocabParallelRows,
+)
+from crossent.functional import _reduce, _reduction_row_scale
+from crossent.kernels import linear_chunks
+from crossent.kernels.linear_chunks import plan_chunks
+from crossent.kernels.torch_rows import RowStats, compute_dtype
 
 __all__ = [
     "vocab_ranges",
@@ -166,7 +173,8 @@ def _raise_everywhere(fn: str, local_error: Optional[Exception], table, group):
 def _global_error(table, ignore_index: int) -> Tuple[Optional[str], Optional[List[int]], int]:
     """(message or None, shard starts, C) from the gathered table. Pure: the same on every rank."""
     for col, what in ((_OPTIONS, "options (reduction, ignore_index, label_smoothing, z_loss, softcap; whether "
-                                 "weight or linear_bias is given; which of input, linear_weight, linear_bias require grad; chunk_size)"),
+                                 "weight or linear_bias is given; which of input, linear_weight, linear_bias "
+                                 "require grad; chunk_size, memory_budget, accumulate_dtype)"),
                       (_DTYPES, "dtypes"), (_SHAPES, "shapes (other than the vocabulary dim)"),
                       (_ROWS, "number of positions")):  # fmt: skip
         if len({r[col] for r in table}) > 1:
@@ -382,25 +390,27 @@ def vocab_parallel_linear_cross_entropy(
     z_loss: float = 0.0,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    accumulate_dtype: AccumulateDtype = "float32",
 ) -> Tensor:
     r"""Fused ``cross_entropy(input @ Wᵀ + b, target)`` with the vocabulary rows of W split over the ranks.
 
-    Equals single-process ``crossent.cross_entropy(F.linear(input, W_full, b_full), target, ...)``
-    (class dim last) where ``W_full`` stacks every rank's ``linear_weight`` in vocabulary order. The
-    N × V_local logits are never held: each rank works through its rows in token chunks of
-    ``chunk_size`` rows (default ``2^24 // max_r V_r`` on CPU, the same on every rank). With
-    ``"mean"``/``"sum"`` the gradients are formed during the forward pass (3 matrix products per chunk,
-    6·N·D·V_local FLOPs per rank per step; the stats are combined per chunk, same bytes in total) and
-    scaled by the upstream gradient in backward; with ``"none"`` backward recomputes each chunk's
-    logits (4 products, 8·N·D·V_local FLOPs).
+    Equals single-process :func:`crossent.linear_cross_entropy` with the full head (``W_full`` stacking
+    every rank's ``linear_weight`` in vocabulary order), i.e. ``crossent.cross_entropy(F.linear(input,
+    W_full, b_full), target, ...)``, class dim last. It runs the same chunk loops
+    (:mod:`crossent.kernels.linear_chunks`) on each rank's rows, with the cross-rank all-reduces as their
+    per-block stats hook: the N × V_local logits are never held. The token blocks are planned from the
+    widest shard, so every rank makes the same number of combines. With ``"mean"``/``"sum"`` the
+    gradients are formed during forward (3 products per block, 6·N·D·V_local FLOPs per rank) and scaled
+    in backward; with ``"none"`` backward recomputes the logits (4 products).
 
     Gradients: ``input`` gets the FULL gradient on every rank (each rank's share ``G_r W_r`` summed by
     one all-reduce); ``linear_weight`` and ``linear_bias`` get this rank's rows, no communication.
 
-    Communication per step: the metadata all-gather, N + 2N (3N with label smoothing) elements of fp32
-    (fp64 for fp64 input) in forward (in one max and one sum all-reduce per token chunk for
-    ``"mean"``/``"sum"``, once for ``"none"``), and N·D elements of the input's dtype in backward (when
-    ``input`` requires grad) — against N·V for gathering the logits. See ``docs/distributed.md``.
+    Communication per step: the metadata all-gather; per token block one all-reduce MAX and one SUM of
+    the block's rows — N + 2N (3N with label smoothing) elements of the stats dtype (fp32; fp64 for fp64
+    input) in all; in backward N·D elements of the input's dtype (when ``input`` requires grad) —
+    against N·V for gathering the logits. See ``docs/distributed.md``.
 
     Args:
         input: ``(..., D)`` floating, the same on every rank (replicated hidden states).
@@ -409,7 +419,8 @@ def vocab_parallel_linear_cross_entropy(
         linear_bias: this rank's ``(V_local,)`` bias, or None (None on every rank, or on none).
         group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`vocab_parallel_cross_entropy`.
-        chunk_size: token rows per chunk (int ≥ 1), or None for the default.
+        chunk_size, memory_budget, accumulate_dtype: as in :func:`crossent.linear_cross_entropy`; the
+            same on every rank (the budget is applied to the widest shard).
 
     Returns:
         Tensor: ``()`` for ``"mean"``/``"sum"``, ``input.shape[:-1]`` for ``"none"``; fp32 (fp64 for
@@ -417,7 +428,8 @@ def vocab_parallel_linear_cross_entropy(
 
     Raises:
         ValueError/TypeError on every rank as :func:`vocab_parallel_cross_entropy`, also for a D that
-        differs between input and linear_weight, a bias of the wrong size, chunk_size ≤ 0.
+        differs between input and linear_weight, a bias of the wrong size, bad chunk_size/memory_budget,
+        ranks that disagree on which tensors require grad.
 
     Example (on each of two ranks, rank r holding rows [3r, 3r + 3) of a 6-row head)::
 
@@ -429,35 +441,49 @@ def vocab_parallel_linear_cross_entropy(
     opts_box = []
 
     def check_and_describe():
-        opts_box.append(CrossEntropyOptions(ignore_index=ignore_index, reduction=reduction,
-                                            label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap))  # fmt: skip
+        loss_opts = CrossEntropyOptions(ignore_index=ignore_index, reduction=reduction,
+                                        label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)  # fmt: skip
+        opts_box.append(LinearCrossEntropyOptions(loss=loss_opts, chunk_size=chunk_size, memory_budget=memory_budget,
+                                                  accumulate_dtype=accumulate_dtype))  # fmt: skip
         check_logits("input", input)
-        _check_linear(input, linear_weight, linear_bias, chunk_size)
+        _check_linear(input, linear_weight, linear_bias)
         _check_index_target(target, input.shape[:-1], input.device)
         _check_vocab_start(vocab_start)
         _check_full_weight(weight, input.device)
-        # what needs a gradient decides the collectives (per-chunk combines, dX's all-reduce): all ranks alike
-        grads_on = torch.is_grad_enabled() and tuple(
-            t is not None and t.requires_grad for t in (input, linear_weight, linear_bias)
-        )
+        # what needs a gradient decides the collectives (per-block combines, dX's all-reduce): all ranks alike
+        needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                      for t in (input, linear_weight, linear_bias))  # fmt: skip
         return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=target.numel(),
                     shapes=tuple(input.shape), dtypes=(str(input.dtype), str(target.dtype)),
-                    options=(_option_key(opts_box[0], weight), linear_bias is None, grads_on, chunk_size),
+                    options=(_option_key(loss_opts, weight), linear_bias is None, needs, chunk_size, memory_budget,
+                             accumulate_dtype),
                     weight=weight, target=target)  # fmt: skip
 
     start, num_classes, widest = _agree(fn, group, _device_of(input), ignore_index, check_and_describe)
     opts = opts_box[0]
+    o = opts.loss
     x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1)
+    t = target.reshape(-1).long()
     shard = Shard(start, linear_weight.shape[0], num_classes)
-    rows = chunk_rows(x.shape[0], widest, x.device, chunk_size)  # the same on every rank
-    loss = VocabParallelLinearRows.apply(
-        x, linear_weight, linear_bias, t, weight, shard, opts, rows, all_reduce_stats(group), all_reduce_sum(group)
+    # planned from the widest shard and the shared N, D, dtype: the same token blocks on every rank
+    plan = plan_chunks(x.shape[0], x.shape[1], widest, x.dtype, x.device, opts.chunk_size, opts.memory_budget)
+    loss_opts = linear_chunks.LossOptions(o.ignore_index, o.label_smoothing, o.z_loss, o.softcap)
+    combine, reduce_dx = all_reduce_stats(group), all_reduce_sum(group)
+    if o.reduction == "none":
+        loss = VocabParallelLinearRecompute.apply(
+            x, linear_weight, linear_bias, t, weight, shard, loss_opts, plan, opts.accumulate_dtype, combine, reduce_dx
+        )
+        return loss.reshape(target.shape)
+    needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad
+                  for p in (input, linear_weight, linear_bias))  # fmt: skip
+    row_scale = _reduction_row_scale(t, weight, o, compute_dtype(x.dtype))
+    return VocabParallelLinearFused.apply(
+        x, linear_weight, linear_bias, t, weight, row_scale, shard, loss_opts, plan, opts.accumulate_dtype, needs,
+        combine, reduce_dx,
     )
-    return _reduce(loss.reshape(target.shape), target, weight, "index", opts)
 
 
-def _check_linear(input, linear_weight, linear_bias, chunk_size) -> None:
+def _check_linear(input, linear_weight, linear_bias) -> None:
     if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
         what = f"shape {tuple(linear_weight.shape)}" if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
         raise ValueError(f"linear_weight must be this rank's (V_local, D) rows, got {what}")
@@ -478,5 +504,3 @@ def _check_linear(input, linear_weight, linear_bias, chunk_size) -> None:
         if linear_bias.dtype != input.dtype or linear_bias.device != input.device:
             raise ValueError(f"linear_bias ({linear_bias.dtype}, {linear_bias.device}) must match the input's "
                              f"dtype and device ({input.dtype}, {input.device})")  # fmt: skip
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
