@@ -321,9 +321,10 @@ def test_minus_inf_non_target_logit_is_finite(device):
 
 
 @pytest.mark.parametrize("option", ["plain", "weight_smoothing", "probs_all"])
-def test_huge_logits_loss_is_not_rounded_at_the_max(device, option):
+def test_huge_logits_are_not_rounded_at_the_max(device, option):
     # ±1e4 logits: fp32 rounds lse = m + log Σ exp(x − m) to ~1e-3 there, so the loss is assembled from m
-    # and log s instead (the forward's comment). Two classes per row sit at +1e4; the rest at −1e4.
+    # and log s, the LSE is stored in fp64 and the backward shifts by its hi and lo parts (the kernels'
+    # comments). Two classes per row sit at +1e4, one at 1e4 − 1, the rest at −1e4.
     z, t, kw = make_case(129, OPTIONS[option], torch.float32, device=device)
     kw.pop("softcap", None)  # a softcap would bound the logits, which is not what this test is about
     big = torch.full((9, 129), -1e4)
@@ -332,9 +333,12 @@ def test_huge_logits_loss_is_not_rounded_at_the_max(device, option):
     z = big.to(device)
     if not t.is_floating_point():
         t = torch.where(t == kw["ignore_index"], t, 77)
-    loss = crossent.cross_entropy(z, t, reduction="none", impl="triton", **kw)
-    expected, _ = reference_rows(z, t, kw, torch.ones(9))
+    x = z.clone().requires_grad_()
+    loss = crossent.cross_entropy(x, t, reduction="none", impl="triton", **kw)
+    loss.sum().backward()
+    expected, expected_grad = reference_rows(z, t, kw, torch.ones(9))
     torch.testing.assert_close(loss.double().cpu(), expected, rtol=1e-6, atol=2e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), expected_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_nan_logit_propagates(device):
@@ -405,8 +409,8 @@ common = dict(C="i32", ignore_index="i32", eps="fp32", z_loss="fp32", softcap="f
 common.update({k: "constexpr" for k in ("PROBS", "HAS_WEIGHT", "SMOOTH", "SOFTCAP", "BLOCK")})
 rows = dict(z_ptr="*bf16", stride_z="i64", t_ptr="*fp32", stride_t="i64", w_ptr="*fp32")
 signatures = {
-    "_row_forward_kernel": dict(rows, loss_ptr="*fp32", lse_ptr="*fp32", **common),
-    "_row_backward_kernel": dict(rows, wsum_ptr="*fp32", lse_ptr="*fp32", stride_lse="i64", g_ptr="*fp32",
+    "_row_forward_kernel": dict(rows, loss_ptr="*fp32", lse_ptr="*fp64", **common),
+    "_row_backward_kernel": dict(rows, wsum_ptr="*fp32", lse_ptr="*fp64", stride_lse="i64", g_ptr="*fp32",
                                  stride_g="i64", out_ptr="*bf16", stride_out="i64", **common),
 }
 block, warps = triton_rows.row_launch(torch.bfloat16, 131072)

@@ -30,7 +30,11 @@ def ce_forward(
     softcap: Optional[float],
     impl: str,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-position loss (fp32; fp64 for fp64 logits) and LSE (:func:`lse_dtype`), ``logits.shape[:-1]``."""
+    """Per-position loss (fp32; fp64 for fp64 logits) and LSE (fp64, both backends), ``logits.shape[:-1]``.
+
+    The LSE is kept in float64 because fp32 would round it at |lse| and the backward's ``exp(z − lse)``
+    would inherit that error; per row it costs O(N) (torch_rows.RowStats.lse, triton_rows._store_lse).
+    """
     if logits.device.type == "cpu" and not target.is_floating_point():
         check_target_range(target, logits.shape[-1], ignore_index)
     return _backend(impl).forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
@@ -39,12 +43,7 @@ def ce_forward(
 @ce_forward.register_fake
 def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, impl):
     cdt = torch_rows.compute_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[:-1], dtype=cdt), logits.new_empty(logits.shape[:-1], dtype=lse_dtype(impl, cdt))
-
-
-def lse_dtype(impl: str, cdt: torch.dtype) -> torch.dtype:
-    """The torch kernels keep the LSE in float64 (see torch_rows.RowStats.lse); Triton's is the compute dtype."""
-    return torch.float64 if impl == "torch" else cdt
+    return logits.new_empty(logits.shape[:-1], dtype=cdt), logits.new_empty(logits.shape[:-1], dtype=torch.float64)
 
 
 @torch.library.custom_op("crossent::ce_backward", mutates_args=())

@@ -94,14 +94,14 @@ def forward(
     z_loss: float,
     softcap: Optional[float],
 ) -> Tuple[Tensor, Tensor]:
-    """Per-position loss and log-sum-exp, both ``logits.shape[:-1]`` in fp32 (fp64 via torch_rows)."""
+    """Per-position loss (fp32) and log-sum-exp (fp64), both ``logits.shape[:-1]`` (fp64 logits: torch_rows)."""
     if _use_torch(logits):
         return torch_rows.forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
     shape, num_classes = logits.shape[:-1], logits.shape[-1]
     z, t, probs = _rows(logits, target)
     rows = z.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=z.device)
-    lse = torch.empty(rows, dtype=torch.float32, device=z.device)
+    lse = torch.empty(rows, dtype=torch.float64, device=z.device)  # see _store_lse
     if rows:
         w, _ = _class_weights(weight, z, 0.0)
         block, warps = row_launch(z.dtype, num_classes)
@@ -141,7 +141,7 @@ def backward(
     direct = dst is not None
     if not direct:  # ``out`` has strides that don't flatten to rows: write a buffer, copy once
         dst = torch.empty((rows, num_classes), dtype=out.dtype, device=out.device)
-    lse = lse.to(torch.float32).reshape(rows)
+    lse = lse.to(torch.float64).reshape(rows)  # fp32 LSEs (a caller's own) are upcast exactly
     g = grad_loss.to(torch.float32).expand(logits.shape[:-1]).reshape(rows)  # stride 0 for a scalar
     w, wsum = _class_weights(weight, z, label_smoothing)
     block, warps = row_launch(z.dtype, num_classes)
@@ -230,17 +230,20 @@ def _softcapped(x, softcap):
 
 
 @_jit
-def _row_forward_kernel(
-    z_ptr, stride_z,  # logits (R, C), unit column stride
-    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
-    w_ptr,  # class weights (C,) fp32, read only when HAS_WEIGHT
-    loss_ptr, lse_ptr,  # (R,) fp32 outputs
+def _store_lse(lse_ptr, m, log_s):
+    """Store ``lse = m + log s``, added in fp64 (exact for the two fp32 parts) and cast to the buffer's dtype:
+    fp64 for the row kernels, so that the backward recovers both parts; fp32 where a caller asks for it."""
+    tl.store(lse_ptr, (m.to(tl.float64) + log_s.to(tl.float64)).to(lse_ptr.dtype.element_ty))
+
+
+@_jit
+def _row_loss(
+    z_row, t_row, w_ptr,  # one row of logits; its class index, or its row of probabilities; class weights
     C, ignore_index, eps, z_loss, softcap,
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_z
+    """``(loss, m, log s)`` of one row: one pass over its logits; ``lse = m + log s``."""
     cols = tl.arange(0, BLOCK)
     # Online log-sum-exp: running max m and s = Σ exp(x − m), rescaled by exp(m_old − m_new) when the max
     # grows. m starts at −FLT_MAX, not −inf: an all −inf row then sums exp(−inf) = 0 terms (not exp(nan))
@@ -267,7 +270,7 @@ def _row_forward_kernel(
             else:
                 w = tl.where(mask, 1.0, 0.0)
             if PROBS:
-                yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+                yv = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
                 v = w * ((1.0 - eps) * yv + eps / C)  # u_c
                 wy_sum += w * yv
             else:
@@ -283,7 +286,7 @@ def _row_forward_kernel(
         # loss = U lse − Σ_c u_c x_c + s ω lse² = U log s − Σ_c u_c (x_c − m) + s ω lse²
         loss = tl.sum(v_sum, 0) * log_s - tl.sum(dot, 0) + z_loss * tl.sum(wy_sum, 0) * lse * lse
     else:
-        t = tl.load(t_ptr + row * stride_t).to(tl.int64)
+        t = tl.load(t_row).to(tl.int64)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= C))
         t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1)  # never read outside the row
@@ -302,27 +305,21 @@ def _row_forward_kernel(
             loss += (eps / C) * (tl.sum(v_sum, 0) * log_s - tl.sum(dot, 0))
         loss = tl.where(valid, loss, 0.0)
         loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + row, loss)
-    tl.store(lse_ptr + row, lse)
+    return loss, m, log_s
 
 
 @_jit
-def _row_backward_kernel(
-    z_ptr, stride_z,  # logits (R, C), unit column stride
-    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
-    w_ptr, wsum_ptr,  # class weights (C,) fp32 and W = Σ_c w_c (1,) fp32, read only when HAS_WEIGHT
-    lse_ptr, stride_lse, g_ptr, stride_g,  # (R,) fp32 LSE from forward, upstream gradient (stride 0: a scalar)
-    out_ptr, stride_out,  # (R, C) gradient, unit column stride; may be z_ptr itself
+def _row_grad(
+    z_row, t_row, w_ptr, wsum_ptr, out_row,  # as in _row_loss; W = Σ_c w_c (1,); the gradient row (may be z_row)
+    m, log_s, g,  # lse = m + log s in two fp32 parts (the backward kernel: hi and lo of its fp64 lse); g
     C, ignore_index, eps, z_loss, softcap,
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
-    z_row = z_ptr + row * stride_z
-    out_row = out_ptr + row * stride_out
+    """Write ``g · ∂loss/∂z`` of one row into ``out_row``: one pass over the logits, each block read before
+    it is written (so ``out_row`` may be ``z_row``), with p_c = exp((x_c − m) − log s)."""
     cols = tl.arange(0, BLOCK)
-    lse = tl.load(lse_ptr + row * stride_lse)
-    g = tl.load(g_ptr + row * stride_g)
+    lse = m + log_s
     if PROBS:
         # ∂loss/∂x_c = (U + 2 s ω lse) p_c − u_c needs U and ω before the first gradient element, so the
         # targets (not the logits) are read once more up front.
@@ -331,7 +328,7 @@ def _row_backward_kernel(
         for start in range(0, C, BLOCK):
             offs = start + cols
             mask = offs < C
-            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            yv = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0)
             else:
@@ -340,7 +337,7 @@ def _row_backward_kernel(
             wy_sum += w * yv
         p_scale = g * (tl.sum(u_sum, 0) + 2.0 * z_loss * tl.sum(wy_sum, 0) * lse)  # g (U + 2 s ω lse)
     else:
-        t = tl.load(t_ptr + row * stride_t).to(tl.int64)
+        t = tl.load(t_row).to(tl.int64)
         valid = t != ignore_index
         bad = valid & ((t < 0) | (t >= C))
         t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1)
@@ -366,9 +363,9 @@ def _row_backward_kernel(
         x = tl.load(z_row + offs, mask=mask, other=0.0).to(tl.float32)
         if SOFTCAP:
             x, chain = _softcapped(x, softcap)  # chain = d(κ tanh(z / κ))/dz
-        p = tl.exp(x - lse)
+        p = tl.exp((x - m) - log_s)
         if PROBS:
-            yv = tl.load(t_ptr + row * stride_t + offs, mask=mask, other=0.0).to(tl.float32)
+            yv = tl.load(t_row + offs, mask=mask, other=0.0).to(tl.float32)
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + offs, mask=mask, other=0.0)
             else:
@@ -386,4 +383,73 @@ def _row_backward_kernel(
             grad *= chain
         if not PROBS:  # ignored rows: exactly 0, even where p is NaN (all −inf logits); bad rows: NaN
             grad = tl.where(valid, grad, 0.0) + poison
-        tl.store(out_row + offs, grad.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_row + offs, grad.to(out_row.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _row_forward_kernel(
+    z_ptr, stride_z,  # logits (R, C), unit column stride
+    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
+    w_ptr,  # class weights (C,) fp32, read only when HAS_WEIGHT
+    loss_ptr, lse_ptr,  # (R,) fp32 outputs
+    C, ignore_index, eps, z_loss, softcap,
+    PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    loss, m, log_s = _row_loss(
+        z_ptr + row * stride_z, t_ptr + row * stride_t, w_ptr, C, ignore_index, eps, z_loss, softcap,
+        PROBS, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
+    )  # fmt: skip
+    tl.store(loss_ptr + row, loss)
+    _store_lse(lse_ptr + row, m, log_s)
+
+
+@_jit
+def _row_backward_kernel(
+    z_ptr, stride_z,  # logits (R, C), unit column stride
+    t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
+    w_ptr, wsum_ptr,  # class weights (C,) fp32 and W = Σ_c w_c (1,) fp32, read only when HAS_WEIGHT
+    lse_ptr, stride_lse, g_ptr, stride_g,  # (R,) fp64 LSE from forward, upstream gradient (stride 0: a scalar)
+    out_ptr, stride_out,  # (R, C) gradient, unit column stride; may be z_ptr itself
+    C, ignore_index, eps, z_loss, softcap,
+    PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0).to(tl.int64)
+    # The fp64 lse as hi + lo, two fp32 numbers: p = exp((x − hi) − lo) keeps the bits fp32 would round off
+    # at |lse| (x − hi is exact when x is near hi, where p matters). lse = ±inf gives lo = 0, not inf − inf.
+    lse = tl.load(lse_ptr + row * stride_lse).to(tl.float64)
+    hi = lse.to(tl.float32)
+    lo = tl.where(lse == hi.to(tl.float64), 0.0, (lse - hi.to(tl.float64)).to(tl.float32))
+    g = tl.load(g_ptr + row * stride_g)
+    _row_grad(
+        z_ptr + row * stride_z, t_ptr + row * stride_t, w_ptr, wsum_ptr, out_ptr + row * stride_out,
+        hi, lo, g, C, ignore_index, eps, z_loss, softcap, PROBS, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
+    )  # fmt: skip
+
+
+@_jit
+def _chunk_step_kernel(
+    z_ptr, stride_z,  # one block of logits (R, C), unit column stride: overwritten by the gradient if HAS_GRAD
+    t_ptr, w_ptr, wsum_ptr,  # class indices (R,); class weights (C,) and their sum (1,), fp32
+    loss_ptr, lse_ptr, g_ptr, stride_g,  # (R,) fp32 outputs; upstream gradient per row (stride 0: a scalar)
+    C, ignore_index, eps, z_loss, softcap,
+    HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # linear_cross_entropy's chunk step: the forward kernel's pass, then (with a gradient) the backward
+    # kernel's pass over the same row, in place, from the exact m and log s rather than the rounded lse.
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * stride_z
+    loss, m, log_s = _row_loss(
+        z_row, t_ptr + row, w_ptr, C, ignore_index, eps, z_loss, softcap, False, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK
+    )  # fmt: skip
+    tl.store(loss_ptr + row, loss)
+    _store_lse(lse_ptr + row, m, log_s)
+    if HAS_GRAD:
+        g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+        _row_grad(
+            z_row, t_ptr + row, w_ptr, wsum_ptr, z_row, m, log_s, g, C, ignore_index, eps, z_loss, softcap,
+            False, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
+        )  # fmt: skip
