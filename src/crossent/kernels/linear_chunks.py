@@ -54,6 +54,7 @@ from crossent.kernels.torch_rows import (
 # (4096, 1024, 32768) (benchmarks/linear_ce.py, 2-core x86 VM). CUDA: starting values, not measured.
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
 MIN_BLOCK_ROWS = {"cpu": 64, "cuda": 256}
+MIN_BLOCK_COLS = 256  # the narrowest vocabulary piece the plan picks by itself
 ROW_ALIGN = 8  # block rows are rounded down to a multiple of this (GEMM micro-kernels), when possible
 
 
@@ -112,10 +113,11 @@ def plan_chunks(
     min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
     if full_rows >= min_rows:
         return ChunkPlan(_balanced(n, full_rows), vocab)
-    cols = _cols_that_fit(min_rows, vocab, dim, dtype, budget)
-    if cols * 4 < vocab:  # so thin a split costs more products than the short rows would: keep full rows
+    per_col = scratch_bytes(min_rows, 1, dim, dtype) - scratch_bytes(min_rows, 0, dim, dtype)
+    cols = (budget - scratch_bytes(min_rows, 0, dim, dtype)) // per_col
+    if cols < MIN_BLOCK_COLS:  # pieces this narrow make poor products: keep full rows, however few
         return ChunkPlan(full_rows, vocab)
-    return ChunkPlan(_balanced(n, min_rows), cols)
+    return ChunkPlan(_balanced(n, min_rows), min(cols, vocab))
 
 
 def _rows_that_fit(cols, dim, dtype, budget):
@@ -136,6 +138,8 @@ def _cols_that_fit(rows, vocab, dim, dtype, budget):
 def _balanced(n, rows):
     """Rows per block for equal blocks: the fewest blocks of at most ``rows`` rows, ROW_ALIGN-rounded."""
     blocks = -(-n // rows)
+    if blocks == 1:
+        return n
     even = -(-n // blocks)
     aligned = -(-even // ROW_ALIGN) * ROW_ALIGN
     return aligned if aligned <= rows else even
@@ -213,8 +217,7 @@ def chunk_loss_and_grad_(
             vocabulary in the block, the step takes a one-pass softmax path; without it, the max-first path.
 
     Returns:
-        :class:`ChunkGrad`; ``lse`` is the global log-sum-exp (on the CPU fast path 0 at ignored rows,
-        where nothing uses it).
+        :class:`ChunkGrad`; ``lse`` is the global log-sum-exp of every row (ignored ones too).
     """
     num_classes = logits.shape[-1] if num_classes is None else num_classes
     opts = (ignore_index, label_smoothing, z_loss)
@@ -300,19 +303,20 @@ def _softmax_(x: Tensor) -> None:
 def _softmax_loss_and_grad_(x, target, weight, grad_scale, opts):
     """CPU fast path, whole rows: ``Q = softmax(z)`` in place, ``lse = z_t − log p_t`` (no separate max pass).
 
-    Returns None, touching nothing but ``x``, if a non-ignored row's ``p_t`` underflows (loss > ~69).
+    Ignored rows use the column their index is clamped to. Returns None, touching nothing but ``x``, if
+    some row's ``p_t`` underflows (its loss is > ~69): the caller then recomputes the block.
     """
     ignore_index, eps, z_loss = opts
     num_classes = x.shape[-1]
-    valid, t_safe, _ = _index_masks(target, ignore_index, num_classes)
+    _, t_safe, _ = _index_masks(target, ignore_index, num_classes)
     column = t_safe.unsqueeze(-1)
     z_t = x.gather(-1, column).squeeze(-1)
     dot = _dot(x, _shard_weight(weight, 0, num_classes, x.dtype)) if eps else None
     _softmax_(x)
     p_t = x.gather(-1, column).squeeze(-1)
-    if bool((valid & (p_t < _TINY_PROB)).any()):  # CPU only: a free host check
+    if bool((p_t < _TINY_PROB).any()):  # CPU only: a free host check
         return None
-    lse = torch.where(valid, z_t.double() - p_t.double().log(), 0.0)  # float64, as RowStats.lse()
+    lse = z_t.double() - p_t.double().log()  # float64, as RowStats.lse()
     loss = index_loss(lse, z_t, dot, target, weight, ignore_index, eps, z_loss, num_classes)
     factors = FINISHED if grad_scale is None else _grad_factors(target, weight, lse, grad_scale, opts, 0,
                                                                  num_classes, num_classes, x.dtype)  # fmt: skip
