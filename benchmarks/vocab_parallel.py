@@ -12,7 +12,7 @@ Per step (forward + backward, fp32, reduction="mean"):
 
     FLOPs per rank   6·N·D·V/P   (logits, dX and dW products, all in forward for reduction="mean")
     bytes sent       this rank's payload of every collective, counted on rank 0, forward (the loss:
-                     88 metadata + 4·N max + 8·N sum-exp and target logit) and backward (4·N·D, the
+                     80 metadata + 4·N max + 8·N sum-exp and target logit) and backward (4·N·D, the
                      all-reduce of dX), each vs 4·N·V, the fp32 logits a gather-based loss would move
     peak memory      CPU: peak RSS during the steps minus RSS before them; CUDA: max_memory_allocated
                      minus what the inputs and weights hold
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
             print(f"{'1*':>3} {v:>7} {r['median_s']:>9.3f} {gflops:>13.1f} {r['peak_mib']:>14.1f}   "
                   "(crossent.linear_cross_entropy, one process, no communication)", flush=True)  # fmt: skip
             continue
-        fwd, bwd = 88 + 12 * n, 4 * n * d  # the formulas of the module docstring
+        fwd, bwd = 80 + 12 * n, 4 * n * d  # the formulas of the module docstring
         logits_bytes = 4 * n * v
         gflops = 6 * n * d * (v / world) / r["median_s"] / 1e9
         print(f"{world:>3} {v // world:>7} {r['median_s']:>9.3f} {gflops:>13.1f} {r['peak_mib']:>14.1f} "

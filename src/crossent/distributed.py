@@ -18,7 +18,7 @@ gradient columns are ``g · ∂loss/∂z_c`` from the global LSE (``shard_backwa
 Communication per step (N positions, b bytes per element of the compute dtype: 4 for 16/32-bit
 logits, 8 for float64; P ranks):
 
-    metadata   one all-gather of 11 int64 (checks + shard offsets): 88 bytes sent, 88·P received
+    metadata   one all-gather of 10 int64 (checks + shard offsets): 80 bytes sent, 80·P received
     forward    N·b (max) + k·N·b (sum), k = 2, or 3 with label smoothing: 12·N to 16·N bytes in fp32
     backward   nothing (logits version); the fused linear version adds one all-reduce SUM of the
                input gradient, N·D elements in the input's dtype
@@ -127,8 +127,8 @@ def check_vocab_layout(starts: Sequence[int], sizes: Sequence[int]) -> int:
 
 # --- metadata exchange and checks -------------------------------------------------------------------
 # One int64 row per rank; every rank checks the same table, so every rank raises the same error.
-_ERROR, _VSIZE, _VSTART, _ROWS, _SHAPES, _DTYPES, _OPTIONS, _WSIZE, _TMIN, _TMAX, _ = range(11)
-_META_LEN = 11
+_ERROR, _VSIZE, _VSTART, _ROWS, _SHAPES, _DTYPES, _OPTIONS, _WSIZE, _TMIN, _TMAX = range(10)
+_META_LEN = 10
 
 
 def _fingerprint(value) -> int:
@@ -143,7 +143,7 @@ def _local_meta(vocab_size, vocab_start, rows, shapes, dtypes, options, weight, 
     valid = target != ignore_index
     t = torch.where(valid, target.to(torch.int64), 0)  # 0 is always a valid class: it can't raise
     extremes = torch.stack([t.min(), t.max()]) if t.numel() else torch.zeros(2, dtype=torch.int64, device=device)
-    return torch.cat([torch.tensor(head, dtype=torch.int64, device=device), extremes.to(device), extremes.new_zeros(1)])
+    return torch.cat([torch.tensor(head, dtype=torch.int64, device=device), extremes.to(device)])
 
 
 def _error_row(device) -> Tensor:
@@ -159,15 +159,19 @@ def _exchange(row: Tensor, group) -> List[List[int]]:
 
 
 def _raise_everywhere(fn: str, local_error: Optional[Exception], table, group):
-    """Every rank raises the same exception when any rank's own checks failed (a second, rare collective)."""
+    """Every rank raises the same exception when any rank's own checks failed (a second, rare collective).
+
+    The type is the failing ranks' common type (TypeError, ValueError, RuntimeError), else ValueError.
+    """
     if not any(r[_ERROR] for r in table):
         return
     mine = None if local_error is None else (type(local_error).__name__, str(local_error))
     errors = [None] * len(table)
     dist.all_gather_object(errors, mine, group=group)
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
-    cls = TypeError if all(kind == "TypeError" for _, (kind, _msg) in bad) else ValueError
-    raise cls(f"{fn}: " + "; ".join(f"bad input on rank {r}: {msg}" for r, (_kind, msg) in bad))
+    kinds = {kind for _, (kind, _msg) in bad}
+    cls = {"TypeError": TypeError, "RuntimeError": RuntimeError}.get(kinds.pop(), ValueError) if len(kinds) == 1 else ValueError
+    raise cls(f"{fn}: " + "; ".join(f"bad input on rank {r}: {msg}" for r, (_kind, msg) in bad)) from local_error
 
 
 def _global_error(table, ignore_index: int) -> Tuple[Optional[str], Optional[List[int]], int]:
@@ -213,7 +217,7 @@ def _agree(fn: str, group, device, ignore_index, check_and_describe) -> Tuple[in
     error = None
     try:
         row = _local_meta(**check_and_describe(), ignore_index=ignore_index, device=device)
-    except (TypeError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - any local failure must reach the other ranks, or they would hang
         error, row = e, _error_row(device)
     table = _exchange(row, group)
     _raise_everywhere(fn, error, table, group)
@@ -316,7 +320,7 @@ def vocab_parallel_cross_entropy(
     (``C`` the global vocabulary size; ``softcap = κ`` first maps ``z ← κ tanh(z / κ)``). ``"mean"``
     divides by ``Σ w_t`` over non-ignored positions; a mean over zero weight is 0.
 
-    Communication: one all-gather of 11 int64 per rank (checks, offsets), one all-reduce MAX of N
+    Communication: one all-gather of 10 int64 per rank (checks, offsets), one all-reduce MAX of N
     elements and one all-reduce SUM of 2N (3N with label smoothing) elements of the compute dtype
     (fp32, or fp64 for fp64 logits); none in backward. See ``docs/distributed.md``.
 
