@@ -227,7 +227,7 @@ def linear_methods(smoke: bool) -> Dict[str, Union[Callable, str]]:
     else:
         methods["F.linear_cross_entropy"] = "skipped: not in this PyTorch"
     if hasattr(crossent, "linear_cross_entropy"):
-        methods["crossent"] = lambda x, w, t: crossent.linear_cross_entropy(x, w, t)
+        methods["crossent"] = lambda x, w, t: crossent.linear_cross_entropy(x, w, t, impl="triton")
     else:
         methods["crossent"] = "skipped: crossent.linear_cross_entropy does not exist yet"
     if smoke:

@@ -398,26 +398,31 @@ def test_launch_table():
     assert triton_rows.row_launch(torch.float32, 1) == (1, 1)
 
 
-# Compiles both kernels, every option on (the most registers), for an H100 with Triton's bundled ptxas (no GPU
+# Compiles the three kernels, every option on (the most registers), for an H100 with Triton's bundled ptxas (no GPU
 # needed) and prints cuobjdump's resource line for each. Run in a fresh process: this one may be interpreting.
 _COMPILE_SM90 = """
-import sys, subprocess, tempfile
+import subprocess, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from crossent.kernels import triton_rows
 common = dict(C="i32", ignore_index="i32", eps="fp32", z_loss="fp32", softcap="fp32")
-common.update({k: "constexpr" for k in ("PROBS", "HAS_WEIGHT", "SMOOTH", "SOFTCAP", "BLOCK")})
+common.update({k: "constexpr" for k in ("HAS_WEIGHT", "SMOOTH", "SOFTCAP", "BLOCK")})
 rows = dict(z_ptr="*bf16", stride_z="i64", t_ptr="*fp32", stride_t="i64", w_ptr="*fp32")
-signatures = {
-    "_row_forward_kernel": dict(rows, loss_ptr="*fp32", lse_ptr="*fp64", **common),
-    "_row_backward_kernel": dict(rows, wsum_ptr="*fp32", lse_ptr="*fp64", stride_lse="i64", g_ptr="*fp32",
-                                 stride_g="i64", out_ptr="*bf16", stride_out="i64", **common),
-}
 block, warps = triton_rows.row_launch(torch.bfloat16, 131072)
-constexprs = dict(PROBS=True, HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=block)
-for name, signature in signatures.items():
-    source = triton.compiler.ASTSource(fn=getattr(triton_rows, name), signature=signature,
-                                       constexprs=constexprs)
+every = dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=block)
+kernels = {
+    "_row_forward_kernel": (dict(rows, loss_ptr="*fp32", lse_ptr="*fp64", PROBS="constexpr", **common),
+                            dict(every, PROBS=True)),
+    "_row_backward_kernel": (dict(rows, wsum_ptr="*fp32", lse_ptr="*fp64", stride_lse="i64", g_ptr="*fp32",
+                                  stride_g="i64", out_ptr="*bf16", stride_out="i64", PROBS="constexpr", **common),
+                             dict(every, PROBS=True)),
+    "_chunk_step_kernel": (dict(z_ptr="*fp32", stride_z="i64", t_ptr="*i64", w_ptr="*fp32", wsum_ptr="*fp32",
+                                loss_ptr="*fp32", lse_ptr="*fp64", g_ptr="*fp32", stride_g="i64",
+                                HAS_GRAD="constexpr", **common),
+                           dict(every, HAS_GRAD=True)),
+}
+for name, (signature, constexprs) in kernels.items():
+    source = triton.compiler.ASTSource(fn=getattr(triton_rows, name), signature=signature, constexprs=constexprs)
     kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(kernel.asm["cubin"])
@@ -439,7 +444,7 @@ def test_kernels_compile_for_sm90_without_spills(tmp_path):
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()
-    assert len(lines) == 2 and all(" LOCAL:0 " in line for line in lines), run.stdout
+    assert len(lines) == 3 and all(" LOCAL:0 " in line for line in lines), run.stdout
 
 
 # --- on a GPU, when there is one -----------------------------------------------------------------------------

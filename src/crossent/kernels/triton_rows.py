@@ -1,11 +1,14 @@
 """Row kernels in Triton: the GPU path, and the same kernels on CPU tensors under ``TRITON_INTERPRET=1``.
 
-Fused: softcap, online max/sum-exp, target gather, class weights, label smoothing, z-loss; one program per row.
+Fused: softcap, online max/sum-exp, target gather, class weights, smoothing, z-loss; and for linear CE loss + grad.
 Never materialized: log-probabilities, softmax, or any fp32 copy of the logits; a row streams through registers.
-Written in place: ``out`` of ``backward``, which may alias the logits (each block is read before it is written).
+Written in place: ``out`` of ``backward`` (may alias the logits), the linear-CE block (each block read, then written).
 
-``forward`` and ``backward`` have exactly the signatures and semantics of :mod:`crossent.kernels.torch_rows`
-(the oracle for this file) and return the same fp32 per-position loss and LSE. Formulas, with ``x`` the
+Three kernels share two row loops (``_row_loss``, ``_row_grad``): the forward, the backward, and
+linear_cross_entropy's chunk step (both loops on one row, in place). ``forward`` and ``backward`` have
+exactly the signatures and semantics of :mod:`crossent.kernels.torch_rows` (the oracle for this file):
+per-position fp32 loss and fp64 LSE; :func:`chunk_loss_and_grad_` is the step behind
+:mod:`crossent.kernels.triton_linear`. Formulas, with ``x`` the
 (soft-capped) logits of one row, ``lse = m + log Σ_c exp(x_c − m)``, ``p_c = exp(x_c − lse)``, ``g`` the
 upstream gradient of the row (derivations: docs/math.md, "Row kernels")::
 
@@ -47,7 +50,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 
 
 # --- launch table ------------------------------------------------------------------------------------
-# Both kernels run one program per row and stream the row in BLOCK-column steps.
+# All three kernels run one program per row and stream the row in BLOCK-column steps through the same
+# two loops, so one table serves them (the chunk step's blocks are float32: the 4-byte entry).
 # bytes per logit -> (largest BLOCK, num_warps at that BLOCK). BLOCK = min(next_pow2(C), largest). At the
 # largest BLOCK the table's warps are used as they are; below it (short rows) warps shrink so that each
 # thread keeps 16 logits (num_warps = BLOCK / (32 · 16), at least 1).
@@ -74,7 +78,7 @@ class Launch(NamedTuple):
 
 
 def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
-    """The (BLOCK, num_warps) of both row kernels for logits of ``dtype`` with ``num_classes`` columns."""
+    """The (BLOCK, num_warps) of the row kernels for logits of ``dtype`` with ``num_classes`` columns."""
     largest, warps = ROW_LAUNCH[dtype.itemsize]
     block = min(_next_pow2(num_classes), largest)
     if block < largest:
@@ -153,6 +157,50 @@ def backward(
     )  # fmt: skip
     if not direct:
         out.copy_(dst.view(out.shape))
+
+
+def chunk_loss_and_grad_(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: Optional[float],
+) -> Tuple[Tensor, Tensor]:
+    """linear_cross_entropy's fused chunk step on a block of whole rows of the head: one kernel per block.
+
+    Per row, one pass computes the loss and LSE (as :func:`forward`); with ``grad_scale`` a second pass,
+    in the same program, writes the finished gradient ``grad_scale_i · ∂loss_i/∂z_i`` (the formula of
+    :func:`backward`) over the row, from the unrounded running max and log-sum. The logits are read
+    once for the LSE and once more for the gradient; nothing else is written.
+
+    Args:
+        logits: (rows, C) float32 block with unit column stride, the caller's own scratch: overwritten with
+            the gradient when ``grad_scale`` is given, left as it is otherwise.
+        target: (rows,) class indices in [0, C) or ``ignore_index`` (others give NaN rows, as in forward).
+        weight: None or (C,) class weights.
+        grad_scale: None (loss only), or the upstream gradient per row, (rows,) (stride 0 allowed).
+
+    Returns:
+        (loss, lse): (rows,) float32 and float64.
+    """
+    rows, num_classes = logits.shape
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float64, device=logits.device)
+    if rows == 0:
+        return loss, lse
+    g = logits if grad_scale is None else grad_scale.to(torch.float32).expand(rows)
+    w, wsum = _class_weights(weight, logits, label_smoothing)
+    block, warps = row_launch(logits.dtype, num_classes)
+    _chunk_step_kernel[(rows,)](
+        logits, logits.stride(0), target, w, wsum, loss, lse, g, 0 if grad_scale is None else g.stride(0),
+        num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+        HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None,
+        HAS_GRAD=grad_scale is not None, BLOCK=block, num_warps=warps, **_COMPILE,
+    )  # fmt: skip
+    return loss, lse
 
 
 # --- host-side layout ------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""linear_cross_entropy's chunk kernels on Triton: the swappable :class:`ChunkKernels` for ``impl="triton"``.
+
+Fused: per block of whole-vocabulary rows, the LSE pass, the loss and the finished gradient, in one kernel.
+Never materialized: anything beyond the loop's own block buffer; no row factors are left for the loop to apply.
+Written in place: that block buffer (the loop's scratch, never a caller's tensor), turned into the block's gradient.
+
+Which block runs where. A block holding whole rows of the head (``vocab_start`` 0, all C columns, no stats
+hook) in float32 runs :func:`crossent.kernels.triton_rows.chunk_loss_and_grad_` (forward step) or the row
+backward kernel in place (recompute step, from the saved LSE); both return :data:`FINISHED` factors, so the
+loop's products take the gradient as it is. A vocabulary-split piece or a vocab-parallel slice (whose row
+statistics need the other pieces or ranks before any gradient exists), a float64 block, and the first pass
+of a split (``stats``) run the torch chunk kernels of :mod:`crossent.kernels.linear_chunks`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from crossent.kernels import linear_chunks, triton_rows
+from crossent.kernels.linear_chunks import FINISHED, ChunkGrad, ChunkKernels, GradFactors, StatsHook
+
+
+def loss_and_grad_(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    grad_scale: Optional[Tensor],
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    *,
+    vocab_start: int = 0,
+    num_classes: Optional[int] = None,
+    combine: Optional[StatsHook] = None,
+    recompute: Optional[Callable[[], None]] = None,
+) -> ChunkGrad:
+    """The forward chunk step (contract of :func:`linear_chunks.chunk_loss_and_grad_`) on Triton."""
+    if not _whole_rows(logits, vocab_start, num_classes, combine):
+        return linear_chunks.chunk_loss_and_grad_(
+            logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+            vocab_start=vocab_start, num_classes=num_classes, combine=combine, recompute=recompute,
+        )  # fmt: skip
+    loss, lse = triton_rows.chunk_loss_and_grad_(
+        logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap
+    )
+    return ChunkGrad(loss, lse, FINISHED)
+
+
+def grad_(
+    logits: Tensor,
+    target: Tensor,
+    weight: Optional[Tensor],
+    lse: Tensor,
+    grad_scale: Tensor,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    *,
+    vocab_start: int = 0,
+    num_classes: Optional[int] = None,
+) -> GradFactors:
+    """The recompute chunk step (contract of :func:`linear_chunks.chunk_grad_`) on Triton."""
+    if not _whole_rows(logits, vocab_start, num_classes, None):
+        return linear_chunks.chunk_grad_(
+            logits, target, weight, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+            vocab_start=vocab_start, num_classes=num_classes,
+        )  # fmt: skip
+    triton_rows.backward(
+        logits, target, weight, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logits
+    )
+    return FINISHED
+
+
+def _whole_rows(logits: Tensor, vocab_start: int, num_classes: Optional[int], combine) -> bool:
+    """Whether the block is whole float32 rows of the head, all its statistics in this block."""
+    whole = vocab_start == 0 and (num_classes is None or num_classes == logits.shape[-1]) and combine is None
+    return whole and logits.dtype == torch.float32 and logits.stride(-1) == 1
+
+
+TRITON_KERNELS = ChunkKernels(loss_and_grad_, grad_, linear_chunks.chunk_stats)

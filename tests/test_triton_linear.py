@@ -1,0 +1,173 @@
+"""linear_cross_entropy's Triton chunk kernels (crossent.kernels.triton_linear) against the float64 reference.
+
+The chunk step alone (loss, LSE and the gradient written over the block), the recompute step, and the
+whole chunk loop of linear_chunks run with these kernels (one block, several row blocks, a vocabulary
+split that routes its pieces to the torch kernels). Kernels run where ``_triton_mode`` says: through
+Triton's interpreter on CPU tensors, compiled on CUDA where there is a GPU.
+"""
+
+from __future__ import annotations
+
+import _triton_mode  # noqa: I001  (first: it may set TRITON_INTERPRET before anything imports Triton)
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import reference
+
+pytest.importorskip("triton")
+from crossent.kernels import linear_chunks, triton_linear  # noqa: E402  (after the importorskip)
+
+OPTIONS = {
+    "plain": {},
+    "all": {"weight": True, "ignore_index": 5, "label_smoothing": 0.2, "z_loss": 1e-2, "softcap": 4.0},
+    "weight_smoothing": {"weight": True, "label_smoothing": 0.1},
+}
+
+
+@pytest.fixture
+def device():
+    return _triton_mode.kernel_device()
+
+
+def make_block(rows, num_classes, opts, device):
+    """A float32 logits block, targets (some ignored, one at ignore_index inside [0, C)), options."""
+    z = (3.0 * torch.randn(rows, num_classes)).to(device)
+    t = torch.randint(0, num_classes, (rows,))
+    ignore = opts.get("ignore_index", -100)
+    t[0] = ignore
+    t = t.to(device)
+    w = (0.2 + torch.rand(num_classes)).to(device) if opts.get("weight") else None
+    args = (ignore, opts.get("label_smoothing", 0.0), opts.get("z_loss", 0.0), opts.get("softcap"))
+    return z, t, w, args
+
+
+def oracle(z, t, w, args, g):
+    """Per-row loss, lse and g-scaled gradient of the block, float64."""
+    ignore, eps, s, cap = args
+    z64, t64 = z.double().cpu().numpy(), t.cpu().numpy()
+    w64 = None if w is None else w.double().cpu().numpy()
+    kw = dict(ignore_index=ignore, label_smoothing=eps, z_loss=s, softcap=cap)
+    loss = reference.cross_entropy(z64, t64, w64, reduction="none", **kw)
+    grad = reference.cross_entropy_grad(z64, t64, w64, reduction="none", grad_output=g.double().cpu().numpy(), **kw)
+    x = z64 if cap is None else cap * np.tanh(z64 / cap)
+    return torch.from_numpy(loss), torch.from_numpy(reference.logsumexp(x)), torch.from_numpy(grad)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+@pytest.mark.parametrize("num_classes", [7, 1000])
+def test_chunk_step_matches_reference(device, num_classes, option):
+    z, t, w, args = make_block(9, num_classes, OPTIONS[option], device)
+    g = torch.rand(9, device=device) + 0.5
+    block = z.clone()
+    out = triton_linear.loss_and_grad_(block, t, w, g, *args)
+    assert out.factors == linear_chunks.FINISHED  # the block holds the finished gradient
+    assert out.loss.dtype == torch.float32 and out.lse.dtype == torch.float64
+    ref_loss, ref_lse, ref_grad = oracle(z, t, w, args, g)
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(out.lse.cpu(), ref_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(block.double().cpu(), ref_grad, rtol=1e-5, atol=1e-7)
+    # the recompute step: the same gradient from the saved LSE
+    again = z.clone()
+    assert triton_linear.grad_(again, t, w, out.lse, g, *args) == linear_chunks.FINISHED
+    torch.testing.assert_close(again, block, rtol=1e-6, atol=1e-8)
+
+
+def test_chunk_step_loss_only_leaves_the_block(device):
+    z, t, w, args = make_block(6, 129, OPTIONS["all"], device)
+    block = z.clone()
+    out = triton_linear.loss_and_grad_(block, t, w, None, *args)
+    torch.testing.assert_close(out.loss.double().cpu(), oracle(z, t, w, args, torch.ones(6))[0], rtol=2e-6, atol=2e-6)
+    assert torch.equal(block, z)
+
+
+def test_out_of_range_target_gives_a_nan_row(device):
+    z, t, w, args = make_block(4, 33, OPTIONS["plain"], device)
+    t[2] = 10**6
+    block = z.clone()
+    out = triton_linear.loss_and_grad_(block, t, w, torch.ones(4, device=device), *args)
+    assert torch.isnan(out.loss[2]) and torch.isnan(block[2]).all()
+    assert torch.isfinite(out.loss[[0, 1, 3]]).all() and torch.isfinite(block[[0, 1, 3]]).all()
+
+
+def test_split_vocabulary_blocks_use_the_torch_kernels(device):
+    # A piece of the vocabulary (vocab_start > 0 or fewer than C columns) goes to the torch step, unchanged.
+    z, t, w, args = make_block(5, 40, OPTIONS["plain"], device)
+    g = torch.ones(5, device=device)
+    ours, theirs = z.clone(), z.clone()
+    lse = torch.logsumexp(z.double(), -1)
+    f1 = triton_linear.grad_(ours, t, w, lse, g, *args, vocab_start=10, num_classes=50)
+    f2 = linear_chunks.chunk_grad_(theirs, t, w, lse, g, *args, vocab_start=10, num_classes=50)
+    assert torch.equal(ours, theirs)
+    for a, b in zip(f1, f2):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+# --- the whole loop ---------------------------------------------------------------------------------------------
+
+
+def linear_reference(x, lw, lb, t, w, args, g):
+    """Loss and (dX, dW, db) of cross_entropy(x Wᵀ + b) per row times g, float64."""
+    logits = x.double() @ lw.double().T + lb.double()
+    loss, _, grad = oracle(logits, t, w, args, g)
+    grad = grad.to(logits.device)
+    return loss, (grad @ lw.double()).cpu(), (grad.T @ x.double()).cpu(), grad.sum(0).cpu()
+
+
+@pytest.mark.parametrize("plan", [(64, 257), (16, 257), (16, 100)], ids=["one-block", "row-blocks", "vocab-split"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_linear_loop_with_triton_kernels(device, option, plan):
+    n, d, v = 37, 16, 257
+    opts = OPTIONS[option]
+    x = torch.randn(n, d, device=device)
+    lw = torch.randn(v, d, device=device) / 4.0
+    lb = torch.randn(v, device=device)
+    _, t, w, args = make_block(n, v, opts, device)
+    g = torch.rand(n, device=device) + 0.5
+    loss_opts = linear_chunks.LossOptions(*args)
+    out = linear_chunks.linear_loss_and_grads(
+        x, lw, lb, t, w, loss_opts, linear_chunks.ChunkPlan(*plan), grad_scale=g, kernels=triton_linear.TRITON_KERNELS
+    )
+    ref_loss, ref_dx, ref_dw, ref_db = linear_reference(x, lw, lb, t, w, args, g)
+    torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-5)
+    for got, want in zip(out.grads, (ref_dx, ref_dw, ref_db)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
+    # the recompute path ("none" reduction's backward) from the saved LSE
+    grads = linear_chunks.linear_grads(
+        x, lw, lb, t, w, out.lse, g, loss_opts, linear_chunks.ChunkPlan(*plan), kernels=triton_linear.TRITON_KERNELS
+    )
+    for got, want in zip(grads, (ref_dx, ref_dw, ref_db)):
+        torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="wiring pending: linear_chunks.chunk_kernels('triton') must return triton_linear.TRITON_KERNELS",
+)
+def test_linear_cross_entropy_impl_triton_uses_these_kernels():
+    assert linear_chunks.chunk_kernels("triton") is triton_linear.TRITON_KERNELS
+
+
+def test_linear_cross_entropy_impl_triton_matches_torch(device):
+    # Through the public function, every reduction path (grads in forward for mean, recompute for none).
+    x = torch.randn(21, 12, device=device)
+    lw = torch.randn(131, 12, device=device) / 3.0
+    t = torch.randint(0, 131, (21,), device=device)
+    for reduction in ("mean", "none"):
+        results = []
+        for impl in ("torch", "triton"):
+            xi, wi = x.clone().requires_grad_(), lw.clone().requires_grad_()
+            loss = crossent.linear_cross_entropy(xi, wi, t, reduction=reduction, label_smoothing=0.1, impl=impl)
+            loss.sum().backward()
+            results.append((loss.detach(), xi.grad, wi.grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and against F.cross_entropy of the materialized logits, in float64
+    x64, w64 = x.double().requires_grad_(), lw.double().requires_grad_()
+    F.cross_entropy(x64 @ w64.T, t, label_smoothing=0.1).backward()
+    xi, wi = x.clone().requires_grad_(), lw.clone().requires_grad_()
+    crossent.linear_cross_entropy(xi, wi, t, label_smoothing=0.1, impl="triton").backward()
+    torch.testing.assert_close(xi.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(wi.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
