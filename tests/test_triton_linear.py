@@ -142,10 +142,6 @@ def test_linear_loop_with_triton_kernels(device, option, plan):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="wiring pending: linear_chunks.chunk_kernels('triton') must return triton_linear.TRITON_KERNELS",
-)
 def test_linear_cross_entropy_impl_triton_uses_these_kernels():
     assert linear_chunks.chunk_kernels("triton") is triton_linear.TRITON_KERNELS
 

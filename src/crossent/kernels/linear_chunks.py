@@ -291,7 +291,11 @@ TORCH_KERNELS = ChunkKernels(chunk_loss_and_grad_, chunk_grad_, chunk_stats)
 
 
 def chunk_kernels(impl: str) -> ChunkKernels:
-    """The chunk kernels for a resolved ``impl``. Triton's are not written yet: every impl uses torch ops."""
+    """The chunk kernels for a resolved ``impl``: torch ops, or Triton's (:mod:`crossent.kernels.triton_linear`)."""
+    if impl == "triton":
+        from crossent.kernels.triton_linear import TRITON_KERNELS  # imported only when asked for: Triton is optional
+
+        return TRITON_KERNELS
     return TORCH_KERNELS
 
 
