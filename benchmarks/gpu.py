@@ -6,7 +6,7 @@ and (16384, 32768), bfloat16 and float32: median time, effective GB/s from the b
 and the time ratio to F.cross_entropy. Methods: F.cross_entropy eager and torch.compile'd, crossent
 (impl="triton", out of place and in place), and Liger / quack when importable.
 
-Fused linear cross-entropy (``bench_linear_ce``; runs once ``crossent.linear_cross_entropy`` exists) at
+Fused linear cross-entropy (``bench_linear_ce``: ``crossent.linear_cross_entropy``, impl="triton") at
 (N, D, V) = (8192, 4096, 128256), bf16, forward+backward: time vs the cuBLAS floor (the same three GEMMs),
 TF/s on 6·N·D·V, peak memory vs the dX + dW floor; vs PyTorch eager, F.linear_cross_entropy (if present),
 Liger FLCE, CCE when importable.
@@ -212,8 +212,8 @@ def bench_plain(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
 
 
 # --- fused linear cross-entropy (issue 3's op) --------------------------------------------------------------------
-# This section measures crossent.linear_cross_entropy, which another change is adding; until it exists the
-# section prints one line saying so. The floor is the three GEMMs every method must run: logits = X Wᵀ,
+# crossent.linear_cross_entropy with the Triton chunk step (a crossent without it prints one line saying so).
+# The floor is the three GEMMs every method must run: logits = X Wᵀ,
 # dX = G W, dW = Gᵀ X (6·N·D·V FLOPs), on preallocated buffers; the memory floor is dX + dW.
 
 

@@ -84,3 +84,23 @@ def test_impl_values_reach_the_backend(impl):
     t = torch.tensor([0, 4, 2])
     loss = crossent.cross_entropy(z, t, impl=impl)
     torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(z, t))
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_linear_cross_entropy(impl, reduction):
+    # Both autograd paths (gradients formed in the forward for "mean", recomputed in backward for "none"),
+    # several row blocks and every option that combines; impl "triton" runs the Triton chunk step.
+    if impl == "triton":
+        _triton_mode.kernel_device()  # the interpreter on CPU (or fails with the reason)
+    x = torch.randn(37, 16)
+    w = torch.randn(129, 16) / 4.0
+    t = torch.randint(0, 129, (37,))
+    t[5] = -100
+
+    def loss_fn(x, w):
+        return crossent.linear_cross_entropy(
+            x, w, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3, chunk_size=16, impl=impl
+        )
+
+    _compiled_matches_eager(loss_fn, x, w, atol=1e-5)
