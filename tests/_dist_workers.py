@@ -267,8 +267,9 @@ def make_linear(seed, batch, dtype, bias, **kw):
 
 
 def compare_linear(rank, world, x, w, b, target, weight, upstream, grads=(True, True, True), chunk_size=5,
-                   memory_budget=None, accumulate_dtype="float32", **opts):  # fmt: skip
-    """Loss, dX (full), this rank's dW and db rows vs crossent.cross_entropy(F.linear(x, W, b)) on one process."""
+                   memory_budget=None, accumulate_dtype="float32", fused_oracle=False, **opts):  # fmt: skip
+    """Loss, dX (full), this rank's dW and db rows vs crossent.cross_entropy(F.linear(x, W, b)) on one process
+    (``fused_oracle``: vs single-process crossent.linear_cross_entropy with the same chunking instead)."""
     lo, hi = my_range(rank, world)
     red = opts.get("reduction", "mean")
     chunking = dict(chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype)
@@ -280,8 +281,12 @@ def compare_linear(rank, world, x, w, b, target, weight, upstream, grads=(True, 
     _backward(loss, upstream, red)
     ref = [x.clone().requires_grad_(grads[0]), w.clone().requires_grad_(grads[1]),
            None if b is None else b.clone().requires_grad_(grads[2])]  # fmt: skip
-    logits = F.linear(*ref)
-    ref_loss = crossent.cross_entropy(logits.movedim(-1, 1) if logits.dim() > 2 else logits, target, weight, **opts)
+    if fused_oracle:
+        ref_loss = crossent.linear_cross_entropy(ref[0], ref[1], target, linear_bias=ref[2], weight=weight,
+                                                 **chunking, **opts)  # fmt: skip
+    else:
+        logits = F.linear(*ref)
+        ref_loss = crossent.cross_entropy(logits.movedim(-1, 1) if logits.dim() > 2 else logits, target, weight, **opts)
     _backward(ref_loss, upstream, red)
     problems = [check_same(loss.detach(), ref_loss.detach(), x.dtype, "loss")]
     for name, got, want, sl in zip(("dX", "dW", "db"), leaves, ref, (slice(None), slice(lo, hi), slice(lo, hi))):
@@ -318,6 +323,15 @@ def linear_job(rank, world):
     out["f32 smoothing z-loss softcap"] = compare_linear(
         rank, world, *data, chunk_size=8, label_smoothing=0.1, z_loss=0.01, softcap=4.0
     )
+    data = make_linear(208, (4, 5), torch.bfloat16, True, weighted=True)
+    out["bf16 vs single-process linear_cross_entropy"] = compare_linear(
+        rank, world, *data, chunk_size=8, fused_oracle=True, label_smoothing=0.1
+    )
+    data = make_linear(209, (19,), torch.float32, False)
+    for red in ("mean", "none"):
+        out[f"f32 vs single-process linear_cross_entropy, {red}"] = compare_linear(
+            rank, world, *data, chunk_size=None, fused_oracle=True, reduction=red, z_loss=0.01
+        )
     data = make_linear(201, (16,), torch.float64, True)
     out["default chunk_size"] = compare_linear(rank, world, *data, chunk_size=None, reduction="sum")
     out["only W requires grad"] = compare_linear(rank, world, *data, grads=(False, True, False))
