@@ -120,7 +120,7 @@ def worker(method: str, n: int, d: int, v: int, reps: int, what: str) -> dict:
 
     if what == "time":
         seconds = median_seconds(run, reps)
-        loss = None if method == "floor" else float(run())
+        loss = None if method == "floor" else float(run().detach())
         return {"seconds": seconds, "loss": loss}
     run()  # lazy imports, compilation (cce) and allocator set-up stay out of the peak
     x.grad = w.grad = None

@@ -520,8 +520,11 @@ class _Workspace:
         self.need_x, self.need_w, self.need_b = grads and need_x, grads and need_w, grads and need_b and b is not None
         acc_w = self.cdt if accumulate == "float32" else w.dtype
         self.dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if self.need_x else None
-        self.dx_blk = torch.empty(rows, self.dim, dtype=self.cdt, device=dev) if self.need_x else None
-        self.dw = torch.zeros(w.shape, dtype=acc_w, device=dev) if self.need_w else None
+        direct = len(self.pieces) == 1 and x.dtype == self.cdt
+        self.dx_blk = torch.empty(rows, self.dim, dtype=self.cdt, device=dev) if self.need_x and not direct else None
+        # the first row block writes dW (no zero fill: one pass over V×D saved); nothing to write when N = 0
+        new_dw = torch.empty if self.n else torch.zeros
+        self.dw = new_dw(w.shape, dtype=acc_w, device=dev) if self.need_w else None
         self.db = torch.zeros(self.vocab, dtype=self.cdt, device=dev) if self.need_b else None
         eps = opts.label_smoothing if grads and opts.softcap is None else 0.0  # softcap: G comes finished
         w_local = _shard_weight(weight, vocab_start, self.vocab, self.cdt)
@@ -571,7 +574,11 @@ class _Workspace:
             x_c = x_blk.to(self.cdt)
             dw = self.dw[p0:p1]
             xs = x_c if f.scale is None else x_c * f.scale.unsqueeze(-1)  # dW += Qᵀ (diag(scale) X)
-            dw.addmm_((q if dw.dtype == self.cdt else q_in).T, xs.to(dw.dtype))
+            q_w = (q if dw.dtype == self.cdt else q_in).T
+            if r0 == 0:
+                torch.mm(q_w, xs.to(dw.dtype), out=dw)
+            else:
+                dw.addmm_(q_w, xs.to(dw.dtype))
             if f.target_coef is not None:  # dW[t_i] −= target_coef_i x_i
                 dw.index_add_(0, t_col, (x_c * f.target_coef.unsqueeze(-1)).to(dw.dtype), alpha=-1)
             if f.smooth_coef is not None and first:  # the same γ for every piece: count each row once
@@ -586,21 +593,26 @@ class _Workspace:
                 db.index_add_(0, t_col, f.target_coef, alpha=-1)
             if f.smooth_coef is not None and first:
                 self.smooth_sum.add_(f.smooth_coef.sum())
-        if self.need_x and p1 == self.vocab:  # the block's dX rows are complete
+        if self.need_x and p1 == self.vocab and self.dx_blk is not None:  # the block's dX rows are complete
             self.dx[r0:r1].copy_(self.dx_blk[: r1 - r0])
 
     def _add_dx(self, q_in, f, r0, r1, piece, t_col, first):
         """dX_blk (+)= diag(scale) (Q W) − target_coef ⊙ W[t] − smooth_coef ⊗ (wᵀ W)."""
         p0, p1 = piece
         w_p = self.w[p0:p1]
-        dx = self.dx_blk[: r1 - r0]
-        term = torch.mm(q_in, w_p).to(self.cdt)  # a new (rows, D) tensor: the epilogue works on it in place
+        if self.dx_blk is None:  # one piece, dX in the compute dtype: the product goes straight into dX's rows
+            dx = term = torch.mm(q_in, w_p, out=self.dx[r0:r1])
+        else:
+            dx = self.dx_blk[: r1 - r0]
+            term = torch.mm(q_in, w_p).to(self.cdt)  # a new (rows, D) tensor: the epilogue works on it in place
         if f.scale is not None:
             term.mul_(f.scale.unsqueeze(-1))
         if f.target_coef is not None:
             term.addcmul_(w_p.index_select(0, t_col), f.target_coef.unsqueeze(-1), value=-1)
         if f.smooth_coef is not None:
             term.addr_(f.smooth_coef, self.smooth_dx[self.pieces.index(piece)], alpha=-1)
+        if term is dx:
+            return
         if first:
             dx.copy_(term)
         else:
