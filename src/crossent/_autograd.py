@@ -70,13 +70,15 @@ class LinearCrossEntropyFused(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        grads = ctx.saved_tensors
+        if torch.compiler.is_compiling():  # traced: no host check, no Python state
+            return (*[None if g is None else g * grad_out for g in grads], None, None, None, None, None, None, None)
         if getattr(ctx, "consumed", False):  # the gradients were handed out (and may be scaled or aliased)
             raise RuntimeError(
                 "linear_cross_entropy with reduction 'mean'/'sum' forms its gradients in forward and hands them "
                 "to the first backward; backward through it a second time (retain_graph=True) is not supported"
             )
         ctx.consumed = True
-        grads = ctx.saved_tensors
         if grad_out.device.type != "cpu" or bool(grad_out != 1):  # skip a pass over dW for loss.backward() on CPU
             grads = [None if g is None else g.mul_(grad_out) for g in grads]
         return (*grads, None, None, None, None, None, None, None)
