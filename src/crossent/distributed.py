@@ -457,6 +457,7 @@ def vocab_parallel_linear_cross_entropy(
         # what needs a gradient decides the collectives (per-block combines, dX's all-reduce): all ranks alike
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                       for t in (input, linear_weight, linear_bias))  # fmt: skip
+        opts_box.append(needs)
         return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=target.numel(),
                     shapes=tuple(input.shape), dtypes=(str(input.dtype), str(target.dtype)),
                     options=(_option_key(loss_opts, weight), linear_bias is None, needs, chunk_size, memory_budget,
@@ -464,7 +465,7 @@ def vocab_parallel_linear_cross_entropy(
                     weight=weight, target=target)  # fmt: skip
 
     start, num_classes, widest = _agree(fn, group, _device_of(input), ignore_index, check_and_describe)
-    opts = opts_box[0]
+    opts, needs = opts_box
     o = opts.loss
     x = input.reshape(-1, input.shape[-1])
     t = target.reshape(-1).long()
@@ -478,8 +479,6 @@ def vocab_parallel_linear_cross_entropy(
             x, linear_weight, linear_bias, t, weight, shard, loss_opts, plan, opts.accumulate_dtype, combine, reduce_dx
         )
         return loss.reshape(target.shape)
-    needs = tuple(torch.is_grad_enabled() and p is not None and p.requires_grad
-                  for p in (input, linear_weight, linear_bias))  # fmt: skip
     row_scale = _reduction_row_scale(t, weight, o, compute_dtype(x.dtype))
     return VocabParallelLinearFused.apply(
         x, linear_weight, linear_bias, t, weight, row_scale, shard, loss_opts, plan, opts.accumulate_dtype, needs,
