@@ -91,13 +91,16 @@ def _floor(x, w):
     plan = plan_chunks(n, d, w.shape[0], x.dtype, x.device)
     buf = torch.empty(plan.rows, w.shape[0], dtype=x.dtype)
     dx = torch.empty_like(x)
-    dw = torch.zeros_like(w)
+    dw = torch.empty_like(w)
     for r0 in range(0, n, plan.rows):
         r1 = min(r0 + plan.rows, n)
         z = buf[: r1 - r0]
         torch.mm(x[r0:r1], w.T, out=z)
         torch.mm(z, w, out=dx[r0:r1])
-        dw.addmm_(z.T, x[r0:r1])
+        if r0 == 0:  # the first block writes dW, as crossent does (no zero fill)
+            torch.mm(z.T, x[r0:r1], out=dw)
+        else:
+            dw.addmm_(z.T, x[r0:r1])
     return dx, dw
 
 

@@ -174,7 +174,7 @@ FINISHED = GradFactors(None, None, None)
 
 
 class ChunkGrad(NamedTuple):
-    """What the forward chunk step returns: per-row loss and global lse (compute dtype), and the factors."""
+    """What the forward chunk step returns: per-row loss (compute dtype), global lse (float64), the factors."""
 
     loss: Tensor
     lse: Tensor
