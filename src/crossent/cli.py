@@ -24,6 +24,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _bench(args) -> int:
+    if args.op == "linear":  # fused linear + CE: CPU fp32, each method in its own subprocess, table + plot
+        from crossent.bench import linear_ce
+
+        return linear_ce.main((["--quick"] if args.quick else []) + ["--reps", str(args.reps), "--out", args.out])
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("crossent bench: --device cuda but no CUDA device is available")
@@ -56,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench.add_argument("--reps", type=int, default=5, help="timed repetitions per method (median reported)")
     bench.add_argument("--quick", action="store_true", help="a tiny shape only (a smoke test)")
+    bench.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
+                       help="linear: fused linear + CE vs the GEMM floor, PyTorch and CCE (CPU, float32; "
+                            "writes linear_ce.md and linear_ce.png to --out)")  # fmt: skip
+    bench.add_argument("--out", default="bench-out", help="folder for --op linear's table and plot")
     return parser
 
 
