@@ -154,16 +154,19 @@ def test_huge_logits_take_the_recompute_fallback():
 SLACK = {torch.float32: 16 * 2.0**-23, torch.bfloat16: 2.0**-8}
 
 
+@pytest.mark.parametrize("chunks", ["several", "vocab-split"])
 @pytest.mark.parametrize("accumulate", ["float32", "weight"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_low_precision_error_at_most_naive(dtype, accumulate):
+def test_low_precision_error_at_most_naive(dtype, accumulate, chunks):
     x64, w64, b64, t, cw, kw = _problem(options={"label_smoothing": 0.1, "z_loss": 1e-3})
-    kw.update(chunk_size=64)
+    kw.update(CHUNKS[chunks])
     go = torch.tensor(1.0)
     _, ref = _run(_materialized, x64, w64, b64, t, cw, kw, go.double())
     ref_loss = _materialized(x64, w64, t, b64, cw, kw)
     x, w, b = (p.to(dtype) for p in (x64, w64, b64))
     naive_loss, naive = _run(_materialized, x, w, b, t, cw, kw, go)
+    if "memory_budget" in kw:  # the same pieces at the 16-bit scratch size
+        kw["memory_budget"] = scratch_bytes(100, 300, D, dtype)
     loss, got = _run(_fused, x, w, b, t, cw, {**kw, "accumulate_dtype": accumulate}, go)
     assert loss.dtype == torch.float32  # the loss is never rounded to 16 bits
     assert [g.dtype for g in got] == [dtype] * 3  # each gradient in its parameter's dtype
