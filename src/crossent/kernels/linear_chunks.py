@@ -432,10 +432,12 @@ def linear_loss_and_grads(
         grad_scale: None (loss only: one product per block), or the upstream gradient per row, () or (N,):
             then dX, dW, db (those ``needs`` asks for) come out with it (3 products per block; a vocabulary
             split adds the logits product again).
-        accumulate: ``"float32"`` (dW and dX summed in the compute dtype, cast once at the end) or
-            ``"weight"`` (dW summed in ``linear_weight``'s dtype: less memory for 16-bit weights).
+        accumulate: ``"float32"`` (dW summed over row blocks in the compute dtype, cast once at the end) or
+            ``"weight"`` (in ``linear_weight``'s dtype: no fp32 copy for 16-bit weights). dX rows are summed
+            over vocabulary pieces in the compute dtype, db always in fp32.
         combine: per block of rows, the stats of this process's columns → global stats (vocab-parallel).
-            Then dX is this slice's part (sum it over ranks); dW and db are this slice's.
+            Then dX is this slice's part (sum it over ranks); dW and db are this slice's. The hook is a
+            collective, so every rank must run the same number of row blocks (the same ``plan.rows``).
     """
     ws = _Workspace(input, linear_weight, linear_bias, target, weight, opts, plan, needs, accumulate,
                     vocab_start, num_classes, grad_scale is not None)  # fmt: skip
