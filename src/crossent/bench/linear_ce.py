@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 reps: a smoke test")
     parser.add_argument("--out", default="bench-out", help="folder for linear_ce.md and linear_ce.png")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("N", "D", "V"),
+                        help="instead of the default shapes (repeatable)")  # fmt: skip
     parser.add_argument("--worker", nargs=5, metavar=("METHOD", "N", "D", "V", "WHAT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -242,6 +244,7 @@ def main(argv=None) -> int:
     import torch
 
     shapes, reps = (QUICK_SHAPES, 2) if args.quick else (SHAPES, args.reps)
+    shapes = [tuple(s) for s in args.shape] if args.shape else shapes
     header = (f"linear CE forward+backward, float32, CPU, torch {torch.__version__}, "
               f"{torch.get_num_threads()} threads, median of {reps}")  # fmt: skip
     print(header, flush=True)

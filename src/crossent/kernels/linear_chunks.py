@@ -49,10 +49,13 @@ from crossent.kernels.torch_rows import (
 # Scratch budget (bytes) when the caller gives none, and the fewest token rows a block may have before
 # the vocabulary is split instead (a split costs one more logits product per block; fewer rows make the
 # dW product, whose inner dimension is the row count, bandwidth-bound on dW).
-# CPU: 128 MiB gives ~960 rows at V = 32768 and ~250 rows at V = 131072 (fp32, D ≤ 2048): the three
-# products stay compute-bound, and scratch + dX + dW stays under PyTorch's chunked mode at
-# (4096, 1024, 32768) (benchmarks/linear_ce.py, 2-core x86 VM). CUDA: starting values, not measured.
+# The budget is the larger of the device's floor below and a quarter of the fp32 dW sum (V·D·4 bytes),
+# which must exist anyway: bigger blocks mean fewer read-modify-write passes over dW, and scratch stays
+# below 25% of it. CPU floor 128 MiB: ~820 rows at (V, D) = (32768, 1024), so scratch + dX + dW stays under
+# PyTorch's chunked mode there; at (131072, 2048) the quarter (256 MiB, ~460 rows) measured 1.2× faster
+# than 128 MiB blocks (benchmarks/linear_ce.py, 2-core x86 VM). CUDA: starting values, not measured.
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
+DW_SHARE = 4  # the default budget is at least (fp32 dW bytes) / DW_SHARE
 MIN_BLOCK_ROWS = {"cpu": 64, "cuda": 256}
 MIN_BLOCK_COLS = 256  # the narrowest vocabulary piece the plan picks by itself
 ROW_ALIGN = 8  # block rows are rounded down to a multiple of this (GEMM micro-kernels), when possible
@@ -77,8 +80,10 @@ def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype) -> int:
     return rows * cols * (s_c + s_16) + rows * dim * 3 * s_c
 
 
-def default_memory_budget(device: torch.device) -> int:
-    return DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cuda"])
+def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0) -> int:
+    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or a quarter of the fp32 dW sum if that is larger."""
+    floor = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cuda"])
+    return max(floor, vocab * dim * 4 // DW_SHARE)
 
 
 def plan_chunks(
@@ -108,7 +113,7 @@ def plan_chunks(
         if memory_budget is None:
             return ChunkPlan(rows, vocab)
         return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget))
-    budget = default_memory_budget(device) if memory_budget is None else memory_budget
+    budget = default_memory_budget(device, vocab, dim) if memory_budget is None else memory_budget
     full_rows = max(1, _rows_that_fit(vocab, dim, dtype, budget))
     min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
     if full_rows >= min_rows:
