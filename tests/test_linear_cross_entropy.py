@@ -324,7 +324,7 @@ def test_plan_chunks():
     cpu = torch.device("cpu")
     row = scratch_bytes(1, 32768, 1024, f32)
     assert plan_chunks(4096, 1024, 32768, f32, cpu) == ChunkPlan(824, 32768)  # 128 MiB: 5 equal blocks
-    assert plan_chunks(2048, 2048, 131072, f32, cpu) == ChunkPlan(416, 131072)  # V·D bytes = 256 MiB: 5 blocks
+    assert plan_chunks(2048, 2048, 131072, f32, cpu) == ChunkPlan(688, 131072)  # 2·V·D bytes = 512 MiB: 3 blocks
     assert plan_chunks(100, 64, 1000, f32, cpu) == ChunkPlan(100, 1000)  # all rows in one block
     assert plan_chunks(4096, 1024, 32768, f32, cpu, chunk_size=300) == ChunkPlan(300, 32768)
     # a budget of 10 rows (< 64): 64 rows of a vocabulary piece instead

@@ -172,8 +172,8 @@ def linear_cross_entropy(
     db (V,)) is the block scratch ``rows · cols · (s_c + s_16) + 3 · rows · D · s_c`` (s_c = 4 bytes, 8 for
     float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``,
     the fp32 sum of dW (V · D · 4 bytes), plus O(N + V). ``memory_budget`` bounds the block scratch; the
-    default is ``max(128 MiB, V · D bytes)`` on the CPU and ``max(1 GiB, V · D bytes)`` on CUDA (a quarter
-    of the fp32 dW sum, at least the device's floor: ``linear_chunks.default_memory_budget``).
+    default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on CUDA
+    (half the fp32 dW sum, at least the device's floor: ``linear_chunks.default_memory_budget``).
 
     Args:
         input: (..., D) floating, CPU or CUDA.

@@ -49,13 +49,14 @@ from crossent.kernels.torch_rows import (
 # Scratch budget (bytes) when the caller gives none, and the fewest token rows a block may have before
 # the vocabulary is split instead (a split costs one more logits product per block; fewer rows make the
 # dW product, whose inner dimension is the row count, bandwidth-bound on dW).
-# The budget is the larger of the device's floor below and a quarter of the fp32 dW sum (V·D·4 bytes),
-# which must exist anyway: bigger blocks mean fewer read-modify-write passes over dW, and scratch stays
-# below 25% of it. CPU floor 128 MiB: ~820 rows at (V, D) = (32768, 1024), so scratch + dX + dW stays under
-# PyTorch's chunked mode there; at (131072, 2048) the quarter (256 MiB, ~460 rows) measured 1.2× faster
-# than 128 MiB blocks (benchmarks/linear_ce.py, 2-core x86 VM). CUDA: starting values, not measured.
+# The budget is the larger of the device's floor below and half the fp32 dW sum (V·D·4 bytes), which
+# must exist anyway: bigger blocks mean fewer read-modify-write passes over dW and fewer re-packings of W
+# by the products, and scratch stays below 50% of dW. CPU floor 128 MiB: ~820 rows at (V, D) =
+# (32768, 1024), so scratch + dX + dW stays under PyTorch's chunked mode there. At (2048, 2048, 131072)
+# forward+backward took 12.8 s with 256 MiB blocks, 11.9 s with 512 MiB (half of dW: 3 blocks) and
+# 12.5 s with 1.1 GiB (in-process, alternating; 2-core x86 VM). CUDA: starting values, not measured.
 DEFAULT_MEMORY_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
-DW_SHARE = 4  # the default budget is at least (fp32 dW bytes) / DW_SHARE
+DW_SHARE = 2  # the default budget is at least (fp32 dW bytes) / DW_SHARE
 MIN_BLOCK_ROWS = {"cpu": 64, "cuda": 256}
 MIN_BLOCK_COLS = 256  # the narrowest vocabulary piece the plan picks by itself
 ROW_ALIGN = 8  # block rows are rounded down to a multiple of this (GEMM micro-kernels), when possible
@@ -81,7 +82,7 @@ def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype) -> int:
 
 
 def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0) -> int:
-    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or a quarter of the fp32 dW sum if that is larger."""
+    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or half the fp32 dW sum if that is larger."""
     floor = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cuda"])
     return max(floor, vocab * dim * 4 // DW_SHARE)
 
