@@ -212,8 +212,9 @@ def plot(results, path: Path) -> None:
         if not pts:
             continue
         vs = [p[0] for p in pts]
-        ax_t.plot(vs, [p[1] for p in pts], marker="o", label=method)
-        ax_m.plot(vs, [p[2] / 2**20 for p in pts], marker="o", label=method)
+        style = dict(marker="o", label=method, linestyle="--" if method == "floor" else "-")
+        ax_t.plot(vs, [p[1] for p in pts], **style)
+        ax_m.plot(vs, [p[2] / 2**20 for p in pts], **style)
     labels = [f"{r['shape'][2]}\n(N={r['shape'][0]}, D={r['shape'][1]})" for r in results if r["method"] == "floor"]
     for ax, title in ((ax_t, "forward+backward time (s)"), (ax_m, "peak extra memory (MiB)")):
         ax.set_xscale("log", base=2)
