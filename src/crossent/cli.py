@@ -60,9 +60,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench.add_argument("--reps", type=int, default=5, help="timed repetitions per method (median reported)")
     bench.add_argument("--quick", action="store_true", help="a tiny shape only (a smoke test)")
-    bench.add_argument("--op", choices=["cross_entropy", "linear"], default="cross_entropy",
-                       help="linear: fused linear + CE vs the GEMM floor, PyTorch and CCE (CPU, float32; "
-                            "writes linear_ce.md and linear_ce.png to --out)")  # fmt: skip
+    bench.add_argument("--op", choices=["ce", "linear"], default="ce",
+                       help="ce: cross_entropy (default); linear: fused linear + CE vs the GEMM floor, PyTorch "
+                            "and CCE (CPU, float32; writes linear_ce.md and linear_ce.png to --out)")  # fmt: skip
     bench.add_argument("--out", default="bench-out", help="folder for --op linear's table and plot")
     return parser
 
