@@ -9,7 +9,6 @@ from torch import Tensor
 
 from crossent._checks import check_target_range
 from crossent.kernels import torch_rows
-from crossent.kernels.host_memory import empty_for_writing
 
 
 def _backend(impl: str):
@@ -61,7 +60,7 @@ def ce_backward(
     impl: str,
 ) -> Tensor:
     """Gradient w.r.t. the logits in a new tensor of the logits' shape and dtype."""
-    out = empty_for_writing(logits.shape, logits.dtype, logits.device)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     _backend(impl).backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, out)
     return out
 
