@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -26,6 +26,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _bench(args) -> int:
     if args.op == "linear":  # fused linear + CE: CPU fp32, each method in its own subprocess, table + plot
         from crossent.bench import linear_ce
+
+        if args.shape or args.dtype != "float32" or args.device not in ("auto", "cpu"):
+            raise SystemExit(
+                "crossent bench --op linear runs CPU float32 on its own (N, D, V) shapes; "
+                "for other shapes use benchmarks/linear_ce.py --shape N D V"
+            )
 
         return linear_ce.main((["--quick"] if args.quick else []) + ["--reps", str(args.reps), "--out", args.out])
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
