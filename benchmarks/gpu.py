@@ -276,7 +276,7 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     rows = [Row("lce", shape, dtype_name, "GEMM floor", ms=floor_ms, rate=flops / (floor_ms * 1e-3) / 1e12,
                 ratio=1.0, mem_floor=mem_floor)]  # fmt: skip
     rows[0].peak_pct = None if peak is None else 100.0 * rows[0].rate / peak
-    del logits, dx, dw
+    logits = dx = dw = None  # free the N×V floor buffer before the methods run
     ref = F.cross_entropy((x.float() @ w.float().T), target).item() if n * v <= 2**31 else None
     for method, fn in linear_methods(smoke).items():
         row = Row("lce", shape, dtype_name, method, mem_floor=mem_floor)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import os
 import queue
 import socket
 import traceback

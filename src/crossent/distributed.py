@@ -52,7 +52,7 @@ from crossent._vocab_parallel_autograd import (
     VocabParallelLinearRecompute,
     VocabParallelRows,
 )
-from crossent.functional import _reduce, _reduction_row_scale
+from crossent._reduction import reduce_rows, reduction_row_scale
 from crossent.kernels import linear_chunks
 from crossent.kernels.linear_chunks import plan_chunks
 from crossent.kernels.torch_rows import RowStats, compute_dtype
@@ -366,7 +366,7 @@ def vocab_parallel_cross_entropy(
     opts = opts_box[0]
     shard = Shard(start, logits.shape[-1], num_classes)
     loss = VocabParallelRows.apply(logits, target, weight, shard, opts, all_reduce_stats(group))
-    return _reduce(loss, target, weight, "index", opts)
+    return reduce_rows(loss, target, weight, "index", opts)
 
 
 def all_reduce_sum(group=None):
@@ -479,7 +479,7 @@ def vocab_parallel_linear_cross_entropy(
             x, linear_weight, linear_bias, t, weight, shard, loss_opts, plan, opts.accumulate_dtype, combine, reduce_dx
         )
         return loss.reshape(target.shape)
-    row_scale = _reduction_row_scale(t, weight, o, compute_dtype(x.dtype))
+    row_scale = reduction_row_scale(t, weight, o, compute_dtype(x.dtype))
     return VocabParallelLinearFused.apply(
         x, linear_weight, linear_bias, t, weight, row_scale, shard, loss_opts, plan, opts.accumulate_dtype, needs,
         combine, reduce_dx,

@@ -11,6 +11,7 @@ from crossent._autograd import CrossEntropyRows, LinearCrossEntropyFused, Linear
 from crossent._checks import check_logits, check_weight, target_kind
 from crossent._dispatch import resolve_impl
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
+from crossent._reduction import reduce_rows, reduction_row_scale
 from crossent.kernels.linear_chunks import plan_chunks
 from crossent.kernels.torch_rows import compute_dtype
 
@@ -102,7 +103,7 @@ def cross_entropy_with_options(input: Tensor, target: Tensor, weight: Optional[T
     impl = resolve_impl(opts.impl, input.device)
     logits, target = _classes_last(input, target, kind)
     loss = CrossEntropyRows.apply(logits, target, weight, opts, impl)
-    return _reduce(loss, target, weight, kind, opts)
+    return reduce_rows(loss, target, weight, kind, opts)
 
 
 def _classes_last(input: Tensor, target: Tensor, kind: str):
@@ -112,28 +113,6 @@ def _classes_last(input: Tensor, target: Tensor, kind: str):
     if kind == "probs":
         target = target.movedim(1, -1)
     return input.movedim(1, -1), target
-
-
-def _reduce(loss: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions):
-    """``none`` / ``sum`` / PyTorch's weighted ``mean``; a mean over zero total weight is 0."""
-    if opts.reduction == "none":
-        return loss
-    total = loss.sum()
-    if opts.reduction == "sum":
-        return total
-    if kind == "probs":
-        return total / max(loss.numel(), 1)
-    denom = _index_mean_denominator(target, weight, opts.ignore_index, loss.dtype)
-    return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
-
-
-def _index_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
-    """PyTorch's weighted-mean denominator for class indices: ``Σ_i w_{t_i}`` over non-ignored positions."""
-    valid = target != ignore_index
-    if weight is None:
-        return valid.sum().to(dtype)
-    w = weight.detach().to(dtype)
-    return torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0).sum()
 
 
 def linear_cross_entropy(
@@ -248,17 +227,8 @@ def linear_cross_entropy_with_options(
         return loss.reshape(target.shape)
     grad_on = torch.is_grad_enabled()
     needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias))
-    row_scale = _reduction_row_scale(t, weight, opts.loss, compute_dtype(input.dtype))
+    row_scale = reduction_row_scale(t, weight, opts.loss, compute_dtype(input.dtype))
     return LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, opts, plan, impl, needs)
-
-
-def _reduction_row_scale(target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions, dtype) -> Tensor:
-    """``∂(reduced loss)/∂loss_i``, the same for every row: 1 for ``"sum"``, ``1 / Σ_i w_{t_i}`` for ``"mean"``
-    (0 when that sum is 0, as :func:`_reduce`). A 0-d tensor: no host sync."""
-    if opts.reduction == "sum":
-        return torch.ones((), dtype=dtype, device=target.device)
-    denom = _index_mean_denominator(target, weight, opts.ignore_index, dtype)
-    return torch.where(denom == 0, 0.0, 1.0 / torch.where(denom == 0, 1.0, denom))
 
 
 def _check_linear(input, linear_weight, target, linear_bias) -> None:

@@ -61,7 +61,7 @@ def run(
             loss = fn(x, target)
             loss.backward()
             per_shape[name] = (seconds, saved, abs(loss.double().item() - loss64), _max_abs(x.grad, grad64))
-            del x, loss
+            x = loss = None  # free the (N, C) input and its gradient before the next method
             on_step(f"{n}x{c} {name}")
         base = per_shape["torch"][0]
         for name, (seconds, saved, lerr, gerr) in per_shape.items():

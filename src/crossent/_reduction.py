@@ -1,0 +1,46 @@
+"""Reductions of per-position losses, in plain PyTorch: shared by every backend and by vocab-parallel CE.
+
+``"none"`` keeps the per-position losses, ``"sum"`` adds them, ``"mean"`` divides by PyTorch's weighted
+denominator (``Σ_i w_{t_i}`` over non-ignored positions for class indices, the number of positions for
+probabilities); a mean over zero total weight is 0 with a zero gradient (docs/math.md, "Reductions").
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from crossent._options import CrossEntropyOptions
+
+
+def reduce_rows(loss: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions):
+    """``none`` / ``sum`` / PyTorch's weighted ``mean``; a mean over zero total weight is 0."""
+    if opts.reduction == "none":
+        return loss
+    total = loss.sum()
+    if opts.reduction == "sum":
+        return total
+    if kind == "probs":
+        return total / max(loss.numel(), 1)
+    denom = index_mean_denominator(target, weight, opts.ignore_index, loss.dtype)
+    return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
+
+
+def index_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """PyTorch's weighted-mean denominator for class indices: ``Σ_i w_{t_i}`` over non-ignored positions."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().to(dtype)
+    w = weight.detach().to(dtype)
+    return torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0).sum()
+
+
+def reduction_row_scale(target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions, dtype) -> Tensor:
+    """``∂(reduced loss)/∂loss_i``, the same for every row: 1 for ``"sum"``, ``1 / Σ_i w_{t_i}`` for ``"mean"``
+    (0 when that sum is 0, as :func:`reduce_rows`). A 0-d tensor: no host sync."""
+    if opts.reduction == "sum":
+        return torch.ones((), dtype=dtype, device=target.device)
+    denom = index_mean_denominator(target, weight, opts.ignore_index, dtype)
+    return torch.where(denom == 0, 0.0, 1.0 / torch.where(denom == 0, 1.0, denom))
