@@ -33,16 +33,16 @@ from torch import Tensor
 
 from crossent.kernels.torch_rows import (
     RowStats,
-    _dot,
-    _index_masks,
-    _local_targets,
-    _shard_weight,
-    _weight_at,
     combine_stats,
     compute_dtype,
     index_loss,
+    index_masks,
+    local_targets,
     shard_backward,
     shard_stats,
+    shard_weight,
+    weight_at,
+    weighted_sum,
 )
 
 # --- chunk plan ----------------------------------------------------------------------------------------
@@ -318,10 +318,10 @@ def _softmax_loss_and_grad_(x, target, weight, grad_scale, opts):
     """
     ignore_index, eps, z_loss = opts
     num_classes = x.shape[-1]
-    _, t_safe, _ = _index_masks(target, ignore_index, num_classes)
+    _, t_safe, _ = index_masks(target, ignore_index, num_classes)
     column = t_safe.unsqueeze(-1)
     z_t = x.gather(-1, column).squeeze(-1)
-    dot = _dot(x, _shard_weight(weight, 0, num_classes, x.dtype)) if eps else None
+    dot = weighted_sum(x, shard_weight(weight, 0, num_classes, x.dtype)) if eps else None
     _softmax_(x)
     p_t = x.gather(-1, column).squeeze(-1)
     if bool((p_t < _TINY_PROB).any()):  # CPU only: a free host check
@@ -336,9 +336,9 @@ def _softmax_loss_and_grad_(x, target, weight, grad_scale, opts):
 def _exp_loss_and_grad_(x, target, weight, grad_scale, opts, vocab_start, num_classes, combine):
     """Max-first path, any block: ``Q = exp(z − m)`` in place; stats as :func:`shard_stats` gives them."""
     ignore_index, eps, z_loss = opts
-    local_targets, t_local = _local_targets(target, vocab_start, x.shape[-1])
+    local_targets, t_local = local_targets(target, vocab_start, x.shape[-1])
     z_t = torch.where(local_targets, x.gather(-1, t_local.unsqueeze(-1)).squeeze(-1), 0.0)
-    dot = _dot(x, _shard_weight(weight, vocab_start, x.shape[-1], x.dtype)) if eps else None
+    dot = weighted_sum(x, shard_weight(weight, vocab_start, x.shape[-1], x.dtype)) if eps else None
     row_max = x.amax(-1).clamp_(min=torch.finfo(x.dtype).min)  # an all −inf row: sumexp 0, not NaN
     torch.sub(x, row_max.unsqueeze(-1), out=x).exp_()
     local = RowStats(row_max, x.sum(-1), z_t, dot)
@@ -370,10 +370,10 @@ def _grad_factors(target, weight, lse, grad_scale, opts, vocab_start, shard_size
     """The row factors of the formula above the chunk step, formed in lse's dtype (float64 from RowStats.lse:
     O(rows) work) and returned in the block's ``dtype``; NaN scale on out-of-range targets (CUDA)."""
     ignore_index, eps, z_loss = opts
-    valid, t_safe, bad = _index_masks(target, ignore_index, num_classes)
-    local_targets, _ = _local_targets(target, vocab_start, shard_size)
+    valid, t_safe, bad = index_masks(target, ignore_index, num_classes)
+    local_targets, _ = local_targets(target, vocab_start, shard_size)
     g = torch.where(valid, grad_scale.to(lse.dtype), 0.0)
-    omega = torch.where(valid, _weight_at(weight, t_safe, lse), 0.0)
+    omega = torch.where(valid, weight_at(weight, t_safe, lse), 0.0)
     total_weight = num_classes if weight is None else weight.to(lse.dtype).sum()
     scale = g * (omega * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
     if rescale is not None:
@@ -535,7 +535,7 @@ class _Workspace:
         self.dw = new_dw(w.shape, dtype=acc_w, device=dev) if self.need_w else None
         self.db = torch.zeros(self.vocab, dtype=self.cdt, device=dev) if self.need_b else None
         eps = opts.label_smoothing if grads and opts.softcap is None else 0.0  # softcap: G comes finished
-        w_local = _shard_weight(weight, vocab_start, self.vocab, self.cdt)
+        w_local = shard_weight(weight, vocab_start, self.vocab, self.cdt)
         self.w_local = torch.ones(self.vocab, dtype=self.cdt, device=dev) if w_local is None else w_local
         # smoothing's −ε w_c / C term, summed over rows: Σ_i γ_i x_i (for dW) and Σ_i γ_i (for db), applied once
         self.smooth_x = torch.zeros(self.dim, dtype=self.cdt, device=dev) if eps and self.need_w else None
@@ -573,7 +573,7 @@ class _Workspace:
     def add_block_grad(self, q, f: GradFactors, r0, r1, piece, first):
         """Add the block's share of dX, dW, db; G = diag(scale) Q − target_coef ⊙ onehot − smooth_coef ⊗ w."""
         p0, p1 = piece
-        _, t_col = _local_targets(self.target[r0:r1], self.vocab_start + p0, p1 - p0)
+        _, t_col = local_targets(self.target[r0:r1], self.vocab_start + p0, p1 - p0)
         x_blk = self.x[r0:r1]
         q_in = q if self.buf_in is None else self.buf_in[: q.numel()].view(q.shape).copy_(q)
         if self.need_x:

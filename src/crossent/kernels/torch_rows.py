@@ -134,19 +134,19 @@ def shard_stats(
     """Per-row max, sum-exp, target logit and (``need_dot``) ``Σ_c w_c z_c`` of a shard ``(..., V_s)``."""
     z3, t3, shape = _as_3d(logits, target)
     cdt = compute_dtype(logits.dtype)
-    w_shard = _shard_weight(weight, vocab_start, z3.shape[-1], cdt)
+    w_shard = shard_weight(weight, vocab_start, z3.shape[-1], cdt)
     row_max, sumexp = _empty_rows(z3.shape[:2], cdt, z3.device, 2)
     dot = torch.empty_like(row_max) if need_dot else None
     lowest = torch.finfo(cdt).min
     for idx, x, _ in _chunks(z3, cdt, 0):
         src = _capped(x, z3[idx], softcap)
         if need_dot:
-            dot[idx] = _dot(src, w_shard)
+            dot[idx] = weighted_sum(src, w_shard)
         m = src.amax(-1).clamp_(min=lowest)
         row_max[idx] = m
         torch.sub(src, m.unsqueeze(-1), out=x).exp_()
         sumexp[idx] = x.sum(-1)
-    local, t_local = _local_targets(t3, vocab_start, z3.shape[-1])
+    local, t_local = local_targets(t3, vocab_start, z3.shape[-1])
     z_t = z3.gather(-1, t_local.unsqueeze(-1)).squeeze(-1).to(cdt)  # the target logit, in fp32
     if softcap is not None:
         z_t = softcap * torch.tanh(z_t / softcap)
@@ -173,8 +173,8 @@ def index_loss(
     eps = label_smoothing
     out_dtype = target_logit.dtype
     lse, target_logit = lse.double(), target_logit.double()
-    valid, t_safe, bad = _index_masks(target, ignore_index, num_classes)
-    omega = torch.where(valid, _weight_at(weight, t_safe, lse), 0.0)
+    valid, t_safe, bad = index_masks(target, ignore_index, num_classes)
+    omega = torch.where(valid, weight_at(weight, t_safe, lse), 0.0)
     loss = omega * ((1.0 - eps) * (lse - target_logit) + z_loss * lse * lse)
     if eps:
         total_weight = num_classes if weight is None else weight.double().sum()
@@ -206,7 +206,7 @@ def shard_backward(
     cdt = compute_dtype(logits.dtype)
     rows = _IndexGradRows(t3, weight, vocab_start, z3.shape[-1], num_classes, ignore_index, label_smoothing,
                           z_loss, _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape), cdt)  # fmt: skip
-    w_shard = _shard_weight(weight, vocab_start, z3.shape[-1], cdt)
+    w_shard = shard_weight(weight, vocab_start, z3.shape[-1], cdt)
     direct = out.dtype == cdt  # compute straight into out's chunk: no scratch, no copy
     for idx, x, scratch in _chunks(z3, cdt, 1 if softcap else 0, scratch_for_x=not direct):
         x = out3[idx] if direct else x
@@ -231,10 +231,10 @@ class _IndexGradRows:
     """Per-position constants of the class-index gradient, computed once over all rows (O(N))."""
 
     def __init__(self, t3, weight, vocab_start, shard_size, num_classes, ignore_index, eps, z_loss, lse, g, cdt):
-        valid, t_safe, bad = _index_masks(t3, ignore_index, num_classes)
-        local, self.t_local = _local_targets(t3, vocab_start, shard_size)
+        valid, t_safe, bad = index_masks(t3, ignore_index, num_classes)
+        local, self.t_local = local_targets(t3, vocab_start, shard_size)
         g = torch.where(valid, g, 0.0)
-        omega = torch.where(valid, _weight_at(weight, t_safe, g), 0.0)
+        omega = torch.where(valid, weight_at(weight, t_safe, g), 0.0)
         total_weight = num_classes if weight is None else weight.double().sum()
         # a·p with a = g (ω (1 − ε + 2 s lse) + ε W / C) is computed as exp(z − (lse − log|a|))·sign(a):
         # one exp pass instead of exp and multiply. Ignored rows have a = 0, so the shift is +inf and
@@ -269,7 +269,7 @@ class Shift:
         return out
 
 
-def _index_masks(t, ignore_index, num_classes):
+def index_masks(t, ignore_index, num_classes):
     """(valid, t clamped into [0, C) for safe indexing, out-of-range rows that must become NaN)."""
     valid = t != ignore_index
     bad = valid & ((t < 0) | (t >= num_classes))
@@ -277,7 +277,7 @@ def _index_masks(t, ignore_index, num_classes):
     return valid, t_safe, bad
 
 
-def _local_targets(t, vocab_start, shard_size):
+def local_targets(t, vocab_start, shard_size):
     """(target lies in [v0, v0 + V_s), its column in the shard clamped into range).
 
     An ignore_index inside the range counts as local here; every use of it is multiplied by ω = 0 or
@@ -287,16 +287,17 @@ def _local_targets(t, vocab_start, shard_size):
     return local, (t - vocab_start).clamp_(0, max(shard_size - 1, 0))
 
 
-def _weight_at(weight, t_safe, like):
+def weight_at(weight, t_safe, like):
     """``w_t`` for clamped class indices (ones without weights), in ``like``'s dtype."""
     return torch.ones_like(like) if weight is None else weight.to(like.dtype)[t_safe]
 
 
-def _shard_weight(weight, vocab_start, shard_size, cdt):
+def shard_weight(weight, vocab_start, shard_size, cdt):
+    """The shard's slice of the class weights in the compute dtype (None without weights)."""
     return None if weight is None else weight[vocab_start : vocab_start + shard_size].to(cdt)
 
 
-def _dot(x, w):
+def weighted_sum(x, w):
     """``Σ_c w_c x_c`` over the last dim (``w`` None: all ones)."""
     return x.sum(-1) if w is None else x @ w
 
@@ -318,7 +319,7 @@ def _rows_of(values, z3, cdt, shape=None):
 def _probs_forward(logits, target, weight, eps, z_loss, softcap):
     z3, y3, shape = _as_3d(logits, target)
     cdt = compute_dtype(logits.dtype)
-    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(weight, 0, z3.shape[-1], cdt)
     row_max, sumexp, dot, total, omega = _empty_rows(z3.shape[:2], cdt, z3.device, 5)
     lowest = torch.finfo(cdt).min
     for idx, x, (u, uz) in _chunks(z3, cdt, 2):
@@ -341,7 +342,7 @@ def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap
     z3, y3, _ = _as_3d(logits, target)
     out3 = out.view(z3.shape)  # out is ours (contiguous) or the logits, which _as_3d viewed the same way
     cdt = compute_dtype(logits.dtype)
-    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
     shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
     direct = out.dtype == cdt
@@ -374,7 +375,7 @@ def probs_target_grad(
     z3, _, _ = _as_3d(logits, target)
     out = torch.empty(z3.shape, dtype=target.dtype, device=target.device)
     cdt = compute_dtype(logits.dtype)
-    w = _shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
     shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
     for idx, x, _ in _chunks(z3, cdt, 0):
@@ -390,7 +391,7 @@ def probs_target_grad(
 def _weighted_targets(u, y, w, eps):
     """Fill ``u`` with ``w_c ((1 − ε) y_c + ε / C)``; return ``ω = Σ_c w_c y_c``."""
     u.copy_(y)
-    omega = _dot(u, w)
+    omega = weighted_sum(u, w)
     u.mul_(1.0 - eps).add_(eps / u.shape[-1])
     if w is not None:
         u.mul_(w)
