@@ -336,8 +336,8 @@ def _softmax_loss_and_grad_(x, target, weight, grad_scale, opts):
 def _exp_loss_and_grad_(x, target, weight, grad_scale, opts, vocab_start, num_classes, combine):
     """Max-first path, any block: ``Q = exp(z − m)`` in place; stats as :func:`shard_stats` gives them."""
     ignore_index, eps, z_loss = opts
-    local_targets, t_local = local_targets(target, vocab_start, x.shape[-1])
-    z_t = torch.where(local_targets, x.gather(-1, t_local.unsqueeze(-1)).squeeze(-1), 0.0)
+    local, t_local = local_targets(target, vocab_start, x.shape[-1])
+    z_t = torch.where(local, x.gather(-1, t_local.unsqueeze(-1)).squeeze(-1), 0.0)
     dot = weighted_sum(x, shard_weight(weight, vocab_start, x.shape[-1], x.dtype)) if eps else None
     row_max = x.amax(-1).clamp_(min=torch.finfo(x.dtype).min)  # an all −inf row: sumexp 0, not NaN
     torch.sub(x, row_max.unsqueeze(-1), out=x).exp_()
@@ -371,14 +371,14 @@ def _grad_factors(target, weight, lse, grad_scale, opts, vocab_start, shard_size
     O(rows) work) and returned in the block's ``dtype``; NaN scale on out-of-range targets (CUDA)."""
     ignore_index, eps, z_loss = opts
     valid, t_safe, bad = index_masks(target, ignore_index, num_classes)
-    local_targets, _ = local_targets(target, vocab_start, shard_size)
+    local, _ = local_targets(target, vocab_start, shard_size)
     g = torch.where(valid, grad_scale.to(lse.dtype), 0.0)
     omega = torch.where(valid, weight_at(weight, t_safe, lse), 0.0)
     total_weight = num_classes if weight is None else weight.to(lse.dtype).sum()
     scale = g * (omega * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
     if rescale is not None:
         scale = scale * rescale
-    target_coef = torch.where(local_targets, (1.0 - eps) * g * omega, 0.0)
+    target_coef = torch.where(local, (1.0 - eps) * g * omega, 0.0)
     smooth_coef = (eps / num_classes) * g if eps else None
     smooth_coef = None if smooth_coef is None else smooth_coef.to(dtype)
     return GradFactors(scale.masked_fill_(bad, math.nan).to(dtype), target_coef.to(dtype), smooth_coef)
