@@ -166,7 +166,8 @@ def linear_cross_entropy(
         memory_budget: bytes of block scratch (default above); below one row's scratch is an error.
         accumulate_dtype: ``"float32"`` sums dW across blocks in fp32 (fp64 for fp64) and casts once;
             ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
-        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (the block's elementwise step; torch ops for now).
+        impl: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``: the block's
+            elementwise step; the products are cuBLAS/CPU BLAS either way.
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``, ``target.shape`` for ``"none"``; float32 for 16-bit and float32
