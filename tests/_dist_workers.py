@@ -202,7 +202,22 @@ def edge_job(rank, world):
     out["empty batch"] = compare(rank, world, *make_data(5, (0,), torch.float64), reduction="mean")
     out["unbatched"] = compare(rank, world, *make_data(6, (), torch.float64, ignore_frac=0.0), label_smoothing=0.2)
     out["bfloat16"] = compare(rank, world, *make_data(7, (6, 4), torch.bfloat16), z_loss=0.01)
+    out["second backward of the fused linear CE"] = _second_backward_refused(rank, world)
     return out
+
+
+def _second_backward_refused(rank, world):
+    """Gradients formed in forward are handed out once: a retained second backward must raise, not all-reduce
+    an already summed dX again."""
+    lo, hi = my_range(rank, world)
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(C, 4, generator=g, dtype=torch.float64)[lo:hi].requires_grad_(True)
+    t = torch.randint(0, C, (5,), generator=g)
+    loss = cd.vocab_parallel_linear_cross_entropy(x, w, t)
+    loss.backward(retain_graph=True)
+    kind, msg = _capture(loss.backward)
+    return "" if kind == "RuntimeError" and "second time" in msg else f"expected RuntimeError, got {kind}: {msg}"
 
 
 def _capture(fn):

@@ -207,8 +207,8 @@ def test_weight_of_wrong_shape_raises_value_error(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool], ids=["int64", "bool"])
-def test_weight_of_non_floating_dtype_raises_value_error(dtype):
-    with pytest.raises(ValueError, match=rf"weight.*{dtype}"):
+def test_weight_of_non_floating_dtype_raises_type_error(dtype):
+    with pytest.raises(TypeError, match=rf"weight.*{dtype}"):
         crossent.cross_entropy(_logits(), _target(), torch.ones(C, dtype=dtype))
 
 

@@ -498,3 +498,29 @@ def test_helpers_build_what_they_say():
     np.testing.assert_allclose(y.sum(1).numpy(), 1.0, rtol=1e-12)
     t = make_index_target((4, 5, 3), ignore_value=-100)
     assert 0 < int((t == -100).sum()) < t.numel()
+
+
+# --- found in review ----------------------------------------------------------------------------------
+
+
+def test_ignored_row_of_all_minus_inf_gets_zero_gradient():
+    """A padding row fully masked to −inf and ignored: loss 0, gradient exactly 0 (not NaN: σ = lse − log 0)."""
+    z = torch.randn(3, 5)
+    z[1] = -math.inf
+    x = z.clone().requires_grad_(True)
+    t = torch.tensor([2, -100, 4])
+    loss = crossent.cross_entropy(x, t, reduction="sum")
+    loss.backward()
+    expected = torch.softmax(z, 1) - torch.nn.functional.one_hot(t.clamp(0), 5).float()
+    expected[1] = 0.0
+    torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32], ids=["uint8", "int16", "int32"])
+def test_integer_targets_of_any_width_match_int64(dtype):
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 5, 2])
+    ours = crossent.cross_entropy(x, t.to(dtype), reduction="none")
+    want = crossent.cross_entropy(x, t, reduction="none")
+    torch.testing.assert_close(ours, want, rtol=0, atol=0)
+    torch.testing.assert_close(ours, torch.nn.functional.cross_entropy(x, t, reduction="none"))

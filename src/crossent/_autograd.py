@@ -52,6 +52,16 @@ def _present(grads, needs):
     return tuple(g if need else None for g, need in zip(grads, needs))
 
 
+def claim_forward_grads(ctx, name: str) -> None:
+    """Gradients formed in forward are handed out (and scaled in place) by the first backward only."""
+    if getattr(ctx, "consumed", False):
+        raise RuntimeError(
+            f"{name} with reduction 'mean'/'sum' forms its gradients in forward and hands them to the first "
+            "backward; backward through it a second time (retain_graph=True) is not supported"
+        )
+    ctx.consumed = True
+
+
 class LinearCrossEntropyFused(torch.autograd.Function):
     """``"mean"``/``"sum"`` of the fused linear CE. The gradients are formed during forward (logits, dX and dW
     products per block), for the per-row scale ``row_scale`` = ∂loss/∂loss_i; backward multiplies them by
@@ -73,12 +83,7 @@ class LinearCrossEntropyFused(torch.autograd.Function):
         grads = ctx.saved_tensors
         if torch.compiler.is_compiling():  # traced: no host check, no Python state
             return (*[None if g is None else g * grad_out for g in grads], None, None, None, None, None, None, None)
-        if getattr(ctx, "consumed", False):  # the gradients were handed out (and may be scaled or aliased)
-            raise RuntimeError(
-                "linear_cross_entropy with reduction 'mean'/'sum' forms its gradients in forward and hands them "
-                "to the first backward; backward through it a second time (retain_graph=True) is not supported"
-            )
-        ctx.consumed = True
+        claim_forward_grads(ctx, "linear_cross_entropy")
         if grad_out.device.type != "cpu" or bool(grad_out != 1):  # skip a pass over dW for loss.backward() on CPU
             grads = [None if g is None else g.mul_(grad_out) for g in grads]
         return (*grads, None, None, None, None, None, None, None)

@@ -51,7 +51,7 @@ def check_weight(weight: Optional[torch.Tensor], num_classes: int, input: torch.
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if not weight.is_floating_point():
-        raise ValueError(f"weight must have a floating dtype, got {weight.dtype}")
+        raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
     if weight.shape != (num_classes,):
         raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
     if weight.device != input.device:

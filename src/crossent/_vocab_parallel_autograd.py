@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from crossent._autograd import claim_forward_grads
 from crossent._options import CrossEntropyOptions
 from crossent.kernels import linear_chunks, torch_rows
 from crossent.kernels.torch_rows import RowStats
@@ -78,6 +79,7 @@ class VocabParallelLinearFused(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        claim_forward_grads(ctx, "vocab_parallel_linear_cross_entropy")  # a second pass would all-reduce dX again
         dx, dw, db = (None if g is None else g.mul_(grad_out) for g in ctx.saved_tensors)
         if dx is not None:
             dx = ctx.reduce_input_grad(dx)

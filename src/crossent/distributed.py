@@ -252,10 +252,10 @@ def _check_full_weight(weight, device) -> None:
         return
     if not isinstance(weight, Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-    if not weight.is_floating_point() or weight.dim() != 1:
-        raise ValueError(
-            f"weight must be a floating (C,) class-weight vector, got dtype {weight.dtype} shape {tuple(weight.shape)}"
-        )
+    if not weight.is_floating_point():
+        raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
+    if weight.dim() != 1:
+        raise ValueError(f"weight must be a (C,) class-weight vector, got shape {tuple(weight.shape)}")
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but the logits are on {device}")
 

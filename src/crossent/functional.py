@@ -46,7 +46,7 @@ def cross_entropy(
     Differences from PyTorch, on purpose: a ``"mean"`` over zero total weight (e.g. every target ignored)
     is 0 with a zero gradient, not NaN; for float16/bfloat16 input the loss is float32 (gradients stay in
     the input's dtype). Only O(N) is saved for backward: the input itself (no copy), the target and one
-    log-sum-exp per position (float64 on the torch path), instead of the N×C log-probabilities.
+    float64 log-sum-exp per position, instead of the N×C log-probabilities.
 
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ..., dK); any floating dtype, CPU or CUDA.
@@ -68,9 +68,10 @@ def cross_entropy(
         ``"none"``. float32 for 16-bit and float32 input, float64 for float64 input.
 
     Raises:
-        TypeError: non-tensor or non-floating ``input``; option of the wrong type.
+        TypeError: non-tensor or non-floating ``input``, non-floating ``weight``; option of the wrong type.
         ValueError: target of neither kind, class index out of range (checked on CPU; on CUDA that row's
-            loss and gradient are NaN instead, without a host sync), bad option value, bad ``weight``.
+            loss and gradient are NaN instead, without a host sync), bad option value, ``weight`` of the
+            wrong shape or device.
 
     Example:
         >>> import torch, crossent
@@ -101,6 +102,8 @@ def cross_entropy_with_options(input: Tensor, target: Tensor, weight: Optional[T
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     check_weight(weight, num_classes, input)
     impl = resolve_impl(opts.impl, input.device)
+    if kind == "index" and target.dtype != torch.int64:
+        target = target.long()  # uint8/int16/int32 indices, as PyTorch accepts them; the kernels index in int64
     logits, target = _classes_last(input, target, kind)
     loss = CrossEntropyRows.apply(logits, target, weight, opts, impl)
     return reduce_rows(loss, target, weight, kind, opts)

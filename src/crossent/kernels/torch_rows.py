@@ -240,7 +240,10 @@ class _IndexGradRows:
         # one exp pass instead of exp and multiply. Ignored rows have a = 0, so the shift is +inf and
         # exactly 0 comes out. The shift is formed in float64 (lse is float64).
         a = g.double() * (omega.double() * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
-        self.shift = Shift((lse - a.abs().log()).masked_fill_(bad, math.nan), cdt)  # out-of-range: NaN row
+        a = torch.where(valid, a, 0.0)  # not 0·nan where lse = −inf (an all −inf row) and s = 0
+        # a = 0 (ignored rows, zero upstream gradient) must give +inf even where lse = −inf (an all −inf row)
+        sigma = (lse - a.abs().log()).masked_fill_(a == 0, math.inf).masked_fill_(bad, math.nan)  # bad: NaN row
+        self.shift = Shift(sigma, cdt)
         self.sign = a.sign().to(cdt) if _maybe_negative(a) else None
         # −g ω (1 − ε) at the target column, where the target lies in this shard (else add 0)
         self.at_target = torch.where(local, -(1.0 - eps) * g * omega, 0.0)
