@@ -134,8 +134,8 @@ def test_errors_raised_on_every_rank(world):
 
 
 LINEAR_ERRORS = {
-    "error: D mismatch on the last rank": "bad input on rank {last}: linear_weight of shape (13, 6)" ,
-    "error: bias size": "bad input on rank 0: linear_bias must be None or this rank's",
+    "error: D mismatch on the last rank": "bad input on rank {last}: input's last dim (7, shape (6, 7)) must equal linear_weight's D",
+    "error: bias size": "bad input on rank 0: linear_bias must have shape",
     "error: chunk_size 0": "chunk_size must be None or an int > 0, got 0",
     "error: memory_budget differs": "all ranks must pass the same options",
     "error: bias on rank 0 only": "whether weight or linear_bias is given",

@@ -70,3 +70,40 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
         raise ValueError(
             f"target contains class index {value}, outside [0, {num_classes}) and not ignore_index={ignore_index}"
         )
+
+
+def check_linear(input, linear_weight, target, linear_bias) -> None:
+    """Shapes, dtypes and devices of the linear CE's tensors, before any work."""
+    check_logits("input", input)
+    for name, t in (("linear_weight", linear_weight), ("target", target)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
+        raise TypeError(f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}")
+    if linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be (V, D), got shape {tuple(linear_weight.shape)}")
+    vocab, dim = linear_weight.shape
+    if input.shape[-1] != dim:
+        raise ValueError(
+            f"input's last dim ({input.shape[-1]}, shape {tuple(input.shape)}) must equal linear_weight's D "
+            f"({dim}, shape {tuple(linear_weight.shape)})"
+        )
+    if vocab == 0:
+        raise ValueError("linear_weight has no rows (V = 0): there are no classes")
+    if target.shape != input.shape[:-1]:
+        raise ValueError(
+            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
+        )
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if linear_bias is not None and linear_bias.shape != (vocab,):
+        raise ValueError(f"linear_bias must have shape ({vocab},) (one per class), got {tuple(linear_bias.shape)}")
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is None:
+            continue
+        if t.dtype != input.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if target.device != input.device:
+        raise ValueError(f"target is on {target.device} but input is on {input.device}")

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from crossent._checks import check_logits
+from crossent._checks import check_linear, check_logits
 from crossent._options import AccumulateDtype, CrossEntropyOptions, LinearCrossEntropyOptions, Reduction
 from crossent._vocab_parallel_autograd import (
     Combine,
@@ -450,8 +450,7 @@ def vocab_parallel_linear_cross_entropy(
         opts_box.append(LinearCrossEntropyOptions(loss=loss_opts, chunk_size=chunk_size, memory_budget=memory_budget,
                                                   accumulate_dtype=accumulate_dtype))  # fmt: skip
         check_logits("input", input)
-        _check_linear(input, linear_weight, linear_bias)
-        _check_index_target(target, input.shape[:-1], input.device)
+        check_linear(input, linear_weight, target, linear_bias)  # the single-process checks, as they are
         _check_vocab_start(vocab_start)
         _check_full_weight(weight, input.device)
         # what needs a gradient decides the collectives (per-block combines, dX's all-reduce): all ranks alike
@@ -484,26 +483,3 @@ def vocab_parallel_linear_cross_entropy(
         x, linear_weight, linear_bias, t, weight, row_scale, shard, loss_opts, plan, opts.accumulate_dtype, needs,
         combine, reduce_dx,
     )
-
-
-def _check_linear(input, linear_weight, linear_bias) -> None:
-    if not isinstance(linear_weight, Tensor) or linear_weight.dim() != 2:
-        what = f"shape {tuple(linear_weight.shape)}" if isinstance(linear_weight, Tensor) else type(linear_weight).__name__
-        raise ValueError(f"linear_weight must be this rank's (V_local, D) rows, got {what}")
-    if linear_weight.shape[1] != input.shape[-1] or linear_weight.shape[0] < 1:
-        raise ValueError(
-            f"linear_weight of shape {tuple(linear_weight.shape)} must be (V_local >= 1, D) with the input's "
-            f"D = {input.shape[-1]} (input shape {tuple(input.shape)})"
-        )
-    if linear_weight.dtype != input.dtype or linear_weight.device != input.device:
-        raise ValueError(
-            f"linear_weight ({linear_weight.dtype}, {linear_weight.device}) must match the input's dtype and "
-            f"device ({input.dtype}, {input.device})"
-        )
-    if linear_bias is not None:
-        if not isinstance(linear_bias, Tensor) or linear_bias.shape != (linear_weight.shape[0],):
-            what = tuple(linear_bias.shape) if isinstance(linear_bias, Tensor) else type(linear_bias).__name__
-            raise ValueError(f"linear_bias must be None or this rank's ({linear_weight.shape[0]},) bias, got {what}")
-        if linear_bias.dtype != input.dtype or linear_bias.device != input.device:
-            raise ValueError(f"linear_bias ({linear_bias.dtype}, {linear_bias.device}) must match the input's "
-                             f"dtype and device ({input.dtype}, {input.device})")  # fmt: skip

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from crossent._autograd import CrossEntropyRows, LinearCrossEntropyFused, LinearCrossEntropyRecompute
-from crossent._checks import check_logits, check_weight, target_kind
+from crossent._checks import check_linear, check_logits, check_weight, target_kind
 from crossent._dispatch import resolve_impl
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
 from crossent._reduction import reduce_rows, reduction_row_scale
@@ -217,7 +217,7 @@ def linear_cross_entropy_with_options(
     opts: LinearCrossEntropyOptions,
 ) -> Tensor:
     """:func:`linear_cross_entropy` with validated options (the module form builds them once)."""
-    _check_linear(input, linear_weight, target, linear_bias)
+    check_linear(input, linear_weight, target, linear_bias)
     vocab, dim = linear_weight.shape
     check_weight(weight, vocab, input)
     impl = resolve_impl(opts.loss.impl, input.device)
@@ -233,40 +233,3 @@ def linear_cross_entropy_with_options(
     needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias))
     row_scale = reduction_row_scale(t, weight, opts.loss, compute_dtype(input.dtype))
     return LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, opts, plan, impl, needs)
-
-
-def _check_linear(input, linear_weight, target, linear_bias) -> None:
-    """Shapes, dtypes and devices of the linear CE's tensors, before any work."""
-    check_logits("input", input)
-    for name, t in (("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
-        raise TypeError(f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}")
-    if linear_weight.dim() != 2:
-        raise ValueError(f"linear_weight must be (V, D), got shape {tuple(linear_weight.shape)}")
-    vocab, dim = linear_weight.shape
-    if input.shape[-1] != dim:
-        raise ValueError(
-            f"input's last dim ({input.shape[-1]}, shape {tuple(input.shape)}) must equal linear_weight's D "
-            f"({dim}, shape {tuple(linear_weight.shape)})"
-        )
-    if vocab == 0:
-        raise ValueError("linear_weight has no rows (V = 0): there are no classes")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(
-            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
-    if linear_bias is not None and linear_bias.shape != (vocab,):
-        raise ValueError(f"linear_bias must have shape ({vocab},) (one per class), got {tuple(linear_bias.shape)}")
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is None:
-            continue
-        if t.dtype != input.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
-        if t.device != input.device:
-            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")
