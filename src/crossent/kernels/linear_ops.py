@@ -59,14 +59,19 @@ def linear_ce_forward(
 @linear_ce_forward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, grad_scale, ignore_index, label_smoothing, z_loss,
       softcap, rows, cols, need_input, need_weight, need_bias, accumulate, impl):  # fmt: skip
-    rows_out = input.new_empty(input.shape[:1], dtype=compute_dtype(input.dtype))
+    loss = input.new_empty(input.shape[:1], dtype=compute_dtype(input.dtype))
+    lse = input.new_empty(input.shape[:1], dtype=torch.float64)  # RowStats.lse is float64
     grads = grad_scale is not None
+    return (loss, lse, *_fake_grads(input, linear_weight, linear_bias, grads and need_input, grads and need_weight,
+                                    grads and need_bias))  # fmt: skip
+
+
+def _fake_grads(input, linear_weight, linear_bias, need_input, need_weight, need_bias):
+    """(dX, dW, db) shapes as the eager ops return them: empty for a gradient not asked for."""
     return (
-        rows_out,
-        torch.empty_like(rows_out),
-        torch.empty_like(input) if grads and need_input else input.new_empty(0),
-        torch.empty_like(linear_weight) if grads and need_weight else input.new_empty(0),
-        torch.empty_like(linear_bias) if grads and need_bias and linear_bias is not None else input.new_empty(0),
+        torch.empty_like(input) if need_input else input.new_empty(0),
+        torch.empty_like(linear_weight) if need_weight else input.new_empty(0),
+        torch.empty_like(linear_bias) if need_bias and linear_bias is not None else input.new_empty(0),
     )
 
 
@@ -103,8 +108,4 @@ def linear_ce_backward(
 @linear_ce_backward.register_fake
 def _(input, linear_weight, linear_bias, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss,
       softcap, rows, cols, need_input, need_weight, need_bias, accumulate, impl):  # fmt: skip
-    return (
-        torch.empty_like(input) if need_input else input.new_empty(0),
-        torch.empty_like(linear_weight) if need_weight else input.new_empty(0),
-        torch.empty_like(linear_bias) if need_bias and linear_bias is not None else input.new_empty(0),
-    )
+    return _fake_grads(input, linear_weight, linear_bias, need_input, need_weight, need_bias)
