@@ -1,6 +1,6 @@
 """Memory held for backward, measured with torch.autograd.graph.saved_tensors_hooks.
 
-crossent keeps the input itself (no copy), the target and one float32 LSE per position: O(N) beyond
+crossent keeps the input itself (no copy), the target and one float64 LSE per position: O(N) beyond
 what the caller already owns. PyTorch's F.cross_entropy keeps the N×C log-probabilities. Both halves
 are asserted, so the test fails if crossent starts saving an (N, C) tensor or if the measurement
 stops seeing PyTorch's.
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import crossent
 
 N, C = 64, 4096
-# Per position, crossent needs 4 bytes (fp32 LSE) plus small bookkeeping (scalars for the reduction).
+# Per position, crossent needs 8 bytes (float64 LSE) plus small bookkeeping (scalars for the reduction).
 # 64 bytes per position is a generous O(N) budget and still 64× below one N×C float32 tensor (4·C bytes).
 BYTES_PER_POSITION = 64
 
