@@ -202,6 +202,8 @@ def edge_job(rank, world):
     out["empty batch"] = compare(rank, world, *make_data(5, (0,), torch.float64), reduction="mean")
     out["unbatched"] = compare(rank, world, *make_data(6, (), torch.float64, ignore_frac=0.0), label_smoothing=0.2)
     out["bfloat16"] = compare(rank, world, *make_data(7, (6, 4), torch.bfloat16), z_loss=0.01)
+    logits, target, weight, up = make_data(8, (9,), torch.float64)
+    out["int16 targets"] = compare(rank, world, logits, target.to(torch.int16), weight, up, reduction="none")
     out["second backward of the fused linear CE"] = _second_backward_refused(rank, world)
     return out
 

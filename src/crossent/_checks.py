@@ -44,6 +44,11 @@ def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
     )
 
 
+def class_indices(target: torch.Tensor) -> torch.Tensor:
+    """Class-index targets as int64 (PyTorch accepts uint8/int16/int32 too; the kernels index in int64)."""
+    return target if target.dtype == torch.int64 else target.long()
+
+
 def check_weight(weight: Optional[torch.Tensor], num_classes: int, input: torch.Tensor) -> None:
     """None, or a floating (C,) tensor on the input's device."""
     if weight is None:

@@ -43,7 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from crossent._checks import check_linear, check_logits
+from crossent._checks import check_linear, check_logits, class_indices
 from crossent._options import AccumulateDtype, CrossEntropyOptions, LinearCrossEntropyOptions, Reduction
 from crossent._vocab_parallel_autograd import (
     Combine,
@@ -365,6 +365,7 @@ def vocab_parallel_cross_entropy(
     start, num_classes, _ = _agree(fn, group, _device_of(logits), ignore_index, check_and_describe)
     opts = opts_box[0]
     shard = Shard(start, logits.shape[-1], num_classes)
+    target = class_indices(target)
     loss = VocabParallelRows.apply(logits, target, weight, shard, opts, all_reduce_stats(group))
     return reduce_rows(loss, target, weight, "index", opts)
 
@@ -467,7 +468,7 @@ def vocab_parallel_linear_cross_entropy(
     opts, needs = opts_box
     o = opts.loss
     x = input.reshape(-1, input.shape[-1])
-    t = target.reshape(-1).long()
+    t = class_indices(target.reshape(-1))
     shard = Shard(start, linear_weight.shape[0], num_classes)
     # planned from the widest shard and the shared N, D, dtype: the same token blocks on every rank
     plan = plan_chunks(x.shape[0], x.shape[1], widest, x.dtype, x.device, opts.chunk_size, opts.memory_budget)

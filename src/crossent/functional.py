@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from crossent._autograd import CrossEntropyRows, LinearCrossEntropyFused, LinearCrossEntropyRecompute
-from crossent._checks import check_linear, check_logits, check_weight, target_kind
+from crossent._checks import check_linear, check_logits, check_weight, class_indices, target_kind
 from crossent._dispatch import resolve_impl
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
 from crossent._reduction import reduce_rows, reduction_row_scale
@@ -102,8 +102,8 @@ def cross_entropy_with_options(input: Tensor, target: Tensor, weight: Optional[T
     num_classes = input.shape[0 if input.dim() == 1 else 1]
     check_weight(weight, num_classes, input)
     impl = resolve_impl(opts.impl, input.device)
-    if kind == "index" and target.dtype != torch.int64:
-        target = target.long()  # uint8/int16/int32 indices, as PyTorch accepts them; the kernels index in int64
+    if kind == "index":
+        target = class_indices(target)
     logits, target = _classes_last(input, target, kind)
     loss = CrossEntropyRows.apply(logits, target, weight, opts, impl)
     return reduce_rows(loss, target, weight, kind, opts)
@@ -222,9 +222,7 @@ def linear_cross_entropy_with_options(
     check_weight(weight, vocab, input)
     impl = resolve_impl(opts.loss.impl, input.device)
     x = input.reshape(-1, dim)
-    t = target.reshape(-1)
-    if t.dtype != torch.int64:
-        t = t.long()
+    t = class_indices(target.reshape(-1))
     plan = plan_chunks(x.shape[0], dim, vocab, input.dtype, input.device, opts.chunk_size, opts.memory_budget)
     if opts.loss.reduction == "none":
         loss = LinearCrossEntropyRecompute.apply(x, linear_weight, linear_bias, t, weight, opts, plan, impl)
