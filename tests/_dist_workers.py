@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent import distributed as cd
-from crossent.kernels import linear_chunks
+from crossent.kernels import linear_plan
 
 COLLECTIVE_TIMEOUT_S = 30
 C = 23  # global vocabulary: not a power of two, split unequally below
@@ -354,14 +354,14 @@ def linear_job(rank, world):
     out["only input requires grad"] = compare_linear(rank, world, *data, grads=(True, False, False))
     # default chunking with unequal shards and a tiny budget: several token blocks, planned from the widest
     # shard so that every rank makes the same number of per-block combines (3 ranks: 7/11/5 would differ)
-    saved = dict(linear_chunks.DEFAULT_MEMORY_BUDGET), dict(linear_chunks.MIN_BLOCK_ROWS)
-    linear_chunks.DEFAULT_MEMORY_BUDGET["cpu"], linear_chunks.MIN_BLOCK_ROWS["cpu"] = 1400, 1
+    saved = dict(linear_plan.DEFAULT_MEMORY_BUDGET), dict(linear_plan.MIN_BLOCK_ROWS)
+    linear_plan.DEFAULT_MEMORY_BUDGET["cpu"], linear_plan.MIN_BLOCK_ROWS["cpu"] = 1400, 1
     try:
         data = make_linear(205, (21,), torch.float64, True, weighted=True)
         out["default chunking, several blocks"] = compare_linear(rank, world, *data, chunk_size=None, label_smoothing=0.1)
     finally:
-        linear_chunks.DEFAULT_MEMORY_BUDGET.update(saved[0])
-        linear_chunks.MIN_BLOCK_ROWS.update(saved[1])
+        linear_plan.DEFAULT_MEMORY_BUDGET.update(saved[0])
+        linear_plan.MIN_BLOCK_ROWS.update(saved[1])
     # blocks of 4 rows and 10 vocabulary columns: the widest shards split into pieces, the narrow ones not
     data = make_linear(206, (13,), torch.float64, True, weighted=True)
     for red in ("mean", "none"):

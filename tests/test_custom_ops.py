@@ -4,8 +4,11 @@ the fakes, so a dtype they get wrong (e.g. the float64 LSE) would go unnoticed b
 import pytest
 import torch
 
-from crossent import kernels
-from crossent.kernels import linear_ops
+from crossent._options import RowOptions
+from crossent.kernels import linear_ops, ops
+from crossent.kernels.linear_loop import GradNeeds, LoopArgs
+from crossent.kernels.op_args import flatten
+from crossent.kernels.shard import VocabShard
 
 
 def _fake_matches_real(op, args):
@@ -21,9 +24,10 @@ def _fake_matches_real(op, args):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_row_ops_fake_shapes_and_dtypes(dtype):
     z, t = torch.randn(5, 7, dtype=dtype), torch.randint(0, 7, (5,))
-    loss, lse = kernels.ce_forward(z, t, None, -100, 0.1, 1e-3, None, "torch")
-    _fake_matches_real(kernels.ce_forward, [z, t, None, -100, 0.1, 1e-3, None, "torch"])
-    _fake_matches_real(kernels.ce_backward, [z, t, None, lse, torch.ones(5), -100, 0.1, 1e-3, None, "torch"])
+    settings = [RowOptions(label_smoothing=0.1, z_loss=1e-3), VocabShard.whole(7), "torch"]
+    loss, lse = ops.ce_forward(z, t, None, *settings)
+    _fake_matches_real(ops.ce_forward, [z, t, None, *settings])
+    _fake_matches_real(ops.ce_backward, [z, t, None, lse, torch.ones(5), *settings])
 
 
 @pytest.mark.parametrize("with_grads", [False, True], ids=["loss-only", "grads"])
@@ -31,7 +35,7 @@ def test_linear_ops_fake_shapes_and_dtypes(with_grads):
     x, w, b = torch.randn(5, 4), torch.randn(7, 4), torch.randn(7)
     t = torch.randint(0, 7, (5,))
     scale = torch.full((), 0.2) if with_grads else None
-    common = [-100, 0.0, 0.0, None, 5, 7, True, True, True, "float32", "torch"]
-    _fake_matches_real(linear_ops.linear_ce_forward, [x, w, b, t, None, scale, *common])
-    lse = linear_ops.linear_ce_forward(x, w, b, t, None, None, *common)[1]
-    _fake_matches_real(linear_ops.linear_ce_backward, [x, w, b, t, None, lse, torch.ones(5), *common])
+    common = [RowOptions(), VocabShard.whole(7), LoopArgs(5, 7), GradNeeds(), "torch"]
+    _fake_matches_real(linear_ops._linear_ce_forward, [x, w, b, t, None, scale, *flatten(*common[:4]), "torch"])
+    lse = linear_ops.linear_ce_forward(x, w, b, t, None, None, *common).lse
+    _fake_matches_real(linear_ops._linear_ce_backward, [x, w, b, t, None, lse, torch.ones(5), *flatten(*common[:4]), "torch"])

@@ -110,7 +110,7 @@ ERRORS = {
     "target = -3": ("ValueError", "class index -3 (rank 0), outside the global vocabulary"),
     "rows differ on the last rank": ("ValueError", "same shapes (other than the vocabulary dim)"),
     "float target on the last rank (local TypeError)": ("TypeError", "bad input on rank {last}: target must hold integer"),
-    "target shape mismatch on rank 0 (local)": ("ValueError", "bad input on rank 0: target of shape (5,)"),
+    "target shape mismatch on rank 0 (local)": ("ValueError", "bad input on rank 0: target must have shape input.shape[:-1] = (6,)"),
     "weight not (C,)": ("ValueError", "full (23,) class-weight vector"),
     "label_smoothing differs": ("ValueError", "same options"),
     "dtype differs": ("ValueError", "same dtypes"),

@@ -15,8 +15,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossent
-from crossent.kernels import linear_chunks
-from crossent.kernels.linear_chunks import ChunkPlan, LossOptions, plan_chunks, scratch_bytes
+from crossent._options import RowOptions
+from crossent.kernels import linear_loop, linear_plan
+from crossent.kernels.linear_loop import LoopArgs
+from crossent.kernels.linear_plan import ChunkPlan, plan_chunks, scratch_bytes
+from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import combine_stats
 
 F64 = dict(rtol=1e-10, atol=1e-12)
@@ -205,7 +208,7 @@ def test_no_tensor_of_n_by_v_elements_is_allocated(reduction):
     n, dim, vocab = 512, 32, 4096  # N×V = 2M elements; dW is V×D = 128K, a block 128×V = 512K
     x, w, b, t, _, _ = _problem((n,), dtype=torch.float32, vocab=vocab, dim=dim)
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
-    opts, plan = LossOptions(label_smoothing=0.1), ChunkPlan(128, vocab)
+    opts, loop = RowOptions(label_smoothing=0.1), LoopArgs(128, vocab)
     with _LargestAllocation() as naive:  # the detector can fail: the materialized path trips it
         crossent.cross_entropy(F.linear(x, w, b), t).backward()
     assert naive.largest >= n * vocab
@@ -213,9 +216,9 @@ def test_no_tensor_of_n_by_v_elements_is_allocated(reduction):
         loss = crossent.linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, chunk_size=128)
         loss.backward(torch.ones_like(loss))
     with _LargestAllocation() as loops:  # inside the ops: the loops themselves (the mode can't see in)
-        out = linear_chunks.linear_loss_and_grads(x.detach(), w.detach(), b.detach(), t, None, opts, plan,
-                                                  grad_scale=torch.ones(()))  # fmt: skip
-        linear_chunks.linear_grads(x.detach(), w.detach(), b.detach(), t, None, out.lse, torch.ones(n), opts, plan)
+        out = linear_loop.linear_loss_and_grads(x.detach(), w.detach(), b.detach(), t, None, opts, loop,
+                                                grad_scale=torch.ones(()))  # fmt: skip
+        linear_loop.linear_grads(x.detach(), w.detach(), b.detach(), t, None, out.lse, torch.ones(n), opts, loop)
     for mode in (public, loops):
         assert mode.largest < n * vocab, f"{mode.op} allocated {mode.largest} elements (N×V = {n * vocab})"
 
@@ -283,9 +286,9 @@ def test_vocabulary_slices_with_a_combine_hook_equal_the_whole():
     """The hook vocab-parallel CE plugs in: two slices run the loop concurrently (threads standing in for
     ranks), their per-row stats exchanged by the hook; the loss and dX (summed) equal the whole head's."""
     x, w, b, t, cw, kw = _problem(options={"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3})
-    opts = LossOptions(label_smoothing=0.1, z_loss=1e-3)
-    plan = ChunkPlan(64, V)
-    whole = linear_chunks.linear_loss_and_grads(x, w, b, t, cw, opts, plan, grad_scale=torch.ones(()))
+    opts = RowOptions(label_smoothing=0.1, z_loss=1e-3)
+    loop = LoopArgs(64, V)
+    whole = linear_loop.linear_loss_and_grads(x, w, b, t, cw, opts, loop, grad_scale=torch.ones(()))
     split = [(0, 400), (400, V)]
     barrier, posted, results = threading.Barrier(2), [None, None], [None, None]
 
@@ -301,8 +304,8 @@ def test_vocabulary_slices_with_a_combine_hook_equal_the_whole():
 
     def rank_main(rank):
         v0, v1 = split[rank]
-        results[rank] = linear_chunks.linear_loss_and_grads(
-            x, w[v0:v1], b[v0:v1], t, cw, opts, plan, grad_scale=torch.ones(()), vocab_start=v0, num_classes=V,
+        results[rank] = linear_loop.linear_loss_and_grads(
+            x, w[v0:v1], b[v0:v1], t, cw, opts, loop, grad_scale=torch.ones(()), shard=VocabShard(v0, V),
             combine=combine(rank),
         )  # fmt: skip
 
@@ -329,7 +332,7 @@ def test_plan_chunks():
     assert plan_chunks(4096, 1024, 32768, f32, cpu, chunk_size=300) == ChunkPlan(300, 32768)
     # a budget of 10 rows (< 64): 64 rows of a vocabulary piece instead
     plan = plan_chunks(4096, 1024, 32768, f32, cpu, memory_budget=10 * row)
-    assert plan.rows == 64 and linear_chunks.MIN_BLOCK_COLS <= plan.cols < 32768
+    assert plan.rows == 64 and linear_plan.MIN_BLOCK_COLS <= plan.cols < 32768
     assert scratch_bytes(plan.rows, plan.cols, 1024, f32) <= 10 * row
     assert plan_chunks(4096, 1024, 32768, f32, cpu, memory_budget=row) == ChunkPlan(1, 32768)  # too thin to split
     with pytest.raises(ValueError, match="too small for even one row"):

@@ -1,7 +1,7 @@
 """linear_cross_entropy's Triton chunk kernels (crossent.kernels.triton_linear) against the float64 reference.
 
 The chunk step alone (loss, LSE and the gradient written over the block), the recompute step, and the
-whole chunk loop of linear_chunks run with these kernels (one block, several row blocks, a vocabulary
+whole chunk loop of linear_loop run with these kernels (one block, several row blocks, a vocabulary
 split that routes its pieces to the torch kernels). Kernels run where ``_triton_mode`` says: through
 Triton's interpreter on CPU tensors, compiled on CUDA where there is a GPU.
 """
@@ -18,7 +18,9 @@ import crossent
 from crossent import reference
 
 pytest.importorskip("triton")
-from crossent.kernels import linear_chunks, triton_linear  # noqa: E402  (after the importorskip)
+from crossent._options import RowOptions  # noqa: E402
+from crossent.kernels import dispatch, linear_loop, linear_step, triton_linear  # noqa: E402  (after the importorskip)
+from crossent.kernels.linear_loop import LoopArgs  # noqa: E402
 
 OPTIONS = {
     "plain": {},
@@ -62,8 +64,8 @@ def test_chunk_step_matches_reference(device, num_classes, option):
     z, t, w, args = make_block(9, num_classes, OPTIONS[option], device)
     g = torch.rand(9, device=device) + 0.5
     block = z.clone()
-    out = triton_linear.loss_and_grad_(block, t, w, g, *args)
-    assert out.factors == linear_chunks.FINISHED  # the block holds the finished gradient
+    out = triton_linear.loss_and_grad_(block, t, w, g, RowOptions(*args))
+    assert out.factors == linear_step.FINISHED  # the block holds the finished gradient
     assert out.loss.dtype == torch.float32 and out.lse.dtype == torch.float64
     ref_loss, ref_lse, ref_grad = oracle(z, t, w, args, g)
     torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=2e-6, atol=2e-6)
@@ -71,14 +73,14 @@ def test_chunk_step_matches_reference(device, num_classes, option):
     torch.testing.assert_close(block.double().cpu(), ref_grad, rtol=1e-5, atol=1e-7)
     # the recompute step: the same gradient from the saved LSE
     again = z.clone()
-    assert triton_linear.grad_(again, t, w, out.lse, g, *args) == linear_chunks.FINISHED
+    assert triton_linear.grad_(again, t, w, out.lse, g, RowOptions(*args)) == linear_step.FINISHED
     torch.testing.assert_close(again, block, rtol=1e-6, atol=1e-8)
 
 
 def test_chunk_step_loss_only_leaves_the_block(device):
     z, t, w, args = make_block(6, 129, OPTIONS["all"], device)
     block = z.clone()
-    out = triton_linear.loss_and_grad_(block, t, w, None, *args)
+    out = triton_linear.loss_and_grad_(block, t, w, None, RowOptions(*args))
     torch.testing.assert_close(out.loss.double().cpu(), oracle(z, t, w, args, torch.ones(6))[0], rtol=2e-6, atol=2e-6)
     assert torch.equal(block, z)
 
@@ -87,7 +89,7 @@ def test_out_of_range_target_gives_a_nan_row(device):
     z, t, w, args = make_block(4, 33, OPTIONS["plain"], device)
     t[2] = 10**6
     block = z.clone()
-    out = triton_linear.loss_and_grad_(block, t, w, torch.ones(4, device=device), *args)
+    out = triton_linear.loss_and_grad_(block, t, w, torch.ones(4, device=device), RowOptions(*args))
     assert torch.isnan(out.loss[2]) and torch.isnan(block[2]).all()
     assert torch.isfinite(out.loss[[0, 1, 3]]).all() and torch.isfinite(block[[0, 1, 3]]).all()
 
@@ -98,8 +100,8 @@ def test_split_vocabulary_blocks_use_the_torch_kernels(device):
     g = torch.ones(5, device=device)
     ours, theirs = z.clone(), z.clone()
     lse = torch.logsumexp(z.double(), -1)
-    f1 = triton_linear.grad_(ours, t, w, lse, g, *args, vocab_start=10, num_classes=50)
-    f2 = linear_chunks.chunk_grad_(theirs, t, w, lse, g, *args, vocab_start=10, num_classes=50)
+    f1 = triton_linear.grad_(ours, t, w, lse, g, RowOptions(*args), vocab_start=10, num_classes=50)
+    f2 = linear_step.chunk_grad_(theirs, t, w, lse, g, RowOptions(*args), vocab_start=10, num_classes=50)
     assert torch.equal(ours, theirs)
     for a, b in zip(f1, f2):
         assert (a is None and b is None) or torch.equal(a, b)
@@ -126,24 +128,24 @@ def test_linear_loop_with_triton_kernels(device, option, plan):
     lb = torch.randn(v, device=device)
     _, t, w, args = make_block(n, v, opts, device)
     g = torch.rand(n, device=device) + 0.5
-    loss_opts = linear_chunks.LossOptions(*args)
-    out = linear_chunks.linear_loss_and_grads(
-        x, lw, lb, t, w, loss_opts, linear_chunks.ChunkPlan(*plan), grad_scale=g, kernels=triton_linear.TRITON_KERNELS
+    loss_opts = RowOptions(*args)
+    out = linear_loop.linear_loss_and_grads(
+        x, lw, lb, t, w, loss_opts, LoopArgs(*plan), grad_scale=g, kernels=triton_linear.TRITON_KERNELS
     )
     ref_loss, ref_dx, ref_dw, ref_db = linear_reference(x, lw, lb, t, w, args, g)
     torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-5)
     for got, want in zip(out.grads, (ref_dx, ref_dw, ref_db)):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
     # the recompute path ("none" reduction's backward) from the saved LSE
-    grads = linear_chunks.linear_grads(
-        x, lw, lb, t, w, out.lse, g, loss_opts, linear_chunks.ChunkPlan(*plan), kernels=triton_linear.TRITON_KERNELS
+    grads = linear_loop.linear_grads(
+        x, lw, lb, t, w, out.lse, g, loss_opts, LoopArgs(*plan), kernels=triton_linear.TRITON_KERNELS
     )
     for got, want in zip(grads, (ref_dx, ref_dw, ref_db)):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
 
 
 def test_linear_cross_entropy_impl_triton_uses_these_kernels():
-    assert linear_chunks.chunk_kernels("triton") is triton_linear.TRITON_KERNELS
+    assert dispatch.chunk_kernels("triton") is triton_linear.TRITON_KERNELS
 
 
 def test_linear_cross_entropy_impl_triton_matches_torch(device):

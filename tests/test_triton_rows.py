@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 import crossent
 from crossent import reference
-from crossent._dispatch import resolve_impl
+from crossent._options import RowOptions
+from crossent.kernels.dispatch import resolve_impl
 from crossent.kernels import torch_rows
 
 pytest.importorskip("triton")
@@ -202,9 +203,9 @@ def test_bf16_gradient_before_the_cast(device, option):
     z, t, kw = make_case(1000, OPTIONS[option], torch.bfloat16, device=device)
     g = torch.rand(z.shape[0], device=device) + 0.5
     args = (kw.get("ignore_index", -100), kw["label_smoothing"], kw["z_loss"], kw["softcap"])
-    loss, lse = triton_rows.forward(z, t, kw["weight"], *args)
+    loss, lse = triton_rows.forward(z, t, kw["weight"], RowOptions(*args))
     out = torch.empty(z.shape, dtype=torch.float32, device=device)
-    triton_rows.backward(z, t, kw["weight"], lse, g, *args, out)
+    triton_rows.backward(z, t, kw["weight"], lse, g, RowOptions(*args), out)
     ref_loss, ref_grad = reference_rows(z, t, kw, g)
     torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=2.0**-20, atol=2.0**-20)
     torch.testing.assert_close(out.double().cpu(), ref_grad, rtol=2.0**-19, atol=2.0**-21)
@@ -344,7 +345,7 @@ def test_huge_logits_are_not_rounded_at_the_max(device, option):
 def test_nan_logit_propagates(device):
     z = torch.randn(2, 129)
     z[0, 11] = math.nan
-    loss = triton_rows.forward(z.to(device), torch.tensor([1, 2], device=device), None, -100, 0.0, 0.0, None)[0]
+    loss = triton_rows.forward(z.to(device), torch.tensor([1, 2], device=device), None, RowOptions(-100, 0.0, 0.0, None))[0]
     assert torch.isnan(loss[0]) and torch.isfinite(loss[1])
 
 
@@ -355,21 +356,21 @@ def test_out_of_range_target_gives_nan_row_without_reading_outside(device, bad):
     z = torch.randn(3, 129, device=device)
     t = torch.tensor([4, bad, 6], device=device)
     w = torch.rand(129, device=device) + 0.5
-    loss, lse = triton_rows.forward(z, t, w, -100, 0.1, 1e-3, None)
+    loss, lse = triton_rows.forward(z, t, w, RowOptions(-100, 0.1, 1e-3, None))
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all() and torch.isfinite(lse).all()
     out = torch.empty_like(z)
-    triton_rows.backward(z, t, w, lse, torch.ones(3, device=device), -100, 0.1, 1e-3, None, out)
+    triton_rows.backward(z, t, w, lse, torch.ones(3, device=device), RowOptions(-100, 0.1, 1e-3, None), out)
     assert torch.isnan(out[1]).all() and torch.isfinite(out[[0, 2]]).all()
-    expected, _ = torch_rows.forward(z[[0, 2]], t[[0, 2]], w, -100, 0.1, 1e-3, None)
+    expected, _ = torch_rows.forward(z[[0, 2]], t[[0, 2]], w, RowOptions(-100, 0.1, 1e-3, None))
     torch.testing.assert_close(loss[[0, 2]], expected)
 
 
 def test_float64_falls_back_to_torch_rows(device):
     z = torch.randn(4, 33, dtype=torch.float64, device=device)
     t = torch.randint(0, 33, (4,), device=device)
-    loss, lse = triton_rows.forward(z, t, None, -100, 0.1, 0.0, 2.0)
+    loss, lse = triton_rows.forward(z, t, None, RowOptions(-100, 0.1, 0.0, 2.0))
     assert loss.dtype == lse.dtype == torch.float64
-    torch.testing.assert_close(loss, torch_rows.forward(z, t, None, -100, 0.1, 0.0, 2.0)[0], rtol=0, atol=0)
+    torch.testing.assert_close(loss, torch_rows.forward(z, t, None, RowOptions(-100, 0.1, 0.0, 2.0))[0], rtol=0, atol=0)
 
 
 # --- dispatch and launch table -------------------------------------------------------------------------------

@@ -1,18 +1,17 @@
 """crossent: exact, stable, memory-frugal softmax cross-entropy for PyTorch."""
 
 from crossent import reference
-from crossent._options import CrossEntropyOptions, LinearCrossEntropyOptions
+from crossent._results import CrossEntropyStats
 from crossent.functional import cross_entropy, linear_cross_entropy
 from crossent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
     "reference",
-    "CrossEntropyOptions",
     "cross_entropy",
     "CrossEntropyLoss",
-    "LinearCrossEntropyOptions",
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
+    "CrossEntropyStats",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,4 +1,8 @@
-"""Tensor checks at the public boundary: TypeError/ValueError naming the argument, value and expectation."""
+"""Tensor checks at the public boundary: TypeError/ValueError naming the argument, value and expectation.
+
+Every public function (one process or vocab-parallel) runs these before any work. The one check that runs
+later, inside the forward custom ops, is :func:`check_target_range` on CPU (see ``kernels/ops.py`` for why).
+"""
 
 from __future__ import annotations
 
@@ -49,18 +53,35 @@ def class_indices(target: torch.Tensor) -> torch.Tensor:
     return target if target.dtype == torch.int64 else target.long()
 
 
-def check_weight(weight: Optional[torch.Tensor], num_classes: int, input: torch.Tensor) -> None:
-    """None, or a floating (C,) tensor on the input's device."""
+def check_weight(weight: Optional[torch.Tensor], num_classes: Optional[int], device: torch.device) -> None:
+    """None, or a floating (C,) class-weight tensor on ``device``; ``num_classes`` None: any length (checked
+    later, e.g. against the vocab-parallel ranks' shards)."""
     if weight is None:
         return
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if not weight.is_floating_point():
         raise TypeError(f"weight must have a floating dtype, got {weight.dtype}")
-    if weight.shape != (num_classes,):
-        raise ValueError(f"weight must have shape ({num_classes},) (one per class), got {tuple(weight.shape)}")
-    if weight.device != input.device:
-        raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if weight.dim() != 1 or (num_classes is not None and weight.shape[0] != num_classes):
+        expected = "(C,)" if num_classes is None else f"({num_classes},)"
+        raise ValueError(f"weight must have shape {expected} (one per class), got {tuple(weight.shape)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but the input is on {device}")
+
+
+def check_index_target(target, batch_shape: torch.Size, device: torch.device) -> None:
+    """Integer class indices of the input's shape without its class dim (``input.shape[:-1]``), on ``device``."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    if target.shape != batch_shape:
+        raise ValueError(
+            f"target must have shape input.shape[:-1] = {tuple(batch_shape)} (the input without its class dim), "
+            f"got {tuple(target.shape)}"
+        )
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but the input is on {device}")
 
 
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
@@ -80,9 +101,8 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
 def check_linear(input, linear_weight, target, linear_bias) -> None:
     """Shapes, dtypes and devices of the linear CE's tensors, before any work."""
     check_logits("input", input)
-    for name, t in (("linear_weight", linear_weight), ("target", target)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not isinstance(linear_weight, torch.Tensor):
+        raise TypeError(f"linear_weight must be a torch.Tensor, got {type(linear_weight).__name__}")
     if linear_bias is not None and not isinstance(linear_bias, torch.Tensor):
         raise TypeError(f"linear_bias must be a torch.Tensor or None, got {type(linear_bias).__name__}")
     if linear_weight.dim() != 2:
@@ -95,12 +115,7 @@ def check_linear(input, linear_weight, target, linear_bias) -> None:
         )
     if vocab == 0:
         raise ValueError("linear_weight has no rows (V = 0): there are no classes")
-    if target.shape != input.shape[:-1]:
-        raise ValueError(
-            f"target must have shape input.shape[:-1] = {tuple(input.shape[:-1])}, got {tuple(target.shape)}"
-        )
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+    check_index_target(target, input.shape[:-1], input.device)
     if linear_bias is not None and linear_bias.shape != (vocab,):
         raise ValueError(f"linear_bias must have shape ({vocab},) (one per class), got {tuple(linear_bias.shape)}")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
@@ -110,5 +125,3 @@ def check_linear(input, linear_weight, target, linear_bias) -> None:
             raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
-    if target.device != input.device:
-        raise ValueError(f"target is on {target.device} but input is on {input.device}")

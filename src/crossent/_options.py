@@ -1,54 +1,135 @@
-"""Loss options: one frozen dataclass, validated once where it is built (the public boundary)."""
+"""Loss options: frozen dataclasses, validated once where they are built (the public boundary).
+
+Three layers of options, each a part of the next:
+
+- :class:`RowOptions` — what the per-row math reads (``ignore_index``, ``label_smoothing``, ``z_loss``,
+  ``softcap``). It travels unchanged from the public boundary down to the kernels; the custom ops take it
+  flattened (``crossent.kernels.op_args``, the one place that flattens and rebuilds it).
+- :class:`LossOptions` — a row options object plus what the layers above the kernels read: the
+  ``reduction``, the backend ``impl`` and whether statistics are returned.
+- :class:`CrossEntropyOptions` and :class:`LinearOptions` — a loss's own extras (in-place backward; the
+  fused loss's chunking and dW accumulation).
+
+``LossOptions.build(**keywords)`` sorts the public keyword arguments into these parts, so no list of
+option names is written out anywhere but in the dataclasses' fields (and in the public signatures).
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
 Reduction = Literal["none", "mean", "sum"]
 Impl = Literal["auto", "torch", "triton"]
+AccumulateDtype = Literal["float32", "weight"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _IMPLS = ("auto", "torch", "triton")
+_ACCUMULATE = ("float32", "weight")
 
 
 @dataclass(frozen=True)
-class CrossEntropyOptions:
-    """Everything about a cross-entropy call that is not a tensor.
-
-    Building one validates it: a bad value raises TypeError/ValueError naming the argument.
-    """
+class RowOptions:
+    """The options of the per-row cross-entropy math: everything a kernel reads besides tensors."""
 
     ignore_index: int = -100
-    reduction: Reduction = "mean"
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: Optional[float] = None
-    inplace_backward: bool = False
-    impl: Impl = "auto"
 
     def __post_init__(self):
         _check_int("ignore_index", self.ignore_index)
-        _check_choice("reduction", self.reduction, _REDUCTIONS)
-        _check_choice("impl", self.impl, _IMPLS)
         _check_real("label_smoothing", self.label_smoothing, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_real("z_loss", self.z_loss, "a finite float >= 0", lambda v: v >= 0.0)
         if self.softcap is not None:
             _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
-        if not isinstance(self.inplace_backward, bool):
-            raise TypeError(f"inplace_backward must be a bool, got {self.inplace_backward!r}")
-        # Normalise numbers to plain Python floats (a numpy scalar or int would do but would not hash alike).
+        # Plain Python numbers (a numpy scalar would do, but would not hash or print alike).
+        object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
         object.__setattr__(self, "z_loss", float(self.z_loss))
         if self.softcap is not None:
             object.__setattr__(self, "softcap", float(self.softcap))
 
 
+# computed at import: dataclasses.fields() is not traceable by torch.compile, and build() runs in traced code
+_ROW_FIELDS = tuple(f.name for f in fields(RowOptions))
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """A loss call's options: the row math's (``row``) and how the rows are reduced and run."""
+
+    row: RowOptions = field(default_factory=RowOptions)
+    reduction: Reduction = "mean"
+    impl: Impl = "auto"
+    return_stats: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.row, RowOptions):
+            raise TypeError(f"row must be a RowOptions, got {type(self.row).__name__}")
+        _check_choice("reduction", self.reduction, _REDUCTIONS)
+        _check_choice("impl", self.impl, _IMPLS)
+        _check_bool("return_stats", self.return_stats)
+
+    @classmethod
+    def build(cls, **keywords):
+        """The options from a public function's keyword arguments: the row options' names go to ``row``.
+
+        Raises:
+            TypeError/ValueError naming the argument, for a bad value or an unknown name.
+        """
+        row = RowOptions(**{k: v for k, v in keywords.items() if k in _ROW_FIELDS})
+        return cls(row=row, **{k: v for k, v in keywords.items() if k not in _ROW_FIELDS})
+
+    def describe(self) -> str:
+        """``name=value, ...`` of every option, for a module's ``extra_repr``."""
+        parts = [(name, getattr(self.row, name)) for name in _ROW_FIELDS]
+        parts += [(f.name, getattr(self, f.name)) for f in fields(self) if f.name != "row"]
+        return ", ".join(f"{name}={value!r}" for name, value in parts)
+
+
+@dataclass(frozen=True)
+class CrossEntropyOptions(LossOptions):
+    """:func:`crossent.cross_entropy`'s options: the loss options and an opt-in in-place backward."""
+
+    inplace_backward: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_bool("inplace_backward", self.inplace_backward)
+
+
+@dataclass(frozen=True)
+class LinearOptions(LossOptions):
+    """:func:`crossent.linear_cross_entropy`'s options: the loss options, the chunking (``chunk_size`` token
+    rows per block, ``memory_budget`` bytes of scratch) and where dW is summed across blocks."""
+
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("chunk_size", "memory_budget"):
+            value = getattr(self, name)
+            if value is not None:
+                _check_int(name, value)
+                if value <= 0:
+                    raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
+        _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)
+
+
 def _check_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int):
+    # numbers.Integral admits Python and numpy integers; bool is refused.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {value!r} of type {type(value).__name__}")
+
+
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r} of type {type(value).__name__}")
 
 
 def _check_choice(name, value, choices):
@@ -63,35 +144,3 @@ def _check_real(name, value, expected, ok):
         raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}")
     if not (math.isfinite(value) and ok(value)):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-AccumulateDtype = Literal["float32", "weight"]
-_ACCUMULATE = ("float32", "weight")
-
-
-@dataclass(frozen=True)
-class LinearCrossEntropyOptions:
-    """Everything about a :func:`crossent.linear_cross_entropy` call that is not a tensor.
-
-    ``loss`` holds the cross-entropy options; the rest choose the chunking (``chunk_size`` token rows per
-    block; ``memory_budget`` bytes of scratch) and where dW is summed across blocks (``"float32"``, or
-    ``"weight"``: in the weight's own dtype). Building one validates it.
-    """
-
-    loss: CrossEntropyOptions = CrossEntropyOptions()
-    chunk_size: Optional[int] = None
-    memory_budget: Optional[int] = None
-    accumulate_dtype: AccumulateDtype = "float32"
-
-    def __post_init__(self):
-        if not isinstance(self.loss, CrossEntropyOptions):
-            raise TypeError(f"loss must be a CrossEntropyOptions, got {type(self.loss).__name__}")
-        if self.loss.inplace_backward:
-            raise ValueError("inplace_backward does not apply to linear_cross_entropy (its logits are never stored)")
-        for name in ("chunk_size", "memory_budget"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value)
-                if value <= 0:
-                    raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
-        _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)

@@ -1,4 +1,4 @@
-"""Reductions of per-position losses, in plain PyTorch: shared by every backend and by vocab-parallel CE.
+"""Reductions of per-position losses, in plain PyTorch: shared by every loss, backend and vocab-parallel form.
 
 ``"none"`` keeps the per-position losses, ``"sum"`` adds them, ``"mean"`` divides by PyTorch's weighted
 denominator (``Σ_i w_{t_i}`` over non-ignored positions for class indices, the number of positions for
@@ -12,10 +12,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from crossent._options import CrossEntropyOptions
+from crossent._options import LossOptions
 
 
-def reduce_rows(loss: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions):
+def reduce_rows(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], kind: str, opts: LossOptions):
     """``none`` / ``sum`` / PyTorch's weighted ``mean``; a mean over zero total weight is 0."""
     if opts.reduction == "none":
         return loss
@@ -24,23 +24,30 @@ def reduce_rows(loss: Tensor, target: Tensor, weight: Optional[Tensor], kind: st
         return total
     if kind == "probs":
         return total / max(loss.numel(), 1)
-    denom = index_mean_denominator(target, weight, opts.ignore_index, loss.dtype)
+    denom = index_mean_denominator(target, class_weight, opts.row.ignore_index, loss.dtype)
     return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
 
 
-def index_mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
+def index_mean_denominator(
+    target: Tensor, class_weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype
+) -> Tensor:
     """PyTorch's weighted-mean denominator for class indices: ``Σ_i w_{t_i}`` over non-ignored positions."""
+    return index_row_weight(target, class_weight, ignore_index, dtype).sum()
+
+
+def index_row_weight(target: Tensor, class_weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype) -> Tensor:
+    """``w_{t_i}`` per position (1 without class weights), 0 where the target is ignored; no gradient."""
     valid = target != ignore_index
-    if weight is None:
-        return valid.sum().to(dtype)
-    w = weight.detach().to(dtype)
-    return torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0).sum()
+    if class_weight is None:
+        return valid.to(dtype)
+    w = class_weight.detach().to(dtype)
+    return torch.where(valid, w[target.clamp(0, w.numel() - 1)], 0.0)
 
 
-def reduction_row_scale(target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions, dtype) -> Tensor:
+def reduction_row_scale(target: Tensor, class_weight: Optional[Tensor], opts: LossOptions, dtype) -> Tensor:
     """``∂(reduced loss)/∂loss_i``, the same for every row: 1 for ``"sum"``, ``1 / Σ_i w_{t_i}`` for ``"mean"``
     (0 when that sum is 0, as :func:`reduce_rows`). A 0-d tensor: no host sync."""
     if opts.reduction == "sum":
         return torch.ones((), dtype=dtype, device=target.device)
-    denom = index_mean_denominator(target, weight, opts.ignore_index, dtype)
+    denom = index_mean_denominator(target, class_weight, opts.row.ignore_index, dtype)
     return torch.where(denom == 0, 0.0, 1.0 / torch.where(denom == 0, 1.0, denom))

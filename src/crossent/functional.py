@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union, overload
 
 import torch
 from torch import Tensor
 
-from crossent._autograd import CrossEntropyRows, LinearCrossEntropyFused, LinearCrossEntropyRecompute
+from crossent._autograd import (
+    CrossEntropyRows,
+    LinearCall,
+    LinearCrossEntropyFused,
+    LinearCrossEntropyRecompute,
+    RowCall,
+)
 from crossent._checks import check_linear, check_logits, check_weight, class_indices, target_kind
-from crossent._dispatch import resolve_impl
-from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
+from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
+from crossent._precision import compute_dtype
 from crossent._reduction import reduce_rows, reduction_row_scale
-from crossent.kernels.linear_chunks import plan_chunks
-from crossent.kernels.torch_rows import compute_dtype
+from crossent._results import CrossEntropyStats, loss_result
+from crossent.kernels.dispatch import resolve_impl
+from crossent.kernels.linear_loop import GradNeeds, LoopArgs
+from crossent.kernels.linear_plan import plan_chunks
+from crossent.kernels.shard import VocabShard
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
+
+LossOrStats = Union[Tensor, CrossEntropyStats]
+
+
+@overload
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., *, ignore_index: int = ...,
+    reduction: Reduction = ..., label_smoothing: float = ..., z_loss: float = ..., softcap: Optional[float] = ...,
+    inplace_backward: bool = ..., impl: Impl = ..., return_stats: Literal[False] = ...,
+) -> Tensor: ...  # fmt: skip
+@overload
+def cross_entropy(
+    input: Tensor, target: Tensor, weight: Optional[Tensor] = ..., *, ignore_index: int = ...,
+    reduction: Reduction = ..., label_smoothing: float = ..., z_loss: float = ..., softcap: Optional[float] = ...,
+    inplace_backward: bool = ..., impl: Impl = ..., return_stats: Literal[True],
+) -> CrossEntropyStats: ...  # fmt: skip
 
 
 def cross_entropy(
@@ -30,7 +55,8 @@ def cross_entropy(
     softcap: Optional[float] = None,
     inplace_backward: bool = False,
     impl: Impl = "auto",
-) -> Tensor:
+    return_stats: bool = False,
+) -> LossOrStats:
     r"""Softmax cross-entropy, a drop-in for :func:`torch.nn.functional.cross_entropy`.
 
     Per position ``i`` with logits ``z_i`` (C classes), ``lse_i = m + log Σ_c exp(z_ic − m)``::
@@ -62,10 +88,15 @@ def cross_entropy(
         inplace_backward: write the gradient over ``input``'s storage in backward, saving one (N, C)
             buffer. Only when ``input`` is not used after the loss's backward.
         impl: ``"auto"`` (Triton on CUDA when installed, else torch ops), ``"torch"`` or ``"triton"``.
+        return_stats: also return the per-position log-sum-exp and the z-loss part (below).
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``; the target's batch shape, (N) or (N, d1, ..., dK), for
-        ``"none"``. float32 for 16-bit and float32 input, float64 for float64 input.
+        ``"none"``. float32 for 16-bit and float32 input, float64 for float64 input. With
+        ``return_stats=True``: :class:`CrossEntropyStats` ``(loss, lse, z_loss)`` — ``lse`` the log-sum-exp
+        of the (capped) logits per position, ignored ones included, with the batch shape (N) or
+        (N, d1, ..., dK), in the loss's dtype, without gradient; ``z_loss`` the z-loss part of ``loss``,
+        reduced as ``loss`` is (zero when ``z_loss=0``), without gradient.
 
     Raises:
         TypeError: non-tensor or non-floating ``input``, non-floating ``weight``; option of the wrong type.
@@ -82,31 +113,40 @@ def cross_entropy(
         >>> loss.backward()
         >>> logits.grad[0]  # (softmax − onehot) / N
         tensor([ 0.1250, -0.3750,  0.1250,  0.1250])
+        >>> out = crossent.cross_entropy(torch.zeros(2, 4), torch.tensor([1, 3]), z_loss=0.1, return_stats=True)
+        >>> out.lse, round(out.z_loss.item(), 6)  # lse = log 4; z-loss part 0.1 · log² 4
+        (tensor([1.3863, 1.3863]), 0.192181)
     """
-    opts = CrossEntropyOptions(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        label_smoothing=label_smoothing,
-        z_loss=z_loss,
-        softcap=softcap,
-        inplace_backward=inplace_backward,
-        impl=impl,
-    )
+    opts = CrossEntropyOptions.build(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, inplace_backward=inplace_backward, impl=impl, return_stats=return_stats,
+    )  # fmt: skip
     return cross_entropy_with_options(input, target, weight, opts)
 
 
-def cross_entropy_with_options(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):
+def cross_entropy_with_options(
+    input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions
+) -> LossOrStats:
     """:func:`cross_entropy` with validated options (the module form builds them once)."""
     check_logits("input", input)
-    kind = target_kind(input, target, opts.ignore_index)
+    kind = target_kind(input, target, opts.row.ignore_index)
     num_classes = input.shape[0 if input.dim() == 1 else 1]
-    check_weight(weight, num_classes, input)
-    impl = resolve_impl(opts.impl, input.device)
+    check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
     logits, target = _classes_last(input, target, kind)
-    loss = CrossEntropyRows.apply(logits, target, weight, opts, impl)
-    return reduce_rows(loss, target, weight, kind, opts)
+    return classes_last_cross_entropy(logits, target, weight, kind, opts, VocabShard.whole(num_classes))
+
+
+def classes_last_cross_entropy(
+    logits: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions, shard: VocabShard
+) -> LossOrStats:
+    """The checked call on logits ``(..., C)`` (or one vocab-parallel rank's ``(..., V_local)`` columns of them,
+    ``shard``): the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
+    call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward)
+    loss_rows, lse = CrossEntropyRows.apply(logits, target, weight, call)
+    loss = reduce_rows(loss_rows, target, weight, kind, opts)
+    return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)
 
 
 def _classes_last(input: Tensor, target: Tensor, kind: str):
@@ -118,6 +158,22 @@ def _classes_last(input: Tensor, target: Tensor, kind: str):
     return input.movedim(1, -1), target
 
 
+@overload
+def linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = ...,
+    weight: Optional[Tensor] = ..., ignore_index: int = ..., reduction: Reduction = ..., label_smoothing: float = ...,
+    z_loss: float = ..., softcap: Optional[float] = ..., chunk_size: Optional[int] = ...,
+    memory_budget: Optional[int] = ..., accumulate_dtype: AccumulateDtype = ..., impl: Impl = ...,
+    return_stats: Literal[False] = ...,
+) -> Tensor: ...  # fmt: skip
+@overload
+def linear_cross_entropy(
+    input: Tensor, linear_weight: Tensor, target: Tensor, *, linear_bias: Optional[Tensor] = ...,
+    weight: Optional[Tensor] = ..., ignore_index: int = ..., reduction: Reduction = ..., label_smoothing: float = ...,
+    z_loss: float = ..., softcap: Optional[float] = ..., chunk_size: Optional[int] = ...,
+    memory_budget: Optional[int] = ..., accumulate_dtype: AccumulateDtype = ..., impl: Impl = ...,
+    return_stats: Literal[True],
+) -> CrossEntropyStats: ...  # fmt: skip
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -134,7 +190,8 @@ def linear_cross_entropy(
     memory_budget: Optional[int] = None,
     accumulate_dtype: AccumulateDtype = "float32",
     impl: Impl = "auto",
-) -> Tensor:
+    return_stats: bool = False,
+) -> LossOrStats:
     r"""Cross-entropy of a linear layer's output, ``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``,
     without ever holding the (N, V) logits, probabilities or their gradient.
 
@@ -155,7 +212,7 @@ def linear_cross_entropy(
     float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``,
     the fp32 sum of dW (V · D · 4 bytes), plus O(N + V). ``memory_budget`` bounds the block scratch; the
     default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on CUDA
-    (half the fp32 dW sum, at least the device's floor: ``linear_chunks.default_memory_budget``).
+    (half the fp32 dW sum, at least the device's floor: ``linear_plan.default_memory_budget``).
 
     Args:
         input: (..., D) floating, CPU or CUDA.
@@ -171,10 +228,12 @@ def linear_cross_entropy(
             ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
         impl: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``: the block's
             elementwise step; the products are cuBLAS/CPU BLAS either way.
+        return_stats: also return the per-position log-sum-exp and the z-loss part, as in :func:`cross_entropy`.
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``, ``target.shape`` for ``"none"``; float32 for 16-bit and float32
-        input, float64 for float64. Gradients come back in each parameter's dtype.
+        input, float64 for float64. Gradients come back in each parameter's dtype. With ``return_stats=True``:
+        :class:`CrossEntropyStats` ``(loss, lse, z_loss)``, ``lse`` of shape ``target.shape``.
 
     Raises:
         TypeError: non-tensor arguments, non-floating input, dtypes that differ between input, weight, bias.
@@ -192,19 +251,11 @@ def linear_cross_entropy(
         >>> bool(torch.allclose(x.grad[0], (w.detach().mean(0) - w.detach()[0]) / 3))  # (p − onehot) W / N
         True
     """
-    opts = LinearCrossEntropyOptions(
-        loss=CrossEntropyOptions(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            impl=impl,
-        ),
-        chunk_size=chunk_size,
-        memory_budget=memory_budget,
-        accumulate_dtype=accumulate_dtype,
-    )
+    opts = LinearOptions.build(
+        ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+        softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
+        impl=impl, return_stats=return_stats,
+    )  # fmt: skip
     return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias, weight, opts)
 
 
@@ -214,20 +265,42 @@ def linear_cross_entropy_with_options(
     target: Tensor,
     linear_bias: Optional[Tensor],
     weight: Optional[Tensor],
-    opts: LinearCrossEntropyOptions,
-) -> Tensor:
+    opts: LinearOptions,
+) -> LossOrStats:
     """:func:`linear_cross_entropy` with validated options (the module form builds them once)."""
     check_linear(input, linear_weight, target, linear_bias)
-    vocab, dim = linear_weight.shape
-    check_weight(weight, vocab, input)
-    impl = resolve_impl(opts.loss.impl, input.device)
-    x = input.reshape(-1, dim)
-    t = class_indices(target.reshape(-1))
+    vocab = linear_weight.shape[0]
+    check_weight(weight, vocab, input.device)
+    return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts, VocabShard.whole(vocab))
+
+
+def rows_linear_cross_entropy(
+    input: Tensor,
+    linear_weight: Tensor,
+    target: Tensor,
+    linear_bias: Optional[Tensor],
+    weight: Optional[Tensor],
+    opts: LinearOptions,
+    shard: VocabShard,
+    plan_vocab: Optional[int] = None,
+) -> LossOrStats:
+    """The checked call (``linear_weight`` may be one vocab-parallel rank's rows, ``shard``): the chunk plan
+    (from ``plan_vocab`` rows of the head, default ``linear_weight``'s; vocab-parallel passes the widest
+    shard so that every rank runs the same blocks), the autograd Function, the statistics."""
+    dim = linear_weight.shape[1]
+    x, t = input.reshape(-1, dim), class_indices(target.reshape(-1))
+    vocab = linear_weight.shape[0] if plan_vocab is None else plan_vocab
     plan = plan_chunks(x.shape[0], dim, vocab, input.dtype, input.device, opts.chunk_size, opts.memory_budget)
-    if opts.loss.reduction == "none":
-        loss = LinearCrossEntropyRecompute.apply(x, linear_weight, linear_bias, t, weight, opts, plan, impl)
-        return loss.reshape(target.shape)
-    grad_on = torch.is_grad_enabled()
-    needs = tuple(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias))
-    row_scale = reduction_row_scale(t, weight, opts.loss, compute_dtype(input.dtype))
-    return LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, opts, plan, impl, needs)
+    impl = resolve_impl(opts.impl, input.device)
+    loop = LoopArgs(plan.rows, plan.cols, opts.accumulate_dtype)
+    if opts.reduction == "none":
+        call = LinearCall(opts.row, shard, loop, GradNeeds(False, False, False), impl)
+        loss_rows, lse = LinearCrossEntropyRecompute.apply(x, linear_weight, linear_bias, t, weight, call)
+        loss = loss_rows.reshape(target.shape)
+    else:
+        grad_on = torch.is_grad_enabled()
+        needs = GradNeeds(*(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias)))
+        row_scale = reduction_row_scale(t, weight, opts, compute_dtype(input.dtype))
+        call = LinearCall(opts.row, shard, loop, needs, impl)
+        loss, lse, *_ = LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, call)
+    return loss_result(loss, lse.reshape(target.shape), t.reshape(target.shape), weight, "index", opts, input.dtype)

@@ -7,17 +7,26 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearCrossEntropyOptions, Reduction
-from crossent.functional import cross_entropy_with_options, linear_cross_entropy_with_options
+from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
+from crossent.functional import LossOrStats, cross_entropy_with_options, linear_cross_entropy_with_options
 
 __all__ = ["CrossEntropyLoss", "LinearCrossEntropyLoss"]
+
+
+def _class_weight_buffer(module: nn.Module, weight) -> None:
+    """``weight`` (class weights) as a buffer, so that it moves with ``.to()``, as in PyTorch."""
+    if weight is not None and not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
+    module.register_buffer("weight", weight)
 
 
 class CrossEntropyLoss(nn.Module):
     """Module form of :func:`crossent.cross_entropy`, a drop-in for :class:`torch.nn.CrossEntropyLoss`.
 
-    ``weight`` is registered as a buffer (it moves with ``.to()``), as in PyTorch. Every argument has
-    the meaning it has in :func:`crossent.cross_entropy`.
+    ``weight`` is registered as a buffer (it moves with ``.to()``), as in PyTorch. Every other argument is
+    keyword-only (PyTorch's deprecated positional ``size_average``/``reduce`` slots are not taken by
+    accident) and has the meaning it has in :func:`crossent.cross_entropy`; with ``return_stats=True`` the
+    module returns :class:`crossent.CrossEntropyStats`.
 
     Example:
         >>> import torch, crossent
@@ -29,6 +38,7 @@ class CrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: Optional[Tensor] = None,
+        *,
         ignore_index: int = -100,
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
@@ -36,38 +46,28 @@ class CrossEntropyLoss(nn.Module):
         softcap: Optional[float] = None,
         inplace_backward: bool = False,
         impl: Impl = "auto",
+        return_stats: bool = False,
     ):
         super().__init__()
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        self.register_buffer("weight", weight)
-        self.options = CrossEntropyOptions(
-            ignore_index=ignore_index,
-            reduction=reduction,
-            label_smoothing=label_smoothing,
-            z_loss=z_loss,
-            softcap=softcap,
-            inplace_backward=inplace_backward,
-            impl=impl,
-        )
+        _class_weight_buffer(self, weight)
+        self.options = CrossEntropyOptions.build(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, inplace_backward=inplace_backward, impl=impl, return_stats=return_stats,
+        )  # fmt: skip
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor) -> LossOrStats:
         return cross_entropy_with_options(input, target, self.weight, self.options)
 
     def extra_repr(self) -> str:
-        o = self.options
-        return (
-            f"ignore_index={o.ignore_index}, reduction={o.reduction!r}, label_smoothing={o.label_smoothing}, "
-            f"z_loss={o.z_loss}, softcap={o.softcap}, impl={o.impl!r}"
-        )
+        return self.options.describe()
 
 
 class LinearCrossEntropyLoss(nn.Module):
     """Module form of :func:`crossent.linear_cross_entropy`: ``loss_fn(input, linear_weight, target, linear_bias)``.
 
     Holds the options only (the linear layer's parameters stay with the model, e.g. its output
-    embedding); ``weight`` (class weights) is a buffer, as in :class:`CrossEntropyLoss`. Every argument
-    has the meaning it has in :func:`crossent.linear_cross_entropy`.
+    embedding); ``weight`` (class weights) is a buffer, as in :class:`CrossEntropyLoss`. Every other
+    argument is keyword-only and has the meaning it has in :func:`crossent.linear_cross_entropy`.
 
     Example:
         >>> import torch, crossent
@@ -80,6 +80,7 @@ class LinearCrossEntropyLoss(nn.Module):
     def __init__(
         self,
         weight: Optional[Tensor] = None,
+        *,
         ignore_index: int = -100,
         reduction: Reduction = "mean",
         label_smoothing: float = 0.0,
@@ -89,34 +90,20 @@ class LinearCrossEntropyLoss(nn.Module):
         memory_budget: Optional[int] = None,
         accumulate_dtype: AccumulateDtype = "float32",
         impl: Impl = "auto",
+        return_stats: bool = False,
     ):
         super().__init__()
-        if weight is not None and not isinstance(weight, torch.Tensor):
-            raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
-        self.register_buffer("weight", weight)
-        self.options = LinearCrossEntropyOptions(
-            loss=CrossEntropyOptions(
-                ignore_index=ignore_index,
-                reduction=reduction,
-                label_smoothing=label_smoothing,
-                z_loss=z_loss,
-                softcap=softcap,
-                impl=impl,
-            ),
-            chunk_size=chunk_size,
-            memory_budget=memory_budget,
-            accumulate_dtype=accumulate_dtype,
-        )
+        _class_weight_buffer(self, weight)
+        self.options = LinearOptions.build(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+            softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
+            impl=impl, return_stats=return_stats,
+        )  # fmt: skip
 
     def forward(
         self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None
-    ) -> Tensor:
+    ) -> LossOrStats:
         return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias, self.weight, self.options)
 
     def extra_repr(self) -> str:
-        o, lo = self.options, self.options.loss
-        return (
-            f"ignore_index={lo.ignore_index}, reduction={lo.reduction!r}, label_smoothing={lo.label_smoothing}, "
-            f"z_loss={lo.z_loss}, softcap={lo.softcap}, chunk_size={o.chunk_size}, "
-            f"memory_budget={o.memory_budget}, accumulate_dtype={o.accumulate_dtype!r}, impl={lo.impl!r}"
-        )
+        return self.options.describe()

@@ -85,7 +85,7 @@ def _floor(x, w):
     """The products crossent's plan runs: per block, logits, dX rows and the dW sum; no loss at all."""
     import torch
 
-    from crossent.kernels.linear_chunks import plan_chunks
+    from crossent.kernels.linear_plan import plan_chunks
 
     n, d = x.shape
     plan = plan_chunks(n, d, w.shape[0], x.dtype, x.device)

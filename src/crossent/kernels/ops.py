@@ -1,4 +1,15 @@
-"""Custom ops for the row kernels: eager implementations dispatch on ``impl``; fake ones give shapes."""
+"""The row kernels as ``torch.library`` custom ops, so that ``torch.compile`` sees one opaque op each.
+
+Each op takes the row options and the vocabulary shard flattened (:mod:`crossent.kernels.op_args`) and the
+resolved backend name; its eager implementation rebuilds them and runs :func:`dispatch.row_kernels`'s
+module; its fake implementation gives the output shapes. The Python functions at the bottom are how the
+autograd layer calls the ops: with option objects, flattened here and nowhere else.
+
+The class-range check of CPU class indices runs inside the forward op, not at the public boundary: it reads
+the target on the host, which inside a compiled graph would break it (on CUDA the kernels instead give the
+offending rows NaN, without a host sync). For a vocab-parallel shard the ranks check the range together
+before any work (``crossent.distributed``), so the op skips it.
+"""
 
 from __future__ import annotations
 
@@ -8,105 +19,104 @@ import torch
 from torch import Tensor
 
 from crossent._checks import check_target_range
-from crossent.kernels import torch_rows
+from crossent._options import RowOptions
+from crossent._precision import compute_dtype
+from crossent.kernels.collectives import stats_hook
+from crossent.kernels.dispatch import row_kernels
+from crossent.kernels.op_args import flatten, rebuild, schema
+from crossent.kernels.shard import VocabShard
+from crossent.kernels.torch_rows import probs_target_grad
+
+_ROWS = f"{schema(RowOptions, VocabShard)}, str impl"
 
 
-def _backend(impl: str):
-    if impl == "triton":
-        from crossent.kernels import triton_rows  # imported only when asked for: Triton is optional
+@torch.library.custom_op(
+    "crossent::ce_forward", mutates_args=(),
+    schema=f"(Tensor logits, Tensor target, Tensor? class_weight, {_ROWS}) -> (Tensor, Tensor)",
+)  # fmt: skip
+def _ce_forward(logits, target, class_weight, *args):
+    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
+    if shard.group_name is None and logits.device.type == "cpu" and not target.is_floating_point():
+        check_target_range(target, shard.num_classes, opts.ignore_index)
+    return row_kernels(impl).forward(logits, target, class_weight, opts, shard, stats_hook(shard.group_name))
 
-        return triton_rows
-    return torch_rows
+
+@_ce_forward.register_fake
+def _(logits, target, class_weight, *args):
+    rows = logits.shape[:-1]
+    return logits.new_empty(rows, dtype=compute_dtype(logits.dtype)), logits.new_empty(rows, dtype=torch.float64)
 
 
-@torch.library.custom_op("crossent::ce_forward", mutates_args=())
+@torch.library.custom_op(
+    "crossent::ce_backward", mutates_args=(),
+    schema=f"(Tensor logits, Tensor target, Tensor? class_weight, Tensor lse, Tensor grad_loss, {_ROWS}) -> Tensor",
+)  # fmt: skip
+def _ce_backward(logits, target, class_weight, lse, grad_loss, *args):
+    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
+    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
+    return out
+
+
+@_ce_backward.register_fake
+def _(logits, target, class_weight, lse, grad_loss, *args):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op(
+    "crossent::ce_backward_inplace", mutates_args=("logits",),
+    schema=f"(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor lse, Tensor grad_loss, {_ROWS}) -> ()",
+)  # fmt: skip
+def _ce_backward_inplace(logits, target, class_weight, lse, grad_loss, *args):
+    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
+    row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, logits, shard)
+
+
+@_ce_backward_inplace.register_fake
+def _(logits, target, class_weight, lse, grad_loss, *args):
+    return None
+
+
+@torch.library.custom_op(
+    "crossent::ce_target_grad", mutates_args=(),
+    schema=f"(Tensor logits, Tensor target, Tensor? class_weight, Tensor lse, Tensor grad_loss, "
+    f"{schema(RowOptions)}) -> Tensor",
+)  # fmt: skip
+def _ce_target_grad(logits, target, class_weight, lse, grad_loss, *args):
+    (opts,) = rebuild(args, RowOptions)
+    return probs_target_grad(logits, target, class_weight, lse, grad_loss, opts)
+
+
+@_ce_target_grad.register_fake
+def _(logits, target, class_weight, lse, grad_loss, *args):
+    return torch.empty_like(target, memory_format=torch.contiguous_format)
+
+
+# --- how the autograd layer calls the ops --------------------------------------------------------------
+
+
 def ce_forward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
-    impl: str,
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, shard: VocabShard, impl: str
 ) -> Tuple[Tensor, Tensor]:
     """Per-position loss (fp32; fp64 for fp64 logits) and LSE (fp64, both backends), ``logits.shape[:-1]``.
 
     The LSE is kept in float64 because fp32 would round it at |lse| and the backward's ``exp(z − lse)``
     would inherit that error; per row it costs O(N) (torch_rows.RowStats.lse, triton_rows._store_lse).
+    With a vocab-parallel ``shard`` both are the full rows' (the ranks' stats are combined in the op).
     """
-    if logits.device.type == "cpu" and not target.is_floating_point():
-        check_target_range(target, logits.shape[-1], ignore_index)
-    return _backend(impl).forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    return _ce_forward(logits, target, class_weight, *flatten(opts, shard), impl)
 
 
-@ce_forward.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, impl):
-    cdt = torch_rows.compute_dtype(logits.dtype)
-    return logits.new_empty(logits.shape[:-1], dtype=cdt), logits.new_empty(logits.shape[:-1], dtype=torch.float64)
+def ce_backward(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl: str):
+    """Gradient w.r.t. the logits (this shard's columns) in a new tensor of the logits' shape and dtype."""
+    return _ce_backward(logits, target, class_weight, lse, grad_loss, *flatten(opts, shard), impl)
 
 
-@torch.library.custom_op("crossent::ce_backward", mutates_args=())
-def ce_backward(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    lse: Tensor,
-    grad_loss: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
-    impl: str,
-) -> Tensor:
-    """Gradient w.r.t. the logits in a new tensor of the logits' shape and dtype."""
-    out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    _backend(impl).backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, out)
-    return out
-
-
-@ce_backward.register_fake
-def _(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, impl):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-@torch.library.custom_op("crossent::ce_backward_inplace", mutates_args=("logits",))
-def ce_backward_inplace(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    lse: Tensor,
-    grad_loss: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
-    impl: str,
-) -> None:
+def ce_backward_inplace(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl):
     """Gradient w.r.t. the logits written over the logits themselves (each chunk read before written)."""
-    _backend(impl).backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, logits)
+    _ce_backward_inplace(logits, target, class_weight, lse, grad_loss, *flatten(opts, shard), impl)
 
 
-@ce_backward_inplace.register_fake
-def _(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, impl):
-    return None
-
-
-@torch.library.custom_op("crossent::ce_target_grad", mutates_args=())
-def ce_target_grad(
-    logits: Tensor,
-    target: Tensor,
-    weight: Optional[Tensor],
-    lse: Tensor,
-    grad_loss: Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
-) -> Tensor:
+def ce_target_grad(logits, target, class_weight, lse, grad_loss, opts: RowOptions):
     """Gradient w.r.t. probability targets (knowledge distillation with a trainable teacher)."""
-    return torch_rows.probs_target_grad(logits, target, weight, lse, grad_loss, label_smoothing, z_loss, softcap)
-
-
-@ce_target_grad.register_fake
-def _(logits, target, weight, lse, grad_loss, label_smoothing, z_loss, softcap):
-    return torch.empty_like(target, memory_format=torch.contiguous_format)
+    return _ce_target_grad(logits, target, class_weight, lse, grad_loss, *flatten(opts))

@@ -4,10 +4,10 @@ Fused: softcap, row max, sum-exp, target gather, smoothing and z-loss terms, one
 Never materialized: the (N, C) log-probabilities or any full-size temporary; only chunk-sized scratch.
 Written in place: only ``out`` in the backward functions (it aliases the logits when asked to).
 
-Two levels. ``forward`` / ``backward`` take whole rows. For class-index targets they are built from the
-vocabulary-shard pieces ``shard_stats`` → (``combine_stats`` or all-reduces) → ``index_loss`` and
-``shard_backward``, which the fused linear CE (vocabulary chunks) and vocab-parallel CE (one shard
-per rank) use directly. Logits are ``(..., C)`` with any strides; targets ``(...)`` int (class indices)
+Two levels. ``forward`` / ``backward`` take rows of logits, whole or a vocabulary shard of them (vocab-parallel
+CE: one shard per rank, its stats combined across ranks by a hook). For class-index targets they are built
+from the shard pieces ``shard_stats`` → (``combine_stats`` or the hook) → ``index_loss`` and ``shard_backward``,
+which the fused linear CE's chunk step (``linear_step``) uses directly. Logits are ``(..., C)`` with any strides; targets ``(...)`` int (class indices)
 or ``(..., C)`` float (probabilities); per-position results are fp32 (fp64 for fp64 logits).
 The formulas are derived in docs/math.md; the names follow it: ``u`` weighted target vector,
 ``U = Σ_c u_c``, ``ω`` z-loss weight, ``g`` upstream gradient per row.
@@ -16,10 +16,18 @@ The formulas are derived in docs/math.md; the names follow it: ``u`` weighted ta
 from __future__ import annotations
 
 import math
-from typing import Iterator, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from crossent._options import RowOptions
+from crossent._precision import compute_dtype
+from crossent.kernels.shard import VocabShard
+
+StatsHook = Callable[["RowStats"], "RowStats"]
+"""Turns this process's per-row stats over its columns into the stats over all C columns (vocab-parallel:
+:func:`crossent.kernels.collectives.stats_hook`)."""
 
 # Positions x classes handled per chunk. A chunk should stay in cache (2^21 fp32 = 8 MiB) so that the
 # elementwise passes after the first read of the logits cost cache, not DRAM, bandwidth, while the few
@@ -32,56 +40,54 @@ from torch import Tensor
 CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp64 stays fp64 (the oracle's precision); every other dtype is accumulated in fp32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def forward(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    class_weight: Optional[Tensor],
+    opts: RowOptions,
+    shard: Optional[VocabShard] = None,
+    combine: Optional[StatsHook] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-position loss (compute dtype) and log-sum-exp (float64), both ``logits.shape[:-1]``."""
+    """Per-position loss (compute dtype) and log-sum-exp (float64), both ``logits.shape[:-1]``.
+
+    ``shard`` (default: the whole row) says which of the head's columns ``logits`` holds; ``combine`` turns
+    this shard's row stats into the full rows' (the cross-rank all-reduces of vocab-parallel CE).
+    """
+    shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
     if target.is_floating_point():
-        return _probs_forward(logits, target, weight, label_smoothing, z_loss, softcap)
-    stats = shard_stats(logits, target, weight, 0, label_smoothing != 0.0, softcap)
+        return _probs_forward(logits, target, class_weight, opts)
+    stats = shard_stats(logits, target, class_weight, shard.vocab_start, opts.label_smoothing != 0.0, opts.softcap)
+    stats = stats if combine is None else combine(stats)
     lse = stats.lse()
-    loss = index_loss(
-        lse, stats.target_logit, stats.dot, target, weight, ignore_index, label_smoothing, z_loss, logits.shape[-1]
-    )
+    loss = index_loss(lse, stats.target_logit, stats.dot, target, class_weight, opts, shard.num_classes)
     return loss, lse
 
 
 def backward(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     lse: Tensor,
     grad_loss: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    opts: RowOptions,
     out: Tensor,
+    shard: Optional[VocabShard] = None,
 ) -> None:
-    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (``logits.shape``; may be ``logits``)."""
+    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (``logits.shape``; may be ``logits``).
+
+    ``lse`` is the full row's log-sum-exp (every shard's columns), so a shard's gradient needs no
+    communication.
+    """
+    shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
     if not _views_as_3d(out, logits):  # an in-place target whose strides don't flatten: via a buffer
         buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
-        backward(logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, buf)
+        backward(logits, target, class_weight, lse, grad_loss, opts, buf, shard)
         out.copy_(buf)
         return
     if target.is_floating_point():
-        _probs_backward(logits, target, weight, lse, grad_loss, label_smoothing, z_loss, softcap, out)
+        _probs_backward(logits, target, class_weight, lse, grad_loss, opts, out)
     else:
-        shard_backward(
-            logits, target, weight, 0, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap,
-            logits.shape[-1], out,
-        )  # fmt: skip
+        shard_backward(logits, target, class_weight, shard.vocab_start, lse, grad_loss, opts, shard.num_classes, out)
 
 
 # --- class-index targets over a vocabulary shard -----------------------------------------------------
@@ -126,7 +132,7 @@ def combine_stats(parts: Sequence[RowStats]) -> RowStats:
 def shard_stats(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     vocab_start: int,
     need_dot: bool,
     softcap: Optional[float],
@@ -134,7 +140,7 @@ def shard_stats(
     """Per-row max, sum-exp, target logit and (``need_dot``) ``Σ_c w_c z_c`` of a shard ``(..., V_s)``."""
     z3, t3, shape = _as_3d(logits, target)
     cdt = compute_dtype(logits.dtype)
-    w_shard = shard_weight(weight, vocab_start, z3.shape[-1], cdt)
+    w_shard = shard_weight(class_weight, vocab_start, z3.shape[-1], cdt)
     row_max, sumexp = _empty_rows(z3.shape[:2], cdt, z3.device, 2)
     dot = torch.empty_like(row_max) if need_dot else None
     lowest = torch.finfo(cdt).min
@@ -159,10 +165,8 @@ def index_loss(
     target_logit: Tensor,
     dot: Optional[Tensor],
     target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
+    class_weight: Optional[Tensor],
+    opts: RowOptions,
     num_classes: int,
 ) -> Tensor:
     """The per-position loss from the row's lse, target logit and (with smoothing) ``Σ_c w_c z_c``.
@@ -170,14 +174,14 @@ def index_loss(
     Computed in float64 (O(N) work; ``lse − z_t`` keeps its digits when |lse| is large) and returned
     in the target logit's dtype. Ignored positions give 0; a class index outside [0, C) gives NaN.
     """
-    eps = label_smoothing
+    eps = opts.label_smoothing
     out_dtype = target_logit.dtype
     lse, target_logit = lse.double(), target_logit.double()
-    valid, t_safe, bad = index_masks(target, ignore_index, num_classes)
-    omega = torch.where(valid, weight_at(weight, t_safe, lse), 0.0)
-    loss = omega * ((1.0 - eps) * (lse - target_logit) + z_loss * lse * lse)
+    valid, t_safe, bad = index_masks(target, opts.ignore_index, num_classes)
+    omega = torch.where(valid, weight_at(class_weight, t_safe, lse), 0.0)
+    loss = omega * ((1.0 - eps) * (lse - target_logit) + opts.z_loss * lse * lse)
     if eps:
-        total_weight = num_classes if weight is None else weight.double().sum()
+        total_weight = num_classes if class_weight is None else class_weight.double().sum()
         loss = loss + (eps / num_classes) * (total_weight * lse - dot.double())
     return torch.where(valid, loss, 0.0).masked_fill_(bad, math.nan).to(out_dtype)
 
@@ -185,14 +189,11 @@ def index_loss(
 def shard_backward(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     vocab_start: int,
     lse: Tensor,
     grad_loss: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    opts: RowOptions,
     num_classes: int,
     out: Tensor,
 ) -> None:
@@ -204,50 +205,76 @@ def shard_backward(
     z3, t3, _ = _as_3d(logits, target)
     out3 = out.view(z3.shape)
     cdt = compute_dtype(logits.dtype)
-    rows = _IndexGradRows(t3, weight, vocab_start, z3.shape[-1], num_classes, ignore_index, label_smoothing,
-                          z_loss, _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape), cdt)  # fmt: skip
-    w_shard = shard_weight(weight, vocab_start, z3.shape[-1], cdt)
+    lse2, g2 = _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape)
+    f = index_grad_factors(t3, class_weight, lse2, g2, opts, vocab_start, z3.shape[-1], num_classes)
+    _, t_local = local_targets(t3, vocab_start, z3.shape[-1])
+    # a·p is computed as exp(z − (lse − log|a|))·sign(a): one exp pass instead of exp and multiply. Rows
+    # with a = 0 (ignored, zero upstream gradient) get the shift +inf, so exactly 0 comes out, also where
+    # lse = −inf (an all −inf row). The shift is formed in float64 (lse is float64).
+    shift = Shift((lse2 - f.scale.abs().log()).masked_fill_(f.scale == 0, math.inf), cdt)  # NaN scale: NaN row
+    sign = f.scale.sign().to(cdt) if _maybe_negative(f.scale) else None
+    at_target = (-f.target_coef).to(cdt)
+    smooth = None if f.smooth_coef is None else f.smooth_coef.to(cdt)
+    w_shard = shard_weight(class_weight, vocab_start, z3.shape[-1], cdt)
     direct = out.dtype == cdt  # compute straight into out's chunk: no scratch, no copy
+    softcap = opts.softcap
     for idx, x, scratch in _chunks(z3, cdt, 1 if softcap else 0, scratch_for_x=not direct):
         x = out3[idx] if direct else x
         chain = scratch[0] if softcap else None
         src = _capped(x, z3[idx], softcap, chain_out=chain)
-        rows.shift.subtract_from(src, idx, out=x).exp_()
-        if rows.sign is not None:
-            x.mul_(rows.sign[idx].unsqueeze(-1))
-        x.scatter_add_(-1, rows.t_local[idx].unsqueeze(-1), rows.at_target[idx].unsqueeze(-1))
-        if rows.smooth is not None:
+        shift.subtract_from(src, idx, out=x).exp_()
+        if sign is not None:
+            x.mul_(sign[idx].unsqueeze(-1))
+        x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
+        if smooth is not None:
             if w_shard is None:
-                x.sub_(rows.smooth[idx].unsqueeze(-1))
+                x.sub_(smooth[idx].unsqueeze(-1))
             else:
-                x.addcmul_(rows.smooth[idx].unsqueeze(-1), w_shard, value=-1.0)
+                x.addcmul_(smooth[idx].unsqueeze(-1), w_shard, value=-1.0)
         if chain is not None:
             x.mul_(chain)
         if not direct:
             out3[idx].copy_(x)
 
 
-class _IndexGradRows:
-    """Per-position constants of the class-index gradient, computed once over all rows (O(N))."""
+class IndexGradFactors(NamedTuple):
+    """Per-row factors of the class-index gradient over a shard, in float64:
+    ``g ∂loss/∂z_c = scale · p_c − target_coef · [c = t] − smooth_coef · w_c``.
 
-    def __init__(self, t3, weight, vocab_start, shard_size, num_classes, ignore_index, eps, z_loss, lse, g, cdt):
-        valid, t_safe, bad = index_masks(t3, ignore_index, num_classes)
-        local, self.t_local = local_targets(t3, vocab_start, shard_size)
-        g = torch.where(valid, g, 0.0)
-        omega = torch.where(valid, weight_at(weight, t_safe, g), 0.0)
-        total_weight = num_classes if weight is None else weight.double().sum()
-        # a·p with a = g (ω (1 − ε + 2 s lse) + ε W / C) is computed as exp(z − (lse − log|a|))·sign(a):
-        # one exp pass instead of exp and multiply. Ignored rows have a = 0, so the shift is +inf and
-        # exactly 0 comes out. The shift is formed in float64 (lse is float64).
-        a = g.double() * (omega.double() * (1.0 - eps + 2.0 * z_loss * lse) + eps * total_weight / num_classes)
-        a = torch.where(valid, a, 0.0)  # not 0·nan where lse = −inf (an all −inf row) and s = 0
-        # a = 0 (ignored rows, zero upstream gradient) must give +inf even where lse = −inf (an all −inf row)
-        sigma = (lse - a.abs().log()).masked_fill_(a == 0, math.inf).masked_fill_(bad, math.nan)  # bad: NaN row
-        self.shift = Shift(sigma, cdt)
-        self.sign = a.sign().to(cdt) if _maybe_negative(a) else None
-        # −g ω (1 − ε) at the target column, where the target lies in this shard (else add 0)
-        self.at_target = torch.where(local, -(1.0 - eps) * g * omega, 0.0)
-        self.smooth = (eps / num_classes) * g if eps else None  # the −ε w_c / C term, times g
+    ``scale = g (ω (1 − ε + 2 s lse) + ε W / C)``: 0 on ignored rows, NaN on rows whose class index is outside
+    [0, C); ``target_coef = g ω (1 − ε)`` where the target lies in the shard, else 0; ``smooth_coef = g ε / C``
+    (None without smoothing). The one definition of these factors: the row kernels here and the fused
+    linear CE's chunk step (``linear_step``) both use it.
+    """
+
+    scale: Tensor
+    target_coef: Tensor
+    smooth_coef: Optional[Tensor]
+
+
+def index_grad_factors(
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    lse: Tensor,
+    grad_loss: Tensor,
+    opts: RowOptions,
+    vocab_start: int,
+    shard_size: int,
+    num_classes: int,
+) -> IndexGradFactors:
+    """The :class:`IndexGradFactors` of rows with global class ids ``target`` and global ``lse`` (same shape),
+    for the shard's columns ``[vocab_start, vocab_start + shard_size)`` of ``num_classes``. O(rows) work."""
+    eps = opts.label_smoothing
+    valid, t_safe, bad = index_masks(target, opts.ignore_index, num_classes)
+    local, _ = local_targets(target, vocab_start, shard_size)
+    lse = lse.double()
+    g = torch.where(valid, grad_loss.double(), 0.0)
+    omega = torch.where(valid, weight_at(class_weight, t_safe, lse), 0.0)
+    total_weight = num_classes if class_weight is None else class_weight.double().sum()
+    scale = g * (omega * (1.0 - eps + 2.0 * opts.z_loss * lse) + eps * total_weight / num_classes)
+    scale = torch.where(valid, scale, 0.0).masked_fill_(bad, math.nan)  # not 0·nan where lse = −inf (ignored)
+    target_coef = torch.where(local, (1.0 - eps) * g * omega, 0.0)
+    return IndexGradFactors(scale, target_coef, (eps / num_classes) * g if eps else None)
 
 
 class Shift:
@@ -290,14 +317,14 @@ def local_targets(t, vocab_start, shard_size):
     return local, (t - vocab_start).clamp_(0, max(shard_size - 1, 0))
 
 
-def weight_at(weight, t_safe, like):
+def weight_at(class_weight, t_safe, like):
     """``w_t`` for clamped class indices (ones without weights), in ``like``'s dtype."""
-    return torch.ones_like(like) if weight is None else weight.to(like.dtype)[t_safe]
+    return torch.ones_like(like) if class_weight is None else class_weight.to(like.dtype)[t_safe]
 
 
-def shard_weight(weight, vocab_start, shard_size, cdt):
+def shard_weight(class_weight, vocab_start, shard_size, cdt):
     """The shard's slice of the class weights in the compute dtype (None without weights)."""
-    return None if weight is None else weight[vocab_start : vocab_start + shard_size].to(cdt)
+    return None if class_weight is None else class_weight[vocab_start : vocab_start + shard_size].to(cdt)
 
 
 def weighted_sum(x, w):
@@ -319,10 +346,11 @@ def _rows_of(values, z3, cdt, shape=None):
 #   ∂loss/∂z_c = (U + 2 s ω lse) p_c − u_c
 
 
-def _probs_forward(logits, target, weight, eps, z_loss, softcap):
+def _probs_forward(logits, target, class_weight, opts):
+    eps, z_loss, softcap = opts.label_smoothing, opts.z_loss, opts.softcap
     z3, y3, shape = _as_3d(logits, target)
     cdt = compute_dtype(logits.dtype)
-    w = shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(class_weight, 0, z3.shape[-1], cdt)
     row_max, sumexp, dot, total, omega = _empty_rows(z3.shape[:2], cdt, z3.device, 5)
     lowest = torch.finfo(cdt).min
     for idx, x, (u, uz) in _chunks(z3, cdt, 2):
@@ -341,11 +369,12 @@ def _probs_forward(logits, target, weight, eps, z_loss, softcap):
     return loss.to(cdt).reshape(shape), lse.reshape(shape)
 
 
-def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap, out):
+def _probs_backward(logits, target, class_weight, lse, grad_loss, opts, out):
+    eps, z_loss, softcap = opts.label_smoothing, opts.z_loss, opts.softcap
     z3, y3, _ = _as_3d(logits, target)
     out3 = out.view(z3.shape)  # out is ours (contiguous) or the logits, which _as_3d viewed the same way
     cdt = compute_dtype(logits.dtype)
-    w = shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(class_weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
     shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
     direct = out.dtype == cdt
@@ -367,20 +396,19 @@ def _probs_backward(logits, target, weight, lse, grad_loss, eps, z_loss, softcap
 def probs_target_grad(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     lse: Tensor,
     grad_loss: Tensor,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    opts: RowOptions,
 ) -> Tensor:
     """∂loss/∂y for probability targets: ``g · w_c · (s lse² − (1 − ε) log p_c)``, in the target's dtype."""
     z3, _, _ = _as_3d(logits, target)
     out = torch.empty(z3.shape, dtype=target.dtype, device=target.device)
     cdt = compute_dtype(logits.dtype)
-    w = shard_weight(weight, 0, z3.shape[-1], cdt)
+    w = shard_weight(class_weight, 0, z3.shape[-1], cdt)
     lse3, g3 = _rows_of(lse, z3, cdt), _rows_of(grad_loss, z3, cdt, lse.shape)
     shift = Shift(_rows_of(lse, z3, torch.float64), cdt)
+    label_smoothing, z_loss, softcap = opts.label_smoothing, opts.z_loss, opts.softcap
     for idx, x, _ in _chunks(z3, cdt, 0):
         src = _capped(x, z3[idx], softcap)
         shift.subtract_from(src, idx, out=x).mul_(-(1.0 - label_smoothing))  # −(1 − ε) log p

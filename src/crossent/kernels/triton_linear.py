@@ -9,7 +9,7 @@ hook) in float32 runs :func:`crossent.kernels.triton_rows.chunk_loss_and_grad_` 
 backward kernel in place (recompute step, from the saved LSE); both return :data:`FINISHED` factors, so the
 loop's products take the gradient as it is. A vocabulary-split piece or a vocab-parallel slice (whose row
 statistics need the other pieces or ranks before any gradient exists), a float64 block, and the first pass
-of a split (``stats``) run the torch chunk kernels of :mod:`crossent.kernels.linear_chunks`.
+of a split (``stats``) run the torch chunk kernels of :mod:`crossent.kernels.linear_step`.
 """
 
 from __future__ import annotations
@@ -19,60 +19,51 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from crossent.kernels import linear_chunks, triton_rows
-from crossent.kernels.linear_chunks import FINISHED, ChunkGrad, ChunkKernels, GradFactors, StatsHook
+from crossent._options import RowOptions
+from crossent.kernels import linear_step, triton_rows
+from crossent.kernels.linear_step import FINISHED, ChunkGrad, ChunkKernels, GradFactors
+from crossent.kernels.torch_rows import StatsHook
 
 
 def loss_and_grad_(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     grad_scale: Optional[Tensor],
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
+    opts: RowOptions,
     *,
     vocab_start: int = 0,
     num_classes: Optional[int] = None,
     combine: Optional[StatsHook] = None,
     recompute: Optional[Callable[[], None]] = None,
 ) -> ChunkGrad:
-    """The forward chunk step (contract of :func:`linear_chunks.chunk_loss_and_grad_`) on Triton."""
+    """The forward chunk step (contract of :func:`linear_step.chunk_loss_and_grad_`) on Triton."""
     if not _whole_rows(logits, vocab_start, num_classes, combine):
-        return linear_chunks.chunk_loss_and_grad_(
-            logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
+        return linear_step.chunk_loss_and_grad_(
+            logits, target, class_weight, grad_scale, opts,
             vocab_start=vocab_start, num_classes=num_classes, combine=combine, recompute=recompute,
         )  # fmt: skip
-    loss, lse = triton_rows.chunk_loss_and_grad_(
-        logits, target, weight, grad_scale, ignore_index, label_smoothing, z_loss, softcap
-    )
+    loss, lse = triton_rows.chunk_loss_and_grad_(logits, target, class_weight, grad_scale, opts)
     return ChunkGrad(loss, lse, FINISHED)
 
 
 def grad_(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     lse: Tensor,
     grad_scale: Tensor,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    z_loss: float = 0.0,
-    softcap: Optional[float] = None,
+    opts: RowOptions,
     *,
     vocab_start: int = 0,
     num_classes: Optional[int] = None,
 ) -> GradFactors:
-    """The recompute chunk step (contract of :func:`linear_chunks.chunk_grad_`) on Triton."""
+    """The recompute chunk step (contract of :func:`linear_step.chunk_grad_`) on Triton."""
     if not _whole_rows(logits, vocab_start, num_classes, None):
-        return linear_chunks.chunk_grad_(
-            logits, target, weight, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap,
-            vocab_start=vocab_start, num_classes=num_classes,
-        )  # fmt: skip
-    triton_rows.backward(
-        logits, target, weight, lse, grad_scale, ignore_index, label_smoothing, z_loss, softcap, logits
-    )
+        return linear_step.chunk_grad_(
+            logits, target, class_weight, lse, grad_scale, opts, vocab_start=vocab_start, num_classes=num_classes
+        )
+    triton_rows.backward(logits, target, class_weight, lse, grad_scale, opts, logits)
     return FINISHED
 
 
@@ -82,4 +73,4 @@ def _whole_rows(logits: Tensor, vocab_start: int, num_classes: Optional[int], co
     return whole and logits.dtype == torch.float32 and logits.stride(-1) == 1
 
 
-TRITON_KERNELS = ChunkKernels(loss_and_grad_, grad_, linear_chunks.chunk_stats)
+TRITON_KERNELS = ChunkKernels(loss_and_grad_, grad_, linear_step.chunk_stats)

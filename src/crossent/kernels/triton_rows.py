@@ -10,7 +10,7 @@ exactly the signatures and semantics of :mod:`crossent.kernels.torch_rows` (the 
 per-position fp32 loss and fp64 LSE; :func:`chunk_loss_and_grad_` is the step behind
 :mod:`crossent.kernels.triton_linear`. Formulas, with ``x`` the
 (soft-capped) logits of one row, ``lse = m + log Σ_c exp(x_c − m)``, ``p_c = exp(x_c − lse)``, ``g`` the
-upstream gradient of the row (derivations: docs/math.md, "Row kernels")::
+upstream gradient of the row (derivations: docs/math.md, "Every option as one weighted target vector")::
 
     class index t (ω = w_t, 0 when t = ignore_index):
         loss = ω ((1 − ε)(lse − x_t) + s lse²) + (ε / C)(W lse − Σ_c w_c x_c),   W = Σ_c w_c
@@ -27,6 +27,7 @@ What runs where:
 - class-index and probability targets: both kernels (a ``PROBS`` constexpr picks the target branch);
 - float64 logits: :mod:`torch_rows` (the kernels compute in fp32; fp64 is the oracle's precision and is
   not a GPU training dtype worth a kernel variant);
+- a vocabulary shard (vocab-parallel CE, whose row statistics need the other ranks): :mod:`torch_rows`;
 - the gradient w.r.t. probability targets (``ce_target_grad``): :mod:`torch_rows`, via the custom op.
 
 Whether the kernels are compiled (CUDA tensors) or interpreted (CPU tensors, ``TRITON_INTERPRET=1``) is
@@ -40,7 +41,10 @@ from typing import NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
+from crossent._options import RowOptions
 from crossent.kernels import torch_rows
+from crossent.kernels.shard import VocabShard
+from crossent.kernels.torch_rows import StatsHook
 
 try:  # Triton is optional (GPU extra); without it this module imports but cannot launch.
     import triton
@@ -92,15 +96,16 @@ def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
 def forward(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    class_weight: Optional[Tensor],
+    opts: RowOptions,
+    shard: Optional[VocabShard] = None,
+    combine: Optional[StatsHook] = None,
 ) -> Tuple[Tensor, Tensor]:
-    """Per-position loss (fp32) and log-sum-exp (fp64), both ``logits.shape[:-1]`` (fp64 logits: torch_rows)."""
-    if _use_torch(logits):
-        return torch_rows.forward(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap)
+    """Per-position loss (fp32) and log-sum-exp (fp64), both ``logits.shape[:-1]`` (contract of
+    :func:`torch_rows.forward`; fp64 logits and vocabulary shards run there)."""
+    if _use_torch(logits, shard) or combine is not None:
+        return torch_rows.forward(logits, target, class_weight, opts, shard, combine)
+    weight, ignore_index, label_smoothing, z_loss, softcap = class_weight, *_row_args(opts)
     shape, num_classes = logits.shape[:-1], logits.shape[-1]
     z, t, probs = _rows(logits, target)
     rows = z.shape[0]
@@ -121,21 +126,18 @@ def forward(
 def backward(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     lse: Tensor,
     grad_loss: Tensor,
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    opts: RowOptions,
     out: Tensor,
+    shard: Optional[VocabShard] = None,
 ) -> None:
-    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (``logits.shape``; may be ``logits``)."""
-    if _use_torch(logits):
-        torch_rows.backward(
-            logits, target, weight, lse, grad_loss, ignore_index, label_smoothing, z_loss, softcap, out
-        )
+    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (contract of :func:`torch_rows.backward`)."""
+    if _use_torch(logits, shard):
+        torch_rows.backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
         return
+    weight, ignore_index, label_smoothing, z_loss, softcap = class_weight, *_row_args(opts)
     num_classes = logits.shape[-1]
     z, t, probs = _rows(logits, target)
     rows = z.shape[0]
@@ -162,12 +164,9 @@ def backward(
 def chunk_loss_and_grad_(
     logits: Tensor,
     target: Tensor,
-    weight: Optional[Tensor],
+    class_weight: Optional[Tensor],
     grad_scale: Optional[Tensor],
-    ignore_index: int,
-    label_smoothing: float,
-    z_loss: float,
-    softcap: Optional[float],
+    opts: RowOptions,
 ) -> Tuple[Tensor, Tensor]:
     """linear_cross_entropy's fused chunk step on a block of whole rows of the head: one kernel per block.
 
@@ -180,12 +179,13 @@ def chunk_loss_and_grad_(
         logits: (rows, C) float32 block with unit column stride, the caller's own scratch: overwritten with
             the gradient when ``grad_scale`` is given, left as it is otherwise.
         target: (rows,) class indices in [0, C) or ``ignore_index`` (others give NaN rows, as in forward).
-        weight: None or (C,) class weights.
+        class_weight: None or (C,) class weights.
         grad_scale: None (loss only), or the upstream gradient per row, (rows,) (stride 0 allowed).
 
     Returns:
         (loss, lse): (rows,) float32 and float64.
     """
+    weight, ignore_index, label_smoothing, z_loss, softcap = class_weight, *_row_args(opts)
     rows, num_classes = logits.shape
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float64, device=logits.device)
@@ -206,9 +206,15 @@ def chunk_loss_and_grad_(
 # --- host-side layout ------------------------------------------------------------------------------------
 
 
-def _use_torch(logits: Tensor) -> bool:
-    """fp64 logits, and rows without classes, go to torch_rows (see the module docstring)."""
-    return logits.dtype == torch.float64 or logits.shape[-1] == 0
+def _use_torch(logits: Tensor, shard: Optional[VocabShard] = None) -> bool:
+    """fp64 logits, rows without classes and vocabulary shards go to torch_rows (see the module docstring)."""
+    whole = shard is None or shard.is_whole(logits.shape[-1])
+    return logits.dtype == torch.float64 or logits.shape[-1] == 0 or not whole
+
+
+def _row_args(opts: RowOptions):
+    """The row options as the kernels take them: scalars, in the kernels' argument order."""
+    return opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap
 
 
 def _rows(logits: Tensor, target: Tensor):
@@ -439,7 +445,7 @@ def _row_forward_kernel(
     z_ptr, stride_z,  # logits (R, C), unit column stride
     t_ptr, stride_t,  # class indices (R,), or probabilities (R, C) with unit column stride
     w_ptr,  # class weights (C,) fp32, read only when HAS_WEIGHT
-    loss_ptr, lse_ptr,  # (R,) fp32 outputs
+    loss_ptr, lse_ptr,  # (R,) outputs: loss fp32, LSE fp64 (see _store_lse)
     C, ignore_index, eps, z_loss, softcap,
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -481,7 +487,7 @@ def _row_backward_kernel(
 def _chunk_step_kernel(
     z_ptr, stride_z,  # one block of logits (R, C), unit column stride: overwritten by the gradient if HAS_GRAD
     t_ptr, w_ptr, wsum_ptr,  # class indices (R,); class weights (C,) and their sum (1,), fp32
-    loss_ptr, lse_ptr, g_ptr, stride_g,  # (R,) fp32 outputs; upstream gradient per row (stride 0: a scalar)
+    loss_ptr, lse_ptr, g_ptr, stride_g,  # (R,) loss fp32 and LSE fp64; upstream gradient per row (stride 0: a scalar)
     C, ignore_index, eps, z_loss, softcap,
     HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr, HAS_GRAD: tl.constexpr,
     BLOCK: tl.constexpr,

@@ -1,0 +1,54 @@
+"""The only communication of vocab-parallel losses: the cross-rank combine of per-row stats, and a sum.
+
+Both take the process group by name (``VocabShard.group_name``; custom ops take strings, not objects) and
+are no-ops for ``None`` (a single process). Per row, with this rank's shard stats ``(m_r, s_r, t_r, d_r)``::
+
+    M = max_r m_r                                   one all-reduce MAX
+    S, z_t, d = Σ_r (s_r exp(m_r − M), t_r, d_r)    one all-reduce SUM of the packed rows
+
+``S`` is exact for any split: an all −inf shard row has ``m_r`` clamped to the lowest finite value and
+``s_r = 0``, so it adds nothing. Volumes per call are in docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from crossent.kernels.torch_rows import RowStats, StatsHook
+
+
+def _group(group_name: str):
+    import torch.distributed as dist  # imported only for vocab-parallel calls
+
+    return dist, dist.distributed_c10d._resolve_process_group(group_name)
+
+
+def stats_hook(group_name: Optional[str]) -> Optional[StatsHook]:
+    """The cross-rank combine of :class:`RowStats` over the named group, or None for one process."""
+    if group_name is None:
+        return None
+    dist, group = _group(group_name)
+
+    def combine(local: RowStats) -> RowStats:
+        row_max = local.max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        parts = [local.sumexp * torch.exp(local.max - row_max), local.target_logit]
+        if local.dot is not None:
+            parts.append(local.dot)
+        packed = torch.stack(parts)  # (2 or 3, ...): one collective for all the sums
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        return RowStats(row_max, packed[0], packed[1], None if local.dot is None else packed[2])
+
+    return combine
+
+
+def sum_over_ranks_(tensor: Optional[Tensor], group_name: Optional[str]) -> Optional[Tensor]:
+    """Sum ``tensor`` over the named group's ranks, in place (each rank's share of dX); identity for None."""
+    if tensor is None or group_name is None:
+        return tensor
+    dist, group = _group(group_name)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor

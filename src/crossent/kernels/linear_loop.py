@@ -1,0 +1,312 @@
+"""The fused linear CE's loops (CPU, and CUDA through cuBLAS): token and vocabulary blocks, products, sums.
+
+Fused: per block of token rows (and of vocabulary columns), the logits product, the loss and the gradient's products.
+Never materialized: the (N, V) logits, probabilities or gradient; one (rows, cols) block at a time, in one buffer.
+Written in place: only that block buffer (ours), which the chunk step turns into the block's factored gradient.
+
+Notation (docs/linear_cross_entropy.md): X (N, D) the input rows, W (V, D) the linear weight, b (V,) its bias,
+Z = X Wᵀ + b the logits, G = ∂loss/∂Z (scaled by the upstream gradient). Then
+
+    dX = G W,        dW = Gᵀ X,        db = Σ_i G_i
+
+and per block only Z_blk, then G_blk exist. The chunk step does not even write G: it writes a block Q and returns
+per-row factors with  G = diag(scale) Q − target_coef ⊙ onehot(t) − smooth_coef ⊗ w  (class weights w), so the
+row scaling, the target column and the smoothing term cost O(rows · D) after the products instead of passes
+over the (rows, cols) block:
+
+    dX_blk = diag(scale) (Q W) − target_coef ⊙ W[t] − smooth_coef ⊗ (wᵀ W)
+    dW    += Qᵀ (diag(scale) X_blk) − Σ_i target_coef_i e_{t_i} x_iᵀ − w ⊗ Σ_i smooth_coef_i x_i
+
+Two loops: :func:`linear_loss_and_grads` (loss, and with a per-row upstream gradient also dX/dW/db: 3 products
+per block) and :func:`linear_grads` (the gradients from a saved per-row lse: 3 products + the logits again).
+Both work on a vocabulary *slice* (``VocabShard``) of a C-class head, with a hook that turns the slice's per-row
+stats into the global ones, so vocab-parallel CE runs the same loops on each rank. The block shape comes from
+``linear_plan``, the elementwise step from ``linear_step`` (or Triton's, ``triton_linear``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from crossent._options import RowOptions
+from crossent._precision import compute_dtype
+from crossent.kernels.linear_plan import ChunkPlan
+from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
+from crossent.kernels.shard import VocabShard
+from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
+
+
+class LinearGrads(NamedTuple):
+    """Gradients for the linear input (N, D), weight (V_local, D) and bias (V_local,); None where not asked."""
+
+    input: Optional[Tensor]
+    weight: Optional[Tensor]
+    bias: Optional[Tensor]
+
+
+class LinearForward(NamedTuple):
+    """Per-row loss and global lse, (N,) in the compute dtype, and the gradients (all None without them)."""
+
+    loss: Tensor
+    lse: Tensor
+    grads: LinearGrads
+
+
+class GradNeeds(NamedTuple):
+    """Which gradients a loop forms: for the linear input, its weight, its bias."""
+
+    need_input: bool = True
+    need_weight: bool = True
+    need_bias: bool = True
+
+
+class LoopArgs(NamedTuple):
+    """The fused loops' settings besides the row options: the block shape and where dW is summed
+    (``"float32"``: the compute dtype, cast once at the end; ``"weight"``: the weight's own dtype)."""
+
+    rows: int
+    cols: int
+    accumulate: str = "float32"
+
+    @property
+    def plan(self) -> ChunkPlan:
+        return ChunkPlan(self.rows, self.cols)
+
+
+def linear_loss_and_grads(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    opts: RowOptions,
+    loop: LoopArgs,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    needs: GradNeeds = GradNeeds(),
+    shard: Optional[VocabShard] = None,
+    combine: Optional[StatsHook] = None,
+    kernels: ChunkKernels = TORCH_KERNELS,
+) -> LinearForward:
+    """Per-row loss of ``Z = input · linear_weightᵀ + linear_bias`` and, with ``grad_scale``, the gradients.
+
+    Args:
+        input: (N, D). linear_weight: (V_local, D), the rows ``shard`` says of the head (default: all).
+            linear_bias: None or (V_local,). target: (N,) int64 global ids. class_weight: None or (C,).
+        opts: the row options. loop: the block shape (from :func:`plan_chunks`) and ``accumulate``.
+        grad_scale: None (loss only: one product per block), or the upstream gradient per row, () or (N,):
+            then dX, dW, db (those ``needs`` asks for) come out with it (3 products per block; a vocabulary
+            split adds the logits product again).
+        loop.accumulate: ``"float32"`` (dW summed over row blocks in the compute dtype, cast once at the end)
+            or ``"weight"`` (in ``linear_weight``'s dtype: no fp32 copy for 16-bit weights). dX rows are summed
+            over vocabulary pieces in the compute dtype, db in the compute dtype.
+        combine: per block of rows, the stats of this process's columns → global stats (vocab-parallel).
+            Then dX is this slice's part (sum it over ranks); dW and db are this slice's. The hook is a
+            collective, so every rank must run the same number of row blocks (the same ``plan.rows``).
+    """
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard,
+                    grad_scale is not None)  # fmt: skip
+    loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
+    lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)  # O(N); keeps lse − z_t's digits
+    scale_rows = None if grad_scale is None else grad_scale.to(ws.cdt).expand(ws.n)
+    for r0, r1 in ws.row_blocks():
+        t_blk = ws.target[r0:r1]
+        g_blk = None if scale_rows is None else scale_rows[r0:r1]
+        if len(ws.pieces) == 1:
+            q = ws.logits(r0, r1, ws.pieces[0])
+            out = kernels.loss_and_grad_(
+                q, t_blk, class_weight, g_blk, opts, vocab_start=ws.vocab_start, num_classes=ws.num_classes,
+                combine=combine, recompute=lambda: ws.logits(r0, r1, ws.pieces[0]),
+            )  # fmt: skip
+            loss[r0:r1], lse[r0:r1] = out.loss, out.lse
+            if g_blk is not None:
+                ws.add_block_grad(q, out.factors, r0, r1, ws.pieces[0], first=True)
+            continue
+        # vocabulary split: stats of every piece first (they need the whole row), then the gradients
+        parts = [kernels.stats(ws.logits(r0, r1, p), t_blk, class_weight, opts, vocab_start=ws.vocab_start + p[0])
+                 for p in ws.pieces]  # fmt: skip
+        stats = combine_stats(parts)
+        stats = stats if combine is None else combine(stats)
+        lse[r0:r1] = stats.lse()
+        loss[r0:r1] = index_loss(lse[r0:r1], stats.target_logit, stats.dot, t_blk, class_weight, opts,
+                                 ws.num_classes)  # fmt: skip
+        if g_blk is not None:
+            ws.pieces_grad(r0, r1, lse[r0:r1], g_blk, kernels)
+    return LinearForward(loss, lse, ws.finish())
+
+
+def linear_grads(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    target: Tensor,
+    class_weight: Optional[Tensor],
+    lse: Tensor,
+    grad_loss: Tensor,
+    opts: RowOptions,
+    loop: LoopArgs,
+    *,
+    needs: GradNeeds = GradNeeds(),
+    shard: Optional[VocabShard] = None,
+    kernels: ChunkKernels = TORCH_KERNELS,
+) -> LinearGrads:
+    """dX, dW, db for the per-row upstream gradient ``grad_loss`` (N,), from the global ``lse`` (N,) the
+    forward saved: the logits again, then the three gradient products, per block. No communication needed:
+    with a vocabulary slice, dX is this slice's part as in :func:`linear_loss_and_grads`."""
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, True)
+    g = grad_loss.to(ws.cdt).expand(ws.n)
+    for r0, r1 in ws.row_blocks():
+        ws.pieces_grad(r0, r1, lse[r0:r1], g[r0:r1], kernels)
+    return ws.finish()
+
+
+class _Workspace:
+    """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
+
+    def __init__(self, x, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, grads):
+        w, b, plan = linear_weight, linear_bias, loop.plan
+        self.x, self.linear_weight, self.linear_bias, self.class_weight, self.opts = x, w, b, class_weight, opts
+        self.target = target
+        self.n, self.dim = x.shape
+        self.vocab = w.shape[0]
+        shard = VocabShard.whole(self.vocab) if shard is None else shard
+        self.vocab_start, self.num_classes = shard.vocab_start, shard.num_classes
+        self.cdt = compute_dtype(x.dtype)
+        self.plan = plan
+        cols = max(1, min(plan.cols, self.vocab))
+        self.pieces = [(p, min(p + cols, self.vocab)) for p in range(0, max(self.vocab, 1), cols)]
+        rows = max(1, min(plan.rows, self.n))
+        width = self.pieces[0][1] - self.pieces[0][0]
+        dev = x.device
+        self.buf = torch.empty(rows * width, dtype=self.cdt, device=dev)
+        # 16-bit inputs: the logits product writes here; the gradient products read the block cast back
+        self.buf_in = None if x.dtype == self.cdt else torch.empty(rows * width, dtype=x.dtype, device=dev)
+        need_x, need_w, need_b = (bool(v) for v in needs)
+        self.need_x, self.need_w, self.need_b = grads and need_x, grads and need_w, grads and need_b and b is not None
+        acc_w = self.cdt if loop.accumulate == "float32" else w.dtype
+        self.dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if self.need_x else None
+        direct = len(self.pieces) == 1 and x.dtype == self.cdt
+        self.dx_blk = torch.empty(rows, self.dim, dtype=self.cdt, device=dev) if self.need_x and not direct else None
+        # the first row block writes dW (no zero fill: one pass over V×D saved); nothing to write when N = 0
+        new_dw = torch.empty if self.n else torch.zeros
+        self.dw = new_dw(w.shape, dtype=acc_w, device=dev) if self.need_w else None
+        self.db = torch.zeros(self.vocab, dtype=self.cdt, device=dev) if self.need_b else None
+        eps = opts.label_smoothing if grads and opts.softcap is None else 0.0  # softcap: G comes finished
+        class_weight_local = shard_weight(class_weight, self.vocab_start, self.vocab, self.cdt)
+        self.class_weight_local = (torch.ones(self.vocab, dtype=self.cdt, device=dev) if class_weight_local is None
+                                   else class_weight_local)  # fmt: skip
+        # smoothing's −ε w_c / C term, summed over rows: Σ_i γ_i x_i (for dW) and Σ_i γ_i (for db), applied once
+        self.smooth_x = torch.zeros(self.dim, dtype=self.cdt, device=dev) if eps and self.need_w else None
+        self.smooth_sum = torch.zeros((), dtype=self.cdt, device=dev) if eps and self.need_b else None
+        self.smooth_dx = [self._class_weighted_rows(p) for p in self.pieces] if eps and self.need_x else None
+
+    def row_blocks(self):
+        rows = max(1, min(self.plan.rows, self.n))
+        return [(r, min(r + rows, self.n)) for r in range(0, self.n, rows)]
+
+    def logits(self, r0, r1, piece):
+        """The raw logits of rows [r0, r1) and the piece's columns, in the block buffer (compute dtype)."""
+        p0, p1 = piece
+        shape = (r1 - r0, p1 - p0)
+        out = self.buf[: math.prod(shape)].view(shape)
+        dst = out if self.buf_in is None else self.buf_in[: math.prod(shape)].view(shape)
+        x_blk, w_p = self.x[r0:r1], self.linear_weight[p0:p1]
+        if self.linear_bias is None:
+            torch.mm(x_blk, w_p.T, out=dst)
+        else:
+            torch.addmm(self.linear_bias[p0:p1], x_blk, w_p.T, out=dst)
+        if dst is not out:
+            out.copy_(dst)
+        return out
+
+    def pieces_grad(self, r0, r1, lse, g, kernels):
+        """Gradients of rows [r0, r1) over every piece, from the global lse (logits recomputed per piece)."""
+        o = self.opts
+        for k, piece in enumerate(self.pieces):
+            q = self.logits(r0, r1, piece)
+            factors = kernels.grad_(q, self.target[r0:r1], self.class_weight, lse, g, o,
+                                    vocab_start=self.vocab_start + piece[0], num_classes=self.num_classes)  # fmt: skip
+            self.add_block_grad(q, factors, r0, r1, piece, first=k == 0)
+
+    def add_block_grad(self, q, f: GradFactors, r0, r1, piece, first):
+        """Add the block's share of dX, dW, db; G = diag(scale) Q − target_coef ⊙ onehot − smooth_coef ⊗ w."""
+        p0, p1 = piece
+        _, t_col = local_targets(self.target[r0:r1], self.vocab_start + p0, p1 - p0)
+        x_blk = self.x[r0:r1]
+        q_in = q if self.buf_in is None else self.buf_in[: q.numel()].view(q.shape).copy_(q)
+        if self.need_x:
+            self._add_dx(q_in, f, r0, r1, piece, t_col, first)
+        if self.need_w:
+            x_c = x_blk.to(self.cdt)
+            dw = self.dw[p0:p1]
+            xs = x_c if f.scale is None else x_c * f.scale.unsqueeze(-1)  # dW += Qᵀ (diag(scale) X)
+            q_w = (q if dw.dtype == self.cdt else q_in).T
+            if r0 == 0:
+                torch.mm(q_w, xs.to(dw.dtype), out=dw)
+            else:
+                dw.addmm_(q_w, xs.to(dw.dtype))
+            if f.target_coef is not None:  # dW[t_i] −= target_coef_i x_i
+                dw.index_add_(0, t_col, (x_c * f.target_coef.unsqueeze(-1)).to(dw.dtype), alpha=-1)
+            if f.smooth_coef is not None and first:  # the same γ for every piece: count each row once
+                self.smooth_x.addmv_(x_c.T, f.smooth_coef)
+        if self.need_b:
+            db = self.db[p0:p1]
+            if f.scale is None:
+                db.add_(q.sum(0))
+            else:
+                db.addmv_(q.T, f.scale)
+            if f.target_coef is not None:
+                db.index_add_(0, t_col, f.target_coef, alpha=-1)
+            if f.smooth_coef is not None and first:
+                self.smooth_sum.add_(f.smooth_coef.sum())
+        if self.need_x and p1 == self.vocab and self.dx_blk is not None:  # the block's dX rows are complete
+            self.dx[r0:r1].copy_(self.dx_blk[: r1 - r0])
+
+    def _add_dx(self, q_in, f, r0, r1, piece, t_col, first):
+        """dX_blk (+)= diag(scale) (Q W) − target_coef ⊙ W[t] − smooth_coef ⊗ (wᵀ W)."""
+        p0, p1 = piece
+        w_p = self.linear_weight[p0:p1]
+        if self.dx_blk is None:  # one piece, dX in the compute dtype: the product goes straight into dX's rows
+            dx = term = torch.mm(q_in, w_p, out=self.dx[r0:r1])
+        else:
+            dx = self.dx_blk[: r1 - r0]
+            term = torch.mm(q_in, w_p).to(self.cdt)  # a new (rows, D) tensor: the epilogue works on it in place
+        if f.scale is not None:
+            term.mul_(f.scale.unsqueeze(-1))
+        if f.target_coef is not None:
+            term.addcmul_(w_p.index_select(0, t_col), f.target_coef.unsqueeze(-1), value=-1)
+        if f.smooth_coef is not None:
+            term.addr_(f.smooth_coef, self.smooth_dx[self.pieces.index(piece)], alpha=-1)
+        if term is dx:
+            return
+        if first:
+            dx.copy_(term)
+        else:
+            dx.add_(term)
+
+    def _class_weighted_rows(self, piece, step=4096):
+        """``Σ_c w_c W_c`` over the piece's rows (D,), in the compute dtype, a few thousand rows at a time."""
+        p0, p1 = piece
+        out = torch.zeros(self.dim, dtype=self.cdt, device=self.x.device)
+        for s in range(p0, p1, step):
+            e = min(s + step, p1)
+            out.addmv_(self.linear_weight[s:e].to(self.cdt).T, self.class_weight_local[s:e])
+        return out
+
+    def finish(self) -> LinearGrads:
+        """Apply the once-per-call smoothing terms and cast the sums to each parameter's dtype."""
+        dw = db = None
+        if self.need_w:
+            if self.smooth_x is not None:  # dW −= w ⊗ Σ_i γ_i x_i
+                self.dw.addr_(self.class_weight_local.to(self.dw.dtype), self.smooth_x.to(self.dw.dtype), alpha=-1)
+            dw = self.dw if self.dw.dtype == self.linear_weight.dtype else self.dw.to(self.linear_weight.dtype)
+            self.dw = None
+        if self.need_b:
+            if self.smooth_sum is not None:
+                self.db.sub_(self.class_weight_local * self.smooth_sum)
+            db = self.db.to(self.linear_bias.dtype)
+        return LinearGrads(self.dx, dw, db)

@@ -1,0 +1,117 @@
+"""The fused linear CE's block shape: how many token rows, and vocabulary columns, one block holds.
+
+Pure arithmetic on (N, D, V, dtype, device) and the memory budget; nothing is allocated here. The memory
+formula is derived in docs/linear_cross_entropy.md.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from crossent._precision import compute_dtype
+
+# Scratch budget (bytes) when the caller gives none, and the fewest token rows a block may have before
+# the vocabulary is split instead (a split costs one more logits product per block; fewer rows make the
+# dW product, whose inner dimension is the row count, bandwidth-bound on dW).
+# The budget is the larger of the device's floor below and half the fp32 dW sum (V·D·4 bytes), which
+# must exist anyway: bigger blocks mean fewer read-modify-write passes over dW and fewer re-packings of W
+# by the products, and scratch stays below 50% of dW. CPU floor 128 MiB: ~820 rows at (V, D) =
+# (32768, 1024), so scratch + dX + dW stays under PyTorch's chunked mode there. At (2048, 2048, 131072)
+# forward+backward took 12.8 s with 256 MiB blocks, 11.9 s with 512 MiB (half of dW: 3 blocks) and
+# 12.5 s with 1.1 GiB (in-process, alternating; 2-core x86 VM). CUDA: starting values, not measured.
+DEFAULT_MEMORY_BUDGET = {"cpu": 128 << 20, "cuda": 1 << 30}
+DW_SHARE = 2  # the default budget is at least (fp32 dW bytes) / DW_SHARE
+MIN_BLOCK_ROWS = {"cpu": 64, "cuda": 256}
+MIN_BLOCK_COLS = 256  # the narrowest vocabulary piece the plan picks by itself
+ROW_ALIGN = 8  # block rows are rounded down to a multiple of this (GEMM micro-kernels), when possible
+
+
+class ChunkPlan(NamedTuple):
+    """Token rows per block, and vocabulary columns per block (``cols == V``: no vocabulary split)."""
+
+    rows: int
+    cols: int
+
+
+def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype) -> int:
+    """Bytes of scratch one (rows, cols) block needs beyond dX, dW and db (see docs/linear_cross_entropy.md).
+
+    ``rows · cols · (s_c + s_16)`` for the block (compute dtype, plus a 16-bit copy for 16-bit inputs:
+    the logits product's output and the gradient products' operand) and ``rows · D · 3 s_c`` for the
+    block's dX rows, scaled input rows and their cast, where ``s_c`` = 4 (8 for float64).
+    """
+    s_c = torch.finfo(compute_dtype(dtype)).bits // 8
+    s_16 = 0 if compute_dtype(dtype) == dtype else torch.finfo(dtype).bits // 8
+    return rows * cols * (s_c + s_16) + rows * dim * 3 * s_c
+
+
+def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0) -> int:
+    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or half the fp32 dW sum if that is larger."""
+    floor = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cuda"])
+    return max(floor, vocab * dim * 4 // DW_SHARE)
+
+
+def plan_chunks(
+    num_rows: int,
+    dim: int,
+    vocab: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+) -> ChunkPlan:
+    """Pick the block shape: as many full-vocabulary rows as the budget holds; if that is fewer than
+    ``MIN_BLOCK_ROWS``, that many rows and as many vocabulary columns as fit. ``chunk_size`` fixes the
+    rows (then only an explicit ``memory_budget`` can split the vocabulary).
+
+    Raises:
+        ValueError: ``memory_budget`` below the scratch of one full-vocabulary row.
+    """
+    n = max(num_rows, 1)
+    if memory_budget is not None and memory_budget < scratch_bytes(1, vocab, dim, dtype):
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes is too small for even one row: one row of V={vocab} classes "
+            f"(D={dim}, {dtype}) needs {scratch_bytes(1, vocab, dim, dtype)} bytes of scratch"
+        )
+    if chunk_size is not None:
+        rows = min(chunk_size, n)
+        if memory_budget is None:
+            return ChunkPlan(rows, vocab)
+        return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget))
+    budget = default_memory_budget(device, vocab, dim) if memory_budget is None else memory_budget
+    full_rows = max(1, _rows_that_fit(vocab, dim, dtype, budget))
+    min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
+    if full_rows >= min_rows:
+        return ChunkPlan(_balanced(n, full_rows), vocab)
+    per_col = scratch_bytes(min_rows, 1, dim, dtype) - scratch_bytes(min_rows, 0, dim, dtype)
+    cols = (budget - scratch_bytes(min_rows, 0, dim, dtype)) // per_col
+    if cols < MIN_BLOCK_COLS:  # pieces this narrow make poor products: keep full rows, however few
+        return ChunkPlan(full_rows, vocab)
+    return ChunkPlan(_balanced(n, min_rows), min(cols, vocab))
+
+
+def _rows_that_fit(cols, dim, dtype, budget):
+    return budget // scratch_bytes(1, cols, dim, dtype)
+
+
+def _cols_that_fit(rows, vocab, dim, dtype, budget):
+    per_col = scratch_bytes(rows, 1, dim, dtype) - scratch_bytes(rows, 0, dim, dtype)
+    cols = (budget - scratch_bytes(rows, 0, dim, dtype)) // per_col
+    if cols < 1:
+        raise ValueError(
+            f"memory_budget={budget} bytes cannot hold a block of {rows} rows (chunk_size) and even one "
+            f"vocabulary column: that needs {scratch_bytes(rows, 1, dim, dtype)} bytes"
+        )
+    return min(vocab, cols)
+
+
+def _balanced(n, rows):
+    """Rows per block for equal blocks: the fewest blocks of at most ``rows`` rows, ROW_ALIGN-rounded."""
+    blocks = -(-n // rows)
+    if blocks == 1:
+        return n
+    even = -(-n // blocks)
+    aligned = -(-even // ROW_ALIGN) * ROW_ALIGN
+    return aligned if aligned <= rows else even
