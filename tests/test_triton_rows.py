@@ -5,8 +5,8 @@ through Triton's interpreter where there is no GPU, the compiled kernels on CUDA
 ``cuda`` tests at the end add GPU-sized shapes; whether they run is decided when they run (they skip
 without a GPU). The sm_90 compile check runs in a subprocess, since this process may be interpreting.
 
-Precision contract tested here: per-row loss and LSE in fp32; gradients formed in fp32 and cast once to
-the logits' dtype. A dtype passes when its error against the float64 reference is at most the error of
+Precision contract tested here: per-row loss in fp32 and LSE in fp64 (stored from the fp32 running max
+and log-sum, added in fp64); gradients formed in fp32 and cast once to the logits' dtype. A dtype passes when its error against the float64 reference is at most the error of
 the naive same-dtype torch computation plus ``TOL[dtype] · max(1, max |reference|)``.
 """
 

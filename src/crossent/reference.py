@@ -162,17 +162,8 @@ def cross_entropy(
     return loss.sum() / rows.denom if rows.denom != 0 else np.float64(0.0)
 
 
-def cross_entropy_grad(
-    logits,
-    target,
-    weight=None,
-    ignore_index=-100,
-    reduction="mean",
-    label_smoothing=0.0,
-    z_loss=0.0,
-    softcap=None,
-    grad_output=1.0,
-):
+def cross_entropy_grad(logits, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                       z_loss=0.0, softcap=None, grad_output=1.0):  # fmt: skip
     """∂J/∂logits of :func:`cross_entropy` times ``grad_output``; ``Ŷ − Y`` in the plain case.
 
     Per row, on the (soft-capped) logits ``z`` with ``p = softmax(z)``, ``U = Σ_c u_c``::

@@ -393,14 +393,7 @@ def _probs_backward(logits, target, class_weight, lse, grad_loss, opts, out):
             out3[idx].copy_(x)
 
 
-def probs_target_grad(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    lse: Tensor,
-    grad_loss: Tensor,
-    opts: RowOptions,
-) -> Tensor:
+def probs_target_grad(logits: Tensor, target: Tensor, class_weight, lse: Tensor, grad_loss: Tensor, opts) -> Tensor:
     """∂loss/∂y for probability targets: ``g · w_c · (s lse² − (1 − ε) log p_c)``, in the target's dtype."""
     z3, _, _ = _as_3d(logits, target)
     out = torch.empty(z3.shape, dtype=target.dtype, device=target.device)

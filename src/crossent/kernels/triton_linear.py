@@ -14,7 +14,7 @@ of a split (``stats``) run the torch chunk kernels of :mod:`crossent.kernels.lin
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -22,21 +22,10 @@ from torch import Tensor
 from crossent._options import RowOptions
 from crossent.kernels import linear_step, triton_rows
 from crossent.kernels.linear_step import FINISHED, ChunkGrad, ChunkKernels, GradFactors
-from crossent.kernels.torch_rows import StatsHook
 
 
-def loss_and_grad_(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    grad_scale: Optional[Tensor],
-    opts: RowOptions,
-    *,
-    vocab_start: int = 0,
-    num_classes: Optional[int] = None,
-    combine: Optional[StatsHook] = None,
-    recompute: Optional[Callable[[], None]] = None,
-) -> ChunkGrad:
+def loss_and_grad_(logits: Tensor, target: Tensor, class_weight, grad_scale, opts: RowOptions, *, vocab_start=0,
+                   num_classes=None, combine=None, recompute=None) -> ChunkGrad:  # fmt: skip
     """The forward chunk step (contract of :func:`linear_step.chunk_loss_and_grad_`) on Triton."""
     if not _whole_rows(logits, vocab_start, num_classes, combine):
         return linear_step.chunk_loss_and_grad_(
@@ -47,17 +36,8 @@ def loss_and_grad_(
     return ChunkGrad(loss, lse, FINISHED)
 
 
-def grad_(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    lse: Tensor,
-    grad_scale: Tensor,
-    opts: RowOptions,
-    *,
-    vocab_start: int = 0,
-    num_classes: Optional[int] = None,
-) -> GradFactors:
+def grad_(logits: Tensor, target: Tensor, class_weight, lse, grad_scale, opts: RowOptions, *, vocab_start=0,
+          num_classes=None) -> GradFactors:  # fmt: skip
     """The recompute chunk step (contract of :func:`linear_step.chunk_grad_`) on Triton."""
     if not _whole_rows(logits, vocab_start, num_classes, None):
         return linear_step.chunk_grad_(

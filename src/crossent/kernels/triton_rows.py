@@ -36,7 +36,7 @@ Triton's choice, made once per process when ``triton.language`` is imported: set
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -44,7 +44,6 @@ from torch import Tensor
 from crossent._options import RowOptions
 from crossent.kernels import torch_rows
 from crossent.kernels.shard import VocabShard
-from crossent.kernels.torch_rows import StatsHook
 
 try:  # Triton is optional (GPU extra); without it this module imports but cannot launch.
     import triton
@@ -93,14 +92,7 @@ def row_launch(dtype: torch.dtype, num_classes: int) -> Launch:
 # --- public entry points (same contract as torch_rows) -------------------------------------------------
 
 
-def forward(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    opts: RowOptions,
-    shard: Optional[VocabShard] = None,
-    combine: Optional[StatsHook] = None,
-) -> Tuple[Tensor, Tensor]:
+def forward(logits: Tensor, target: Tensor, class_weight, opts: RowOptions, shard=None, combine=None):
     """Per-position loss (fp32) and log-sum-exp (fp64), both ``logits.shape[:-1]`` (contract of
     :func:`torch_rows.forward`; fp64 logits and vocabulary shards run there)."""
     if _use_torch(logits, shard) or combine is not None:
@@ -123,16 +115,7 @@ def forward(
     return loss.reshape(shape), lse.reshape(shape)
 
 
-def backward(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    lse: Tensor,
-    grad_loss: Tensor,
-    opts: RowOptions,
-    out: Tensor,
-    shard: Optional[VocabShard] = None,
-) -> None:
+def backward(logits: Tensor, target: Tensor, class_weight, lse, grad_loss, opts: RowOptions, out: Tensor, shard=None):
     """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (contract of :func:`torch_rows.backward`)."""
     if _use_torch(logits, shard):
         torch_rows.backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
@@ -161,13 +144,7 @@ def backward(
         out.copy_(dst.view(out.shape))
 
 
-def chunk_loss_and_grad_(
-    logits: Tensor,
-    target: Tensor,
-    class_weight: Optional[Tensor],
-    grad_scale: Optional[Tensor],
-    opts: RowOptions,
-) -> Tuple[Tensor, Tensor]:
+def chunk_loss_and_grad_(logits: Tensor, target: Tensor, class_weight, grad_scale, opts: RowOptions):
     """linear_cross_entropy's fused chunk step on a block of whole rows of the head: one kernel per block.
 
     Per row, one pass computes the loss and LSE (as :func:`forward`); with ``grad_scale`` a second pass,
