@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import crossent
 from crossent import reference
 from crossent._options import RowOptions
+from crossent.kernels.shard import VocabShard
 from crossent.kernels.dispatch import resolve_impl
 from crossent.kernels import torch_rows
 
@@ -365,6 +366,24 @@ def test_out_of_range_target_gives_nan_row_without_reading_outside(device, bad):
     torch.testing.assert_close(loss[[0, 2]], expected)
 
 
+@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("columns", [(0, 17), (17, 40), (9, 31)], ids=["first", "last", "middle"])
+def test_shard_backward_equals_the_full_rows_columns(device, option, columns):
+    # A vocabulary shard (vocab-parallel CE, a vocabulary-split block of the fused loop): the gradient of the
+    # columns [v0, v1) of C = 40 from the full rows' LSE equals those columns of the whole rows' gradient.
+    z, t, kw = make_case(40, OPTIONS[option], torch.float32, device=device)
+    t[2] = 20 if columns == (9, 31) else t[2]  # a target inside the middle shard
+    opts = RowOptions(kw.get("ignore_index", -100), kw.get("label_smoothing", 0.0), kw.get("z_loss", 0.0), kw.get("softcap"))
+    g = torch.rand(z.shape[0], device=device) + 0.5
+    _, lse = triton_rows.forward(z, t, kw.get("weight"), opts)
+    whole = torch.empty_like(z)
+    triton_rows.backward(z, t, kw.get("weight"), lse, g, opts, whole)
+    v0, v1 = columns
+    piece = torch.empty_like(z[:, v0:v1])
+    triton_rows.backward(z[:, v0:v1].contiguous(), t, kw.get("weight"), lse, g, opts, piece, VocabShard(v0, 40))
+    torch.testing.assert_close(piece, whole[:, v0:v1], rtol=1e-6, atol=1e-7)
+
+
 def test_float64_falls_back_to_torch_rows(device):
     z = torch.randn(4, 33, dtype=torch.float64, device=device)
     t = torch.randint(0, 33, (4,), device=device)
@@ -415,7 +434,8 @@ kernels = {
     "_row_forward_kernel": (dict(rows, loss_ptr="*fp32", lse_ptr="*fp64", PROBS="constexpr", **common),
                             dict(every, PROBS=True)),
     "_row_backward_kernel": (dict(rows, wsum_ptr="*fp32", lse_ptr="*fp64", stride_lse="i64", g_ptr="*fp32",
-                                  stride_g="i64", out_ptr="*bf16", stride_out="i64", PROBS="constexpr", **common),
+                                  stride_g="i64", out_ptr="*bf16", stride_out="i64", v0="i64", C_all="i64",
+                                  PROBS="constexpr", **common),
                              dict(every, PROBS=True)),
     "_chunk_step_kernel": (dict(z_ptr="*fp32", stride_z="i64", t_ptr="*i64", w_ptr="*fp32", wsum_ptr="*fp32",
                                 loss_ptr="*fp32", lse_ptr="*fp64", g_ptr="*fp32", stride_g="i64",

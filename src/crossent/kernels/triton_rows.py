@@ -27,7 +27,8 @@ What runs where:
 - class-index and probability targets: both kernels (a ``PROBS`` constexpr picks the target branch);
 - float64 logits: :mod:`torch_rows` (the kernels compute in fp32; fp64 is the oracle's precision and is
   not a GPU training dtype worth a kernel variant);
-- a vocabulary shard (vocab-parallel CE, whose row statistics need the other ranks): :mod:`torch_rows`;
+- the forward of a vocabulary shard (vocab-parallel CE, whose row statistics need the other ranks):
+  :mod:`torch_rows`; a shard's backward runs here (it needs only the full rows' LSE);
 - the gradient w.r.t. probability targets (``ce_target_grad``): :mod:`torch_rows`, via the custom op.
 
 Whether the kernels are compiled (CUDA tensors) or interpreted (CPU tensors, ``TRITON_INTERPRET=1``) is
@@ -116,10 +117,12 @@ def forward(logits: Tensor, target: Tensor, class_weight, opts: RowOptions, shar
 
 
 def backward(logits: Tensor, target: Tensor, class_weight, lse, grad_loss, opts: RowOptions, out: Tensor, shard=None):
-    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (contract of :func:`torch_rows.backward`)."""
-    if _use_torch(logits, shard):
+    """Write ``grad_loss[i] · ∂loss_i/∂logits_i`` into ``out`` (contract of :func:`torch_rows.backward`; a
+    vocabulary shard runs here too: its gradient columns need only the full rows' ``lse``)."""
+    if _use_torch(logits):
         torch_rows.backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
         return
+    shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
     weight, ignore_index, label_smoothing, z_loss, softcap = class_weight, *_row_args(opts)
     num_classes = logits.shape[-1]
     z, t, probs = _rows(logits, target)
@@ -136,7 +139,7 @@ def backward(logits: Tensor, target: Tensor, class_weight, lse, grad_loss, opts:
     block, warps = row_launch(z.dtype, num_classes)
     _row_backward_kernel[(rows,)](
         z, z.stride(0), t, t.stride(0), w, wsum, lse, lse.stride(0), g, g.stride(0), dst, dst.stride(0),
-        num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0,
+        num_classes, ignore_index, label_smoothing, z_loss, softcap or 1.0, shard.vocab_start, shard.num_classes,
         PROBS=probs, HAS_WEIGHT=weight is not None, SMOOTH=label_smoothing > 0, SOFTCAP=softcap is not None,
         BLOCK=block, num_warps=warps, **_COMPILE,
     )  # fmt: skip
@@ -344,11 +347,15 @@ def _row_grad(
     z_row, t_row, w_ptr, wsum_ptr, out_row,  # as in _row_loss; W = Σ_c w_c (1,); the gradient row (may be z_row)
     m, log_s, g,  # lse = m + log s in two fp32 parts (the backward kernel: hi and lo of its fp64 lse); g
     C, ignore_index, eps, z_loss, softcap,
+    v0, C_all,  # the row holds columns [v0, v0 + C) of C_all classes (a vocabulary shard; 0 and C: whole)
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Write ``g · ∂loss/∂z`` of one row into ``out_row``: one pass over the logits, each block read before
-    it is written (so ``out_row`` may be ``z_row``), with p_c = exp((x_c − m) − log s)."""
+    it is written (so ``out_row`` may be ``z_row``), with p_c = exp((x_c − m) − log s) and ``lse`` the full
+    row's. A shard's columns need nothing else from the other columns: the target term lands where the
+    target's global id is in the shard, the class weights ``w_ptr`` are global (``w_ptr + v0`` per column),
+    and ε / C, W are the full row's. Probability targets come as whole rows only (v0 = 0, C_all = C)."""
     cols = tl.arange(0, BLOCK)
     lse = m + log_s
     if PROBS:
@@ -370,8 +377,9 @@ def _row_grad(
     else:
         t = tl.load(t_row).to(tl.int64)
         valid = t != ignore_index
-        bad = valid & ((t < 0) | (t >= C))
-        t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C - 1)
+        bad = valid & ((t < 0) | (t >= C_all))
+        t_safe = tl.minimum(tl.maximum(tl.where(valid, t, 0), 0), C_all - 1)  # global id, safe to index w
+        t_col = t_safe - v0  # its column in this row's shard (outside [0, C) when the target lies elsewhere)
         if HAS_WEIGHT:
             omega = tl.where(valid, tl.load(w_ptr + t_safe), 0.0)
         else:
@@ -383,10 +391,10 @@ def _row_grad(
             if HAS_WEIGHT:
                 big_w = tl.load(wsum_ptr)
             else:
-                big_w = C * 1.0
-            p_scale += g * eps * big_w / C
+                big_w = C_all * 1.0
+            p_scale += g * eps * big_w / C_all
         at_target = -g * omega * (1.0 - eps)  # the −ω (1 − ε) [c = t] term, times g
-        smooth = g * eps / C  # the −ε w_c / C term is −smooth · w_c
+        smooth = g * eps / C_all  # the −ε w_c / C term is −smooth · w_c
         poison = tl.where(bad, float("nan"), 0.0)  # out-of-range target: a NaN row, as in torch_rows
     for start in range(0, C, BLOCK):
         offs = start + cols
@@ -404,10 +412,10 @@ def _row_grad(
             # g ((U + 2 s ω lse) p_c − u_c)
             grad = p_scale * p - g * (w * ((1.0 - eps) * yv + eps / C))
         else:
-            grad = p_scale * p + tl.where(offs == t_safe, at_target, 0.0)
+            grad = p_scale * p + tl.where(offs == t_col, at_target, 0.0)
             if SMOOTH:
                 if HAS_WEIGHT:
-                    grad -= smooth * tl.load(w_ptr + offs, mask=mask, other=0.0)
+                    grad -= smooth * tl.load(w_ptr + v0 + offs, mask=mask, other=0.0)
                 else:
                     grad -= smooth
         if SOFTCAP:
@@ -444,6 +452,7 @@ def _row_backward_kernel(
     lse_ptr, stride_lse, g_ptr, stride_g,  # (R,) fp64 LSE from forward, upstream gradient (stride 0: a scalar)
     out_ptr, stride_out,  # (R, C) gradient, unit column stride; may be z_ptr itself
     C, ignore_index, eps, z_loss, softcap,
+    v0, C_all,  # the logits are columns [v0, v0 + C) of C_all classes (a vocabulary shard; 0 and C: whole)
     PROBS: tl.constexpr, HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr, SOFTCAP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -456,7 +465,7 @@ def _row_backward_kernel(
     g = tl.load(g_ptr + row * stride_g)
     _row_grad(
         z_ptr + row * stride_z, t_ptr + row * stride_t, w_ptr, wsum_ptr, out_ptr + row * stride_out,
-        hi, lo, g, C, ignore_index, eps, z_loss, softcap, PROBS, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
+        hi, lo, g, C, ignore_index, eps, z_loss, softcap, v0, C_all, PROBS, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
     )  # fmt: skip
 
 
@@ -481,6 +490,6 @@ def _chunk_step_kernel(
     if HAS_GRAD:
         g = tl.load(g_ptr + row * stride_g).to(tl.float32)
         _row_grad(
-            z_row, t_ptr + row, w_ptr, wsum_ptr, z_row, m, log_s, g, C, ignore_index, eps, z_loss, softcap,
+            z_row, t_ptr + row, w_ptr, wsum_ptr, z_row, m, log_s, g, C, ignore_index, eps, z_loss, softcap, 0, C,
             False, HAS_WEIGHT, SMOOTH, SOFTCAP, BLOCK,
         )  # fmt: skip
