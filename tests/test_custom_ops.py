@@ -35,7 +35,7 @@ def test_linear_ops_fake_shapes_and_dtypes(with_grads):
     x, w, b = torch.randn(5, 4), torch.randn(7, 4), torch.randn(7)
     t = torch.randint(0, 7, (5,))
     scale = torch.full((), 0.2) if with_grads else None
-    common = [RowOptions(), VocabShard.whole(7), LoopArgs(5, 7), GradNeeds(), "torch"]
+    common = [RowOptions(), VocabShard.whole(7), LoopArgs(chunk_size=5), GradNeeds(), "torch"]
     _fake_matches_real(linear_ops._linear_ce_forward, [x, w, b, t, None, scale, *flatten(*common[:4]), "torch"])
     lse = linear_ops.linear_ce_forward(x, w, b, t, None, None, *common).lse
     _fake_matches_real(linear_ops._linear_ce_backward, [x, w, b, t, None, lse, torch.ones(5), *flatten(*common[:4]), "torch"])

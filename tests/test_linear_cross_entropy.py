@@ -208,7 +208,7 @@ def test_no_tensor_of_n_by_v_elements_is_allocated(reduction):
     n, dim, vocab = 512, 32, 4096  # N×V = 2M elements; dW is V×D = 128K, a block 128×V = 512K
     x, w, b, t, _, _ = _problem((n,), dtype=torch.float32, vocab=vocab, dim=dim)
     x, w, b = (p.requires_grad_(True) for p in (x, w, b))
-    opts, loop = RowOptions(label_smoothing=0.1), LoopArgs(128, vocab)
+    opts, loop = RowOptions(label_smoothing=0.1), LoopArgs(chunk_size=128)
     with _LargestAllocation() as naive:  # the detector can fail: the materialized path trips it
         crossent.cross_entropy(F.linear(x, w, b), t).backward()
     assert naive.largest >= n * vocab
@@ -287,7 +287,7 @@ def test_vocabulary_slices_with_a_combine_hook_equal_the_whole():
     ranks), their per-row stats exchanged by the hook; the loss and dX (summed) equal the whole head's."""
     x, w, b, t, cw, kw = _problem(options={"weight": True, "label_smoothing": 0.1, "z_loss": 1e-3})
     opts = RowOptions(label_smoothing=0.1, z_loss=1e-3)
-    loop = LoopArgs(64, V)
+    loop = LoopArgs(chunk_size=64)
     whole = linear_loop.linear_loss_and_grads(x, w, b, t, cw, opts, loop, grad_scale=torch.ones(()))
     split = [(0, 400), (400, V)]
     barrier, posted, results = threading.Barrier(2), [None, None], [None, None]

@@ -21,6 +21,7 @@ pytest.importorskip("triton")
 from crossent._options import RowOptions  # noqa: E402
 from crossent.kernels import dispatch, linear_loop, linear_step, triton_linear  # noqa: E402  (after the importorskip)
 from crossent.kernels.linear_loop import LoopArgs  # noqa: E402
+from crossent.kernels.linear_plan import scratch_bytes  # noqa: E402
 
 OPTIONS = {
     "plain": {},
@@ -123,6 +124,13 @@ def test_vocabulary_piece_forward_step_uses_the_torch_kernels(device):
 # --- the whole loop ---------------------------------------------------------------------------------------------
 
 
+def _loop_args(plan, dim):
+    """LoopArgs whose plan is exactly ``plan`` = (rows, cols): a budget of that block when it splits the vocabulary."""
+    rows, cols = plan
+    budget = None if cols == 257 else scratch_bytes(rows, cols, dim, torch.float32)
+    return LoopArgs(chunk_size=rows, memory_budget=budget)
+
+
 def linear_reference(x, lw, lb, t, w, args, g):
     """Loss and (dX, dW, db) of cross_entropy(x Wᵀ + b) per row times g, float64."""
     logits = x.double() @ lw.double().T + lb.double()
@@ -143,7 +151,7 @@ def test_linear_loop_with_triton_kernels(device, option, plan):
     g = torch.rand(n, device=device) + 0.5
     loss_opts = RowOptions(*args)
     out = linear_loop.linear_loss_and_grads(
-        x, lw, lb, t, w, loss_opts, LoopArgs(*plan), grad_scale=g, kernels=triton_linear.TRITON_KERNELS
+        x, lw, lb, t, w, loss_opts, _loop_args(plan, d), grad_scale=g, kernels=triton_linear.TRITON_KERNELS
     )
     ref_loss, ref_dx, ref_dw, ref_db = linear_reference(x, lw, lb, t, w, args, g)
     torch.testing.assert_close(out.loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-5)
@@ -151,7 +159,7 @@ def test_linear_loop_with_triton_kernels(device, option, plan):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)
     # the recompute path ("none" reduction's backward) from the saved LSE
     grads = linear_loop.linear_grads(
-        x, lw, lb, t, w, out.lse, g, loss_opts, LoopArgs(*plan), kernels=triton_linear.TRITON_KERNELS
+        x, lw, lb, t, w, out.lse, g, loss_opts, _loop_args(plan, d), kernels=triton_linear.TRITON_KERNELS
     )
     for got, want in zip(grads, (ref_dx, ref_dw, ref_db)):
         torch.testing.assert_close(got.double().cpu(), want, rtol=1e-4, atol=1e-5)

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 
 from crossent._options import RowOptions
-from crossent.kernels import linear_ops, ops
+from crossent._precision import compute_dtype
+from crossent.kernels import composite, linear_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.shard import VocabShard
@@ -40,11 +41,24 @@ class LinearCall(NamedTuple):
     impl: str
 
 
+def transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (grad, vmap, jvp, ...) is running around this call."""
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+def _batch_first(x, dim, size):
+    """``x`` with its vmap batch dim first (an unbatched ``x`` expanded, without a copy)."""
+    return x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
+
+
 class CrossEntropyRows(torch.autograd.Function):
     """Per-position cross-entropy and log-sum-exp of logits ``(..., C)`` (or of a vocabulary shard of them).
 
     Saves the logits (no copy), the target, the class weights and the float64 LSE: O(N) beyond the input.
-    The LSE output carries no gradient.
+    The LSE output carries no gradient. Backward runs the fused kernels; where a transform needs the gradient
+    to be differentiable itself (``create_graph=True``, a backward inside ``torch.func``) or a forward-mode
+    tangent (``jvp``), the same formulas run as plain torch ops (:mod:`crossent.kernels.composite`), holding
+    (..., C) temporaries. ``vmap`` moves the batch dims in front of the rows: the kernels take any batch shape.
     """
 
     @staticmethod
@@ -55,15 +69,22 @@ class CrossEntropyRows(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         logits, target, class_weight, call = inputs
         ctx.save_for_backward(logits, target, class_weight, output[1])
+        ctx.save_for_forward(logits, target, class_weight)
         ctx.mark_non_differentiable(output[1])
         ctx.call = call
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_lse):
         logits, target, class_weight, lse = ctx.saved_tensors
         c = ctx.call
         grad_logits = grad_target = None
+        if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
+            opts = _whole_rows_only(c, "double backward (create_graph=True) and torch.func transforms")
+            if ctx.needs_input_grad[0]:
+                grad_logits = composite.logits_grad(logits, target, class_weight, grad_loss, opts)
+            if ctx.needs_input_grad[1]:
+                grad_target = composite.target_grad(logits, target, class_weight, grad_loss, opts)
+            return grad_logits, grad_target, None, None
         if ctx.needs_input_grad[1]:  # probability targets that require grad: needs the logits intact
             grad_target = ops.ce_target_grad(logits, target, class_weight, lse, grad_loss, c.opts)
         if ctx.needs_input_grad[0]:
@@ -74,6 +95,64 @@ class CrossEntropyRows(torch.autograd.Function):
             else:
                 grad_logits = ops.ce_backward(logits, *args)
         return grad_logits, grad_target, None, None
+
+
+def _whole_rows_only(call: RowCall, what: str) -> RowOptions:
+    """The row options, when the call holds whole rows; vocab-parallel shards support no transforms."""
+    if call.shard.group_name is not None:
+        raise RuntimeError(f"vocab_parallel_cross_entropy does not support {what}; gather the logits and use "
+                           "crossent.cross_entropy")  # fmt: skip
+    return call.opts
+
+
+def _vmap_by_loop(function, info, in_dims, args):
+    """A vmap rule that runs ``function`` once per batch element and stacks the outputs (dim 0): the fused
+    loops take one (N, D) batch of rows, and each element's dW is its own."""
+    outputs = []
+    for i in range(info.batch_size):
+        outputs.append(function.apply(*(a.select(d, i) if isinstance(d, int) else a for a, d in zip(args, in_dims))))
+    stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+    return stacked, (0,) * len(stacked)
+
+
+def _refuse_linear_transform(what: str):
+    raise RuntimeError(
+        f"linear_cross_entropy does not support {what}: its gradients come from fused loops that are not "
+        "differentiable themselves. Use crossent.cross_entropy(torch.nn.functional.linear(input, linear_weight, "
+        "linear_bias), target, ...) for this (it holds the N×V logits)."
+    )
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """A fused linear gradient returned where autograd records a graph (``create_graph=True``, ``torch.func``):
+    the value itself, tied to the forward's inputs so that differentiating it again raises a clear error
+    instead of giving a silently zero (or missing) second derivative."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad, *inputs):
+        return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *_):
+        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)")
+
+    @staticmethod
+    def jvp(ctx, *_):
+        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)")
+
+
+def _first_order_only(grads, inputs):
+    """The gradients as they are, or, where autograd records a graph, tied to ``inputs`` by :class:`_FirstOrderOnly`."""
+    if not torch.is_grad_enabled():
+        return grads
+    attach = [t for t in inputs if t is not None and t.requires_grad]
+    return tuple(None if g is None else _FirstOrderOnly.apply(g, *attach) for g in grads)
 
 
 def claim_forward_grads(ctx, name: str) -> None:
@@ -106,16 +185,17 @@ class LinearCrossEntropyFused(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*output[2:])
+        ctx.save_for_backward(*output[2:], *inputs[:3])  # the inputs: only to tie a recorded gradient to them
         ctx.mark_non_differentiable(*output[1:])
         ctx.call = inputs[-1]
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out, *_unused):
-        grads = [g if need else None for g, need in zip(ctx.saved_tensors, ctx.call.needs)]
-        if torch.compiler.is_compiling():  # traced: no host check, no Python state
-            grads = [None if g is None else g * grad_out for g in grads]
+        saved = ctx.saved_tensors
+        grads = [g if need else None for g, need in zip(saved[:3], ctx.call.needs)]
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
+            # traced, recorded or transformed: no host check, no in-place on our gradients
+            grads = _first_order_only([None if g is None else g * grad_out for g in grads], saved[3:])
         else:
             claim_forward_grads(ctx, "linear_cross_entropy")  # a second pass would scale (and all-reduce) again
             if grad_out.device.type != "cpu" or bool(grad_out != 1):  # on CPU, skip a pass over dW for 1
@@ -145,14 +225,88 @@ class LinearCrossEntropyRecompute(torch.autograd.Function):
         ctx.call = call
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_lse):
         input, linear_weight, linear_bias, target, class_weight, lse = ctx.saved_tensors
         c = ctx.call
         wanted = ctx.needs_input_grad
         needs = GradNeeds(wanted[0], wanted[1], wanted[2] and linear_bias is not None)
-        dx, dw, db = linear_ops.linear_ce_backward(
-            input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, c.opts, c.shard, c.loop, needs,
-            c.impl,
-        )  # fmt: skip
+        with torch.no_grad():
+            dx, dw, db = linear_ops.linear_ce_backward(
+                input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, c.opts, c.shard, c.loop,
+                needs, c.impl,
+            )  # fmt: skip
+        dx, dw, db = _first_order_only((dx, dw, db), (input, linear_weight, linear_bias))
         return sum_over_ranks_(dx, c.shard.group_name), dw, db, None, None, None
+
+
+# --- the same Functions with the rules torch.func and forward-mode AD need --------------------------------------
+# Kept apart because torch.compile cannot trace a Function that defines ``vmap`` or ``jvp``: the public
+# functions pick these (``with_transform_rules``) only while a transform or a forward-AD level is active.
+
+
+class CrossEntropyRowsTransformable(CrossEntropyRows):
+    """:class:`CrossEntropyRows` with a vmap rule (batch dims moved in front of the rows) and a jvp rule
+    (``Σ_c ∂loss/∂z_c ż_c`` from the composite gradient)."""
+
+    @staticmethod
+    def vmap(info, in_dims, logits, target, class_weight, call: RowCall):
+        if in_dims[2] is not None:
+            raise RuntimeError("cross_entropy under torch.func.vmap: the class weights must not be batched")
+        logits = _batch_first(logits, in_dims[0], info.batch_size)
+        target = _batch_first(target, in_dims[1], info.batch_size)
+        return CrossEntropyRowsTransformable.apply(logits, target, class_weight, call), (0, 0)
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, target_tangent, _weight_tangent, _call_tangent):
+        logits, target, class_weight = ctx.saved_tensors[:3]
+        opts = _whole_rows_only(ctx.call, "forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+        ones = torch.ones(logits.shape[:-1], dtype=logits.dtype, device=logits.device)
+        tangent = torch.zeros(logits.shape[:-1], dtype=torch.float64, device=logits.device)
+        if logits_tangent is not None:
+            tangent = tangent + (composite.logits_grad(logits, target, class_weight, ones, opts).double()
+                                 * logits_tangent.double()).sum(-1)  # fmt: skip
+        if target_tangent is not None and target.is_floating_point():
+            tangent = tangent + (composite.target_grad(logits, target, class_weight, ones, opts).double()
+                                 * target_tangent.double()).sum(-1)  # fmt: skip
+        return tangent.to(compute_dtype(logits.dtype)), None
+
+
+class LinearCrossEntropyFusedTransformable(LinearCrossEntropyFused):
+    """:class:`LinearCrossEntropyFused` with a vmap rule (one call per batch element) and a jvp rule that
+    refuses clearly."""
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(LinearCrossEntropyFusedTransformable, info, in_dims, args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+
+
+class LinearCrossEntropyRecomputeTransformable(LinearCrossEntropyRecompute):
+    """:class:`LinearCrossEntropyRecompute` with a vmap rule (one call per batch element) and a jvp rule that
+    refuses clearly."""
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _vmap_by_loop(LinearCrossEntropyRecomputeTransformable, info, in_dims, args)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+
+
+_TRANSFORMABLE = {
+    CrossEntropyRows: CrossEntropyRowsTransformable,
+    LinearCrossEntropyFused: LinearCrossEntropyFusedTransformable,
+    LinearCrossEntropyRecompute: LinearCrossEntropyRecomputeTransformable,
+}
+
+
+def with_transform_rules(function):
+    """``function``, or its subclass with vmap/jvp rules while a ``torch.func`` transform or a forward-mode AD
+    level (``torch.autograd.forward_ad.dual_level``) is active."""
+    if transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+        return _TRANSFORMABLE[function]
+    return function

@@ -23,6 +23,18 @@ def check_logits(name: str, x) -> None:
         raise ValueError(f"{name} must have a class dimension, got a 0-d tensor")
 
 
+def check_has_classes(input: torch.Tensor) -> int:
+    """The number of classes C of ``cross_entropy``'s input (dim 1, or dim 0 of a (C,) input), at least 1.
+
+    PyTorch gives NaN (probabilities) or an index error (class indices) for C = 0; a loss over no classes
+    has no meaning, so it is a ValueError naming the shape.
+    """
+    num_classes = input.shape[0 if input.dim() == 1 else 1]
+    if num_classes == 0:
+        raise ValueError(f"input has no classes: its class dim has size 0 (shape {tuple(input.shape)})")
+    return num_classes
+
+
 def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
     """Class indices (the input's shape without the class dim) or probabilities (the input's shape)."""
     if not isinstance(target, torch.Tensor):

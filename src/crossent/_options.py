@@ -21,6 +21,8 @@ import numbers
 from dataclasses import dataclass, field, fields
 from typing import Literal, Optional
 
+import torch
+
 Reduction = Literal["none", "mean", "sum"]
 Impl = Literal["auto", "torch", "triton"]
 AccumulateDtype = Literal["float32", "weight"]
@@ -40,13 +42,12 @@ class RowOptions:
     softcap: Optional[float] = None
 
     def __post_init__(self):
-        _check_int("ignore_index", self.ignore_index)
+        object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
         _check_real("label_smoothing", self.label_smoothing, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_real("z_loss", self.z_loss, "a finite float >= 0", lambda v: v >= 0.0)
         if self.softcap is not None:
             _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
         # Plain Python numbers (a numpy scalar would do, but would not hash or print alike).
-        object.__setattr__(self, "ignore_index", int(self.ignore_index))
         object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
         object.__setattr__(self, "z_loss", float(self.z_loss))
         if self.softcap is not None:
@@ -121,6 +122,19 @@ class LinearOptions(LossOptions):
         _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)
 
 
+def _integer_like(name, value) -> int:
+    """A Python int from what PyTorch accepts for an integer argument: int, numpy integer, 0-d integer tensor.
+
+    A 0-d tensor is read on the host (as PyTorch's own argument parsing does); floats and bools are refused.
+    """
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not (
+        value.is_floating_point() or value.is_complex() or value.dtype == torch.bool
+    ):
+        return int(value.item())
+    _check_int(name, value)
+    return int(value)
+
+
 def _check_int(name, value):
     # numbers.Integral admits Python and numpy integers; bool is refused.
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -142,5 +156,5 @@ def _check_real(name, value, expected, ok):
     # numbers.Real admits Python and numpy ints/floats; bool, str and tensors are refused.
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be {expected}, got {value!r} of type {type(value).__name__}")
-    if not (math.isfinite(value) and ok(value)):
+    if not (-math.inf < value < math.inf and ok(value)):  # comparisons, not math.isfinite: traceable (NaN fails)
         raise ValueError(f"{name} must be {expected}, got {value!r}")

@@ -13,15 +13,16 @@ from crossent._autograd import (
     LinearCrossEntropyFused,
     LinearCrossEntropyRecompute,
     RowCall,
+    with_transform_rules,
 )
-from crossent._checks import check_linear, check_logits, check_weight, class_indices, target_kind
+from crossent._checks import check_has_classes, check_linear, check_logits, check_weight, class_indices, target_kind
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
 from crossent._precision import compute_dtype
 from crossent._reduction import reduce_rows, reduction_row_scale
 from crossent._results import CrossEntropyStats, loss_result
 from crossent.kernels.dispatch import resolve_impl
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
-from crossent.kernels.linear_plan import plan_chunks
+from crossent.kernels.linear_plan import check_memory_budget
 from crossent.kernels.shard import VocabShard
 
 __all__ = ["cross_entropy", "linear_cross_entropy"]
@@ -129,8 +130,8 @@ def cross_entropy_with_options(
 ) -> LossOrStats:
     """:func:`cross_entropy` with validated options (the module form builds them once)."""
     check_logits("input", input)
+    num_classes = check_has_classes(input)
     kind = target_kind(input, target, opts.row.ignore_index)
-    num_classes = input.shape[0 if input.dim() == 1 else 1]
     check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
@@ -144,7 +145,7 @@ def classes_last_cross_entropy(
     """The checked call on logits ``(..., C)`` (or one vocab-parallel rank's ``(..., V_local)`` columns of them,
     ``shard``): the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
     call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward)
-    loss_rows, lse = CrossEntropyRows.apply(logits, target, weight, call)
+    loss_rows, lse = with_transform_rules(CrossEntropyRows).apply(logits, target, weight, call)
     loss = reduce_rows(loss_rows, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)
 
@@ -268,10 +269,27 @@ def linear_cross_entropy_with_options(
     opts: LinearOptions,
 ) -> LossOrStats:
     """:func:`linear_cross_entropy` with validated options (the module form builds them once)."""
+    input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, target, linear_bias)
     vocab = linear_weight.shape[0]
     check_weight(weight, vocab, input.device)
     return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts, VocabShard.whole(vocab))
+
+
+def autocast_operands(input, linear_weight, linear_bias):
+    """Under ``torch.autocast``, the product's operands in the autocast dtype, as ``F.linear`` takes them there
+    (float64 and non-floating tensors are left alone). The casts are recorded by autograd, so each parameter's
+    gradient comes back in its own dtype (an fp32 master weight gets an fp32 gradient). Outside autocast,
+    the operands as they are."""
+    if not isinstance(input, Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return input, linear_weight, linear_bias
+    dtype = torch.get_autocast_dtype(input.device.type)
+
+    def cast(t):
+        usable = isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+        return t.to(dtype) if usable else t
+
+    return cast(input), cast(linear_weight), cast(linear_bias)
 
 
 def rows_linear_cross_entropy(
@@ -284,23 +302,25 @@ def rows_linear_cross_entropy(
     shard: VocabShard,
     plan_vocab: Optional[int] = None,
 ) -> LossOrStats:
-    """The checked call (``linear_weight`` may be one vocab-parallel rank's rows, ``shard``): the chunk plan
-    (from ``plan_vocab`` rows of the head, default ``linear_weight``'s; vocab-parallel passes the widest
-    shard so that every rank runs the same blocks), the autograd Function, the statistics."""
+    """The checked call (``linear_weight`` may be one vocab-parallel rank's rows, ``shard``): the autograd
+    Function and the statistics. The ops plan the blocks from ``plan_vocab`` rows of the head (default
+    ``linear_weight``'s; vocab-parallel passes the widest shard so that every rank runs the same blocks)."""
     dim = linear_weight.shape[1]
     x, t = input.reshape(-1, dim), class_indices(target.reshape(-1))
     vocab = linear_weight.shape[0] if plan_vocab is None else plan_vocab
-    plan = plan_chunks(x.shape[0], dim, vocab, input.dtype, input.device, opts.chunk_size, opts.memory_budget)
+    check_memory_budget(x.shape[0], dim, vocab, input.dtype, opts.chunk_size, opts.memory_budget)
     impl = resolve_impl(opts.impl, input.device)
-    loop = LoopArgs(plan.rows, plan.cols, opts.accumulate_dtype)
+    loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype)
     if opts.reduction == "none":
         call = LinearCall(opts.row, shard, loop, GradNeeds(False, False, False), impl)
-        loss_rows, lse = LinearCrossEntropyRecompute.apply(x, linear_weight, linear_bias, t, weight, call)
+        function = with_transform_rules(LinearCrossEntropyRecompute)
+        loss_rows, lse = function.apply(x, linear_weight, linear_bias, t, weight, call)
         loss = loss_rows.reshape(target.shape)
     else:
         grad_on = torch.is_grad_enabled()
         needs = GradNeeds(*(grad_on and p is not None and p.requires_grad for p in (input, linear_weight, linear_bias)))
         row_scale = reduction_row_scale(t, weight, opts, compute_dtype(input.dtype))
         call = LinearCall(opts.row, shard, loop, needs, impl)
-        loss, lse, *_ = LinearCrossEntropyFused.apply(x, linear_weight, linear_bias, t, weight, row_scale, call)
+        function = with_transform_rules(LinearCrossEntropyFused)
+        loss, lse, *_ = function.apply(x, linear_weight, linear_bias, t, weight, row_scale, call)
     return loss_result(loss, lse.reshape(target.shape), t.reshape(target.shape), weight, "index", opts, input.dtype)

@@ -43,7 +43,7 @@ from torch import Tensor
 from crossent._checks import check_index_target, check_linear, check_logits, check_weight, class_indices
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
 from crossent.distributed.agreement import agree, check_vocab_start, device_of
-from crossent.functional import LossOrStats, classes_last_cross_entropy, rows_linear_cross_entropy
+from crossent.functional import LossOrStats, autocast_operands, classes_last_cross_entropy, rows_linear_cross_entropy
 from crossent.kernels.shard import VocabShard
 
 __all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
@@ -195,7 +195,7 @@ def vocab_parallel_linear_cross_entropy(
         >>> loss.backward()  # hidden.grad full on every rank; w_local.grad this rank's rows  # doctest: +SKIP
     """
     fn = "vocab_parallel_linear_cross_entropy"
-    opts_box = []
+    opts_box, operands = [], []
 
     def check_and_describe():
         opts = LinearOptions.build(
@@ -204,19 +204,21 @@ def vocab_parallel_linear_cross_entropy(
             impl=impl, return_stats=return_stats,
         )  # fmt: skip
         opts_box.append(opts)
-        check_linear(input, linear_weight, target, linear_bias)  # the single-process checks, as they are
+        operands.extend(autocast_operands(input, linear_weight, linear_bias))
+        check_linear(*operands[:2], target, operands[2])  # the single-process checks, as they are
         check_vocab_start(vocab_start)
         check_weight(weight, None, input.device)
         # what needs a gradient decides the collectives (per-block combines, dX's all-reduce): all ranks alike
         needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
                       for t in (input, linear_weight, linear_bias))  # fmt: skip
         return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=target.numel(),
-                    shapes=tuple(input.shape), dtypes=(str(input.dtype), str(target.dtype)),
+                    shapes=tuple(input.shape), dtypes=(str(operands[0].dtype), str(target.dtype)),
                     options=(opts, weight is None, linear_bias is None, needs), weight=weight, target=target)  # fmt: skip
 
     agreed = agree(fn, group, device_of(input), ignore_index, check_and_describe)
     shard = VocabShard(agreed.vocab_start, agreed.num_classes, _group_name(group))
     # planned from the widest shard and the shared N, D, dtype: the same token blocks on every rank
+    input, linear_weight, linear_bias = operands
     return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts_box[0], shard,
                                      plan_vocab=agreed.widest)  # fmt: skip
 

@@ -55,3 +55,8 @@ def chunk_kernels(impl: str) -> linear_step.ChunkKernels:
 
         return TRITON_KERNELS
     return linear_step.TORCH_KERNELS
+
+
+def no_autocast(device: torch.device):
+    """A context in which ``torch.autocast`` is off for ``device``'s type: the kernels keep their own precision."""
+    return torch.autocast(device.type, enabled=False)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels.linear_plan import ChunkPlan
+from crossent.kernels.linear_plan import ChunkPlan, plan_chunks
 from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
@@ -65,16 +65,21 @@ class GradNeeds(NamedTuple):
 
 
 class LoopArgs(NamedTuple):
-    """The fused loops' settings besides the row options: the block shape and where dW is summed
-    (``"float32"``: the compute dtype, cast once at the end; ``"weight"``: the weight's own dtype)."""
+    """The fused loops' settings besides the row options: what the block plan is made from (``chunk_size``,
+    ``memory_budget``; ``plan_vocab`` vocabulary rows, 0: the weight's own — vocab-parallel ranks plan from the
+    widest shard) and where dW is summed (``"float32"``: the compute dtype, cast once at the end;
+    ``"weight"``: the weight's own dtype). The plan is made here, from the tensors' shapes, not by the caller:
+    inside the custom ops, a compiled graph does not depend on N."""
 
-    rows: int
-    cols: int
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    plan_vocab: int = 0
     accumulate: str = "float32"
 
-    @property
-    def plan(self) -> ChunkPlan:
-        return ChunkPlan(self.rows, self.cols)
+    def plan(self, x: Tensor, linear_weight: Tensor) -> ChunkPlan:
+        """The block shape for input rows ``x`` (N, D) and the weight's rows (:func:`plan_chunks`)."""
+        vocab = self.plan_vocab or linear_weight.shape[0]
+        return plan_chunks(x.shape[0], x.shape[1], vocab, x.dtype, x.device, self.chunk_size, self.memory_budget)
 
 
 def linear_loss_and_grads(
@@ -97,7 +102,7 @@ def linear_loss_and_grads(
     Args:
         input: (N, D). linear_weight: (V_local, D), the rows ``shard`` says of the head (default: all).
             linear_bias: None or (V_local,). target: (N,) int64 global ids. class_weight: None or (C,).
-        opts: the row options. loop: the block shape (from :func:`plan_chunks`) and ``accumulate``.
+        opts: the row options. loop: what the block shape is planned from, and ``accumulate``.
         grad_scale: None (loss only: one product per block), or the upstream gradient per row, () or (N,):
             then dX, dW, db (those ``needs`` asks for) come out with it (3 products per block; a vocabulary
             split adds the logits product again).
@@ -106,7 +111,7 @@ def linear_loss_and_grads(
             over vocabulary pieces in the compute dtype, db in the compute dtype.
         combine: per block of rows, the stats of this process's columns → global stats (vocab-parallel).
             Then dX is this slice's part (sum it over ranks); dW and db are this slice's. The hook is a
-            collective, so every rank must run the same number of row blocks (the same ``plan.rows``).
+            collective, so every rank must run the same number of row blocks (the same plan).
     """
     ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard,
                     grad_scale is not None)  # fmt: skip
@@ -168,7 +173,7 @@ class _Workspace:
     """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
 
     def __init__(self, x, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, grads):
-        w, b, plan = linear_weight, linear_bias, loop.plan
+        w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight)
         self.x, self.linear_weight, self.linear_bias, self.class_weight, self.opts = x, w, b, class_weight, opts
         self.target = target
         self.n, self.dim = x.shape

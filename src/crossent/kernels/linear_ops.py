@@ -20,7 +20,7 @@ from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels import linear_loop
 from crossent.kernels.collectives import stats_hook
-from crossent.kernels.dispatch import chunk_kernels
+from crossent.kernels.dispatch import chunk_kernels, no_autocast
 from crossent.kernels.linear_loop import GradNeeds, LinearForward, LinearGrads, LoopArgs
 from crossent.kernels.op_args import flatten, rebuild, schema
 from crossent.kernels.shard import VocabShard
@@ -55,10 +55,11 @@ def _linear_ce_forward(input, linear_weight, linear_bias, target, class_weight, 
     opts, shard, loop, needs, impl = rebuild(args, *_KINDS)
     if shard.group_name is None and input.device.type == "cpu":
         check_target_range(target, shard.num_classes, opts.ignore_index)
-    out = linear_loop.linear_loss_and_grads(
-        input, linear_weight, linear_bias, target, class_weight, opts, loop, grad_scale=grad_scale, needs=needs,
-        shard=shard, combine=stats_hook(shard.group_name), kernels=chunk_kernels(impl),
-    )  # fmt: skip
+    with no_autocast(input.device):
+        out = linear_loop.linear_loss_and_grads(
+            input, linear_weight, linear_bias, target, class_weight, opts, loop, grad_scale=grad_scale, needs=needs,
+            shard=shard, combine=stats_hook(shard.group_name), kernels=chunk_kernels(impl),
+        )  # fmt: skip
     return (out.loss, out.lse, *_grads_out(out.grads, input))
 
 
@@ -78,10 +79,11 @@ def _(input, linear_weight, linear_bias, target, class_weight, grad_scale, *args
 )  # fmt: skip
 def _linear_ce_backward(input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, *args):
     opts, shard, loop, needs, impl = rebuild(args, *_KINDS)
-    grads = linear_loop.linear_grads(
-        input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, opts, loop, needs=needs,
-        shard=shard, kernels=chunk_kernels(impl),
-    )  # fmt: skip
+    with no_autocast(input.device):
+        grads = linear_loop.linear_grads(
+            input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, opts, loop, needs=needs,
+            shard=shard, kernels=chunk_kernels(impl),
+        )  # fmt: skip
     return _grads_out(grads, input)
 
 
@@ -89,6 +91,23 @@ def _linear_ce_backward(input, linear_weight, linear_bias, target, class_weight,
 def _(input, linear_weight, linear_bias, target, class_weight, lse, grad_loss, *args):
     _, _, _, needs, _ = rebuild(args, *_KINDS)
     return _fake_grads(input, linear_weight, linear_bias, needs)
+
+
+def _vmap_by_loop(op):
+    """A batching rule for ``op``: one call per batch element, outputs stacked (a fused loop takes one batch of
+    rows; torch.func reaches these ops when it vmaps a backward, e.g. ``jacrev`` or per-sample gradients)."""
+
+    def rule(info, in_dims, *args):
+        outputs = [op(*(a if d is None else a.select(d, i) for a, d in zip(args, in_dims)))
+                   for i in range(info.batch_size)]  # fmt: skip
+        stacked = tuple(torch.stack(parts) for parts in zip(*outputs))
+        return stacked, (0,) * len(stacked)
+
+    op.register_vmap(rule)
+
+
+_vmap_by_loop(_linear_ce_forward)
+_vmap_by_loop(_linear_ce_backward)
 
 
 # --- how the autograd layer calls the ops --------------------------------------------------------------

@@ -67,14 +67,10 @@ def plan_chunks(
     rows (then only an explicit ``memory_budget`` can split the vocabulary).
 
     Raises:
-        ValueError: ``memory_budget`` below the scratch of one full-vocabulary row.
+        ValueError: as :func:`check_memory_budget`.
     """
     n = max(num_rows, 1)
-    if memory_budget is not None and memory_budget < scratch_bytes(1, vocab, dim, dtype):
-        raise ValueError(
-            f"memory_budget={memory_budget} bytes is too small for even one row: one row of V={vocab} classes "
-            f"(D={dim}, {dtype}) needs {scratch_bytes(1, vocab, dim, dtype)} bytes of scratch"
-        )
+    check_memory_budget(num_rows, dim, vocab, dtype, chunk_size, memory_budget)
     if chunk_size is not None:
         rows = min(chunk_size, n)
         if memory_budget is None:
@@ -90,6 +86,25 @@ def plan_chunks(
     if cols < MIN_BLOCK_COLS:  # pieces this narrow make poor products: keep full rows, however few
         return ChunkPlan(full_rows, vocab)
     return ChunkPlan(_balanced(n, min_rows), min(cols, vocab))
+
+
+def check_memory_budget(num_rows, dim, vocab, dtype, chunk_size=None, memory_budget=None) -> None:
+    """A ``memory_budget`` that holds one full-vocabulary row, and with ``chunk_size`` a block of that many rows
+    (at most ``num_rows``) and one vocabulary column. The public functions call this before any work; the plan
+    itself is made inside the custom ops (so that a compiled graph does not depend on N).
+
+    Raises:
+        ValueError: a budget below those.
+    """
+    if memory_budget is None:
+        return
+    if memory_budget < scratch_bytes(1, vocab, dim, dtype):
+        raise ValueError(
+            f"memory_budget={memory_budget} bytes is too small for even one row: one row of V={vocab} classes "
+            f"(D={dim}, {dtype}) needs {scratch_bytes(1, vocab, dim, dtype)} bytes of scratch"
+        )
+    if chunk_size is not None:
+        _cols_that_fit(min(chunk_size, max(num_rows, 1)), vocab, dim, dtype, memory_budget)
 
 
 def _rows_that_fit(cols, dim, dtype, budget):

@@ -23,7 +23,7 @@ from typing import Any, List, Sequence, Tuple
 
 # Python annotation (as a string: the option modules use `from __future__ import annotations`) -> schema type
 _SCHEMA_TYPES = {"int": "int", "float": "float", "bool": "bool", "str": "str",
-                 "Optional[float]": "float?", "Optional[str]": "str?"}  # fmt: skip
+                 "Optional[int]": "int?", "Optional[float]": "float?", "Optional[str]": "str?"}  # fmt: skip
 
 
 def _fields(kind) -> List[Tuple[str, str]]:

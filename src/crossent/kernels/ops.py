@@ -8,7 +8,9 @@ autograd layer calls the ops: with option objects, flattened here and nowhere el
 The class-range check of CPU class indices runs inside the forward op, not at the public boundary: it reads
 the target on the host, which inside a compiled graph would break it (on CUDA the kernels instead give the
 offending rows NaN, without a host sync). For a vocab-parallel shard the ranks check the range together
-before any work (``crossent.distributed``), so the op skips it.
+before any work (``crossent.distributed``), so the op skips it. The kernels run with autocast off: their
+precision is their own (``_precision``), and under ``torch.autocast`` their fp32 sums would otherwise be
+cast down.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from crossent._checks import check_target_range
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels.collectives import stats_hook
-from crossent.kernels.dispatch import row_kernels
+from crossent.kernels.dispatch import no_autocast, row_kernels
 from crossent.kernels.op_args import flatten, rebuild, schema
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import probs_target_grad
@@ -38,7 +40,8 @@ def _ce_forward(logits, target, class_weight, *args):
     opts, shard, impl = rebuild(args, RowOptions, VocabShard)
     if shard.group_name is None and logits.device.type == "cpu" and not target.is_floating_point():
         check_target_range(target, shard.num_classes, opts.ignore_index)
-    return row_kernels(impl).forward(logits, target, class_weight, opts, shard, stats_hook(shard.group_name))
+    with no_autocast(logits.device):
+        return row_kernels(impl).forward(logits, target, class_weight, opts, shard, stats_hook(shard.group_name))
 
 
 @_ce_forward.register_fake
@@ -54,7 +57,8 @@ def _(logits, target, class_weight, *args):
 def _ce_backward(logits, target, class_weight, lse, grad_loss, *args):
     opts, shard, impl = rebuild(args, RowOptions, VocabShard)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
+    with no_autocast(logits.device):
+        row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
     return out
 
 
@@ -69,7 +73,8 @@ def _(logits, target, class_weight, lse, grad_loss, *args):
 )  # fmt: skip
 def _ce_backward_inplace(logits, target, class_weight, lse, grad_loss, *args):
     opts, shard, impl = rebuild(args, RowOptions, VocabShard)
-    row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, logits, shard)
+    with no_autocast(logits.device):
+        row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, logits, shard)
 
 
 @_ce_backward_inplace.register_fake
@@ -84,7 +89,8 @@ def _(logits, target, class_weight, lse, grad_loss, *args):
 )  # fmt: skip
 def _ce_target_grad(logits, target, class_weight, lse, grad_loss, *args):
     (opts,) = rebuild(args, RowOptions)
-    return probs_target_grad(logits, target, class_weight, lse, grad_loss, opts)
+    with no_autocast(logits.device):
+        return probs_target_grad(logits, target, class_weight, lse, grad_loss, opts)
 
 
 @_ce_target_grad.register_fake
