@@ -251,6 +251,27 @@ def test_linear_under_cpu_autocast_matches_f_linear():
     torch.testing.assert_close(dw, dw_ref, rtol=2e-2, atol=2e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_linear_under_cuda_autocast_matches_f_linear(dtype):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(256, 64, generator=g).cuda()
+    w = torch.randn(1000, 64, generator=g).cuda() / 8
+    t = torch.randint(0, 1000, (256,), generator=g).cuda()
+    results = []
+    for fn in (lambda x, w: crossent.linear_cross_entropy(x, w, t), lambda x, w: F.cross_entropy(F.linear(x, w), t)):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=dtype):
+            loss = fn(xr, wr)
+        loss.backward()
+        results.append((loss, xr.grad, wr.grad))
+    (ours, dx, dw), (theirs, dx_ref, dw_ref) = results
+    assert ours.dtype == torch.float32 and dx.dtype == dw.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dx, dx_ref, rtol=2e-2, atol=1e-3)
+    torch.testing.assert_close(dw, dw_ref, rtol=2e-2, atol=1e-3)
+
+
 def test_outside_autocast_nothing_changes_and_dtypes_must_match():
     x, w = torch.randn(4, 8).to(torch.bfloat16), torch.randn(10, 8)
     with pytest.raises(TypeError, match="dtype"):
