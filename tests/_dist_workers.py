@@ -405,3 +405,171 @@ def all_job(rank, world):
 
 
 JOBS = {**CASES, "all": all_job}
+
+
+# --- return_stats, and impl="triton" under Triton's interpreter (tests/test_distributed.py, 2 ranks) ------
+
+STATS_OPTIONS = [
+    dict(),  # z_loss = 0: the z part must be exactly zero, on every rank
+    dict(z_loss=0.05, weighted=True),  # weighted mean denominator with ignored positions
+    # every option, ignore_index inside [0, C) (a real class skipped); the cap bites on ~N(0, 9) logits
+    dict(ignore_index=4, label_smoothing=0.1, z_loss=0.02, softcap=5.0, weighted=True),
+]
+
+
+def _stats_problem(got, want, dtype, what):
+    """None if ``got`` is a CrossEntropyStats equal to ``want`` field by field (value, shape, dtype) and its
+    statistics carry no gradient; else what differs."""
+    if type(got) is not crossent.CrossEntropyStats:
+        return f"{what}: expected CrossEntropyStats, got {type(got).__name__}"
+    if got.lse.requires_grad or got.z_loss.requires_grad:
+        return f"{what}: lse / z_loss must not require grad"
+    for name in ("loss", "lse", "z_loss"):
+        problem = check_same(getattr(got, name).detach(), getattr(want, name).detach(), dtype, f"{what} {name}")
+        if problem:
+            return problem
+    return None
+
+
+def _stats_cases(rank, world):
+    """vocab_parallel_* with return_stats=True vs single-process crossent with return_stats=True, float64:
+    loss, lse, z part, and (the stats do not break backward) the gradients."""
+    lo, hi = my_range(rank, world)
+    out = {}
+    for i, (red, batch, extra) in enumerate(itertools.product(["none", "mean", "sum"], [(17,), (3, 5)], STATS_OPTIONS)):
+        opts = dict(extra, reduction=red, return_stats=True)
+        weighted = opts.pop("weighted", False)
+        ign = opts.get("ignore_index", -100)
+        name = f"{batch} {red} weight={weighted} {extra}"
+        # logits version: (..., V_local) slices vs cross_entropy on the full logits (class dim 1 for 3-d)
+        logits, target, weight, upstream = make_data(300 + i, batch, torch.float64, ignore_index=ign, weighted=weighted)
+        z = logits[..., lo:hi].clone().requires_grad_()
+        got = cd.vocab_parallel_cross_entropy(z, target, weight=weight, **opts)
+        full = logits.clone().requires_grad_()
+        want = crossent.cross_entropy(full.movedim(-1, 1) if full.dim() > 2 else full, target, weight, **opts)
+        problem = _stats_problem(got, want, torch.float64, "logits")
+        if problem is None and tuple(got.lse.shape) != batch:
+            problem = f"logits lse shape {tuple(got.lse.shape)} != {batch}"
+        if problem is None:
+            _backward(got.loss, upstream, red)
+            _backward(want.loss, upstream, red)
+            problem = check_same(z.grad, full.grad[..., lo:hi], torch.float64, "logits grad")
+        out["logits " + name] = problem
+        # fused linear version: this rank's head rows (and bias) vs linear_cross_entropy on the full head
+        x, w, b, target, weight, upstream = make_linear(400 + i, batch, torch.float64, True, ignore_index=ign,
+                                                        weighted=weighted)  # fmt: skip
+        leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()]
+        got = cd.vocab_parallel_linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                                     weight=weight, chunk_size=5, **opts)  # fmt: skip
+        ref = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+        want = crossent.linear_cross_entropy(ref[0], ref[1], target, linear_bias=ref[2], weight=weight, chunk_size=5,
+                                             **opts)  # fmt: skip
+        problem = _stats_problem(got, want, torch.float64, "linear")
+        if problem is None and tuple(got.lse.shape) != batch:
+            problem = f"linear lse shape {tuple(got.lse.shape)} != {batch}"
+        if problem is None:
+            _backward(got.loss, upstream, red)
+            _backward(want.loss, upstream, red)
+            for gname, leaf, r, sl in zip(("dX", "dW", "db"), leaves, ref, (slice(None), slice(lo, hi), slice(lo, hi))):
+                problem = problem or check_same(leaf.grad, r.grad[sl], torch.float64, f"linear {gname}")
+        out["linear " + name] = problem
+    return out
+
+
+def _count_triton_launches():
+    """A one-element list counting launches of crossent's Triton row kernels in this process, via Triton's own
+    pre-run hooks on every jitted function of :mod:`crossent.kernels.triton_rows` (helpers never launch)."""
+    from crossent.kernels import triton_rows
+
+    counter = [0]
+
+    def hook(*args, **kwargs):
+        counter[0] += 1
+
+    kernels = [k for k in vars(triton_rows).values() if callable(getattr(k, "add_pre_run_hook", None))]
+    for kernel in kernels:
+        kernel.add_pre_run_hook(hook)
+    return counter
+
+
+def _triton_cases(rank, world):
+    """impl="triton" vs impl="torch" for both vocab-parallel functions on float32 CPU tensors, under Triton's
+    interpreter: loss and gradients, and whether Triton kernels ran. A ``str`` "unavailable: ..." when Triton
+    is not installed."""
+    import os
+    import sys
+
+    # Triton fixes interpreter vs compiled mode at its first import, and these ranks hold CPU tensors: set
+    # the variable here, in the rank's own process (spawned ranks inherit the parent's environment, which
+    # has it only where conftest's _triton_mode set it, i.e. without a GPU), before anything imports Triton.
+    if "triton" not in sys.modules:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language as tl
+    except ImportError as e:
+        return f"unavailable: {e}"
+    if type(tl.zeros).__name__ != "InterpretedFunction":
+        return {"interpreter": "Triton was imported in compiled mode before TRITON_INTERPRET=1 was set"}
+    launches = _count_triton_launches()
+    lo, hi = my_range(rank, world)
+    out = {}
+
+    def run(fn, impl, must_launch):
+        """fn() under ``impl``; a problem if Triton ran under "torch", or did not run where it must."""
+        before = launches[0]
+        result = fn()
+        ran = launches[0] - before
+        if impl == "torch" and ran:
+            return result, f"impl='torch' launched {ran} Triton kernels"
+        if impl == "triton" and must_launch and not ran:
+            return result, "impl='triton' launched no Triton kernel (silent fallback to torch)"
+        return result, None
+
+    for i, (red, extra) in enumerate(itertools.product(["none", "mean"], STATS_OPTIONS)):
+        opts = dict(extra, reduction=red)
+        weighted = opts.pop("weighted", False)
+        ign = opts.get("ignore_index", -100)
+        name = f"{red} weight={weighted} {extra}"
+        # logits version: this rank's gradient columns run the Triton row backward (shard-aware) kernel
+        logits, target, weight, upstream = make_data(500 + i, (3, 5), torch.float32, ignore_index=ign, weighted=weighted)
+        results, problems = {}, []
+        for impl in ("torch", "triton"):
+            def step(impl=impl):
+                z = logits[..., lo:hi].clone().requires_grad_()
+                loss = cd.vocab_parallel_cross_entropy(z, target, weight=weight, impl=impl, **opts)
+                _backward(loss, upstream, red)
+                return loss.detach(), z.grad
+            results[impl], problem = run(step, impl, must_launch=True)
+            problems.append(problem)
+        problems += [check_same(got, want, torch.float32, what)
+                     for what, got, want in zip(("loss", "grad"), results["triton"], results["torch"])]  # fmt: skip
+        out["logits " + name] = next((p for p in problems if p), None)
+        # fused linear version: with "none" the backward recomputes each slice's block gradient in Triton
+        # (with "mean" the gradient is formed in forward, from row stats that need the other rank: torch)
+        x, w, b, target, weight, upstream = make_linear(600 + i, (11,), torch.float32, True, ignore_index=ign,
+                                                        weighted=weighted)  # fmt: skip
+        results, problems = {}, []
+        for impl in ("torch", "triton"):
+            def step(impl=impl):
+                leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(),
+                          b[lo:hi].clone().requires_grad_()]  # fmt: skip
+                loss = cd.vocab_parallel_linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
+                                                              weight=weight, chunk_size=4, impl=impl, **opts)  # fmt: skip
+                _backward(loss, upstream, red)
+                return (loss.detach(), *(leaf.grad for leaf in leaves))
+            results[impl], problem = run(step, impl, must_launch=red == "none")
+            problems.append(problem)
+        problems += [check_same(got, want, torch.float32, what)
+                     for what, got, want in zip(("loss", "dX", "dW", "db"), results["triton"], results["torch"])]  # fmt: skip
+        out["linear " + name] = next((p for p in problems if p), None)
+    return out
+
+
+def stats_job(rank, world):
+    """return_stats parity and impl="triton" parity, one spawn (the Triton part first: it sets the variable
+    that decides Triton's mode before anything in this process could import Triton)."""
+    triton_results = _triton_cases(rank, world)
+    return {"triton": triton_results, "stats": _stats_cases(rank, world)}
+
+
+JOBS["stats"] = stats_job

@@ -203,5 +203,46 @@ def test_benchmark_quick():
         assert r[5] == r[6] and r[8] == r[9], run.stdout
 
 
+# --- return_stats and impl="triton" on 2 ranks (tests/_dist_workers.py: stats_job) ------------------------
+
+
+def stats_results():
+    """``{rank: {"stats": {...}, "triton": {...} or "unavailable: ..."}}`` of one 2-rank spawn, computed once."""
+    if "stats" not in _results:
+        _results["stats"] = workers.run_world(2, "stats", timeout_s=120)
+    return _results["stats"]
+
+
+@pytest.mark.timeout(240)
+def test_return_stats_match_single_process():
+    """vocab_parallel_cross_entropy / vocab_parallel_linear_cross_entropy with return_stats=True: loss, lse
+    (the full rows' log-sum-exp, batch shape) and z-loss part equal single-process crossent's with
+    return_stats=True in float64 (1e-10), and backward through the returned loss gives the same gradients.
+    3 reductions × 2-d and 3-d batches × 3 option sets (no z-loss; weighted z-loss; every option)."""
+    res = stats_results()
+    assert sorted(res) == [0, 1]
+    names = list(res[0]["stats"])
+    assert names == list(res[1]["stats"]), "ranks ran different cases"
+    assert len(names) == 2 * 3 * 2 * len(workers.STATS_OPTIONS)
+    failures = [f"rank {r} {n}: {res[r]['stats'][n]}" for n in names for r in res if res[r]["stats"][n]]
+    assert not failures, "\n".join(failures[:10])
+
+
+@pytest.mark.timeout(240)
+def test_triton_impl_matches_torch_under_interpreter():
+    """impl="triton" (Triton's interpreter on the ranks' CPU tensors) gives the impl="torch" loss and
+    gradients for both vocab-parallel functions (float32, 2 reductions × 3 option sets); Triton kernels
+    really ran (logits version; linear with "none", whose backward recomputes the slices' gradient), and
+    never under impl="torch"."""
+    res = stats_results()
+    if isinstance(res[0]["triton"], str):
+        pytest.skip(res[0]["triton"])
+    names = list(res[0]["triton"])
+    assert names == list(res[1]["triton"]), "ranks ran different cases"
+    assert len(names) == 2 * 2 * len(workers.STATS_OPTIONS), names
+    failures = [f"rank {r} {n}: {res[r]['triton'][n]}" for n in names for r in res if res[r]["triton"][n]]
+    assert not failures, "\n".join(failures[:10])
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))

@@ -75,6 +75,10 @@ def cross_entropy(
     the input's dtype). Only O(N) is saved for backward: the input itself (no copy), the target and one
     float64 log-sum-exp per position, instead of the N×C log-probabilities.
 
+    Works under ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``), double backward
+    (``create_graph=True``: the gradient is then formed from plain torch ops, exactly), ``torch.autocast``
+    (computed in float32, as PyTorch's policy for cross_entropy), ``torch.compile`` and ``torch.export``.
+
     Args:
         input: logits (C,), (N, C) or (N, C, d1, ..., dK); any floating dtype, CPU or CUDA.
         target: class indices (), (N) or (N, d1, ..., dK) of an integer dtype, in [0, C) or
@@ -214,6 +218,14 @@ def linear_cross_entropy(
     the fp32 sum of dW (V · D · 4 bytes), plus O(N + V). ``memory_budget`` bounds the block scratch; the
     default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on CUDA
     (half the fp32 dW sum, at least the device's floor: ``linear_plan.default_memory_budget``).
+
+    Under ``torch.autocast`` the products run in the autocast dtype where ``F.linear`` would (mixed input and
+    weight dtypes are cast as ``F.linear`` casts them), the loss is float32 and each parameter's gradient comes
+    back in its own dtype. ``torch.func.grad``, ``vjp``, ``jacrev`` and ``vmap`` work (``vmap`` runs one fused
+    call per batch element); forward-mode AD (``jvp``, ``jacfwd``, ``hessian``) and second derivatives raise a
+    ``RuntimeError`` naming the alternative, ``cross_entropy(F.linear(...))``. With ``"mean"``/``"sum"`` a
+    second backward through the same graph (``retain_graph=True``) raises: the gradients were formed in
+    forward and are handed out once (keeping them for a second pass would cost dX + dW of memory).
 
     Args:
         input: (..., D) floating, CPU or CUDA.
