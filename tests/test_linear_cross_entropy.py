@@ -316,7 +316,7 @@ def test_vocabulary_slices_with_a_combine_hook_equal_the_whole():
         th.join(timeout=60)
     for r in results:
         torch.testing.assert_close(r.loss, whole.loss, **F64)
-        torch.testing.assert_close(r.lse, whole.lse, **F64)
+        torch.testing.assert_close(r.lse, whole.lse, equal_nan=True, **F64)  # ignored rows: skipped, NaN
     torch.testing.assert_close(results[0].grads.input + results[1].grads.input, whole.grads.input, **F64)
     torch.testing.assert_close(torch.cat([r.grads.weight for r in results]), whole.grads.weight, **F64)
     torch.testing.assert_close(torch.cat([r.grads.bias for r in results]), whole.grads.bias, **F64)
@@ -366,3 +366,67 @@ def test_bad_input_raises(case):
     x, w, t, b = change(x, w, t, b)
     with pytest.raises(exc, match=match):
         crossent.linear_cross_entropy(x, w, t, linear_bias=b, **kw)
+
+
+# --- ignored rows cost nothing ------------------------------------------------------------------------------
+
+
+class _ProductFlops(TorchDispatchMode):
+    """Counts the multiply-adds of every matrix product (mm, addmm) run under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.default,
+                    torch.ops.aten.addmm.out, torch.ops.aten.addmm_.default):  # fmt: skip
+            a, b = (args[0], args[1]) if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out) else args[1:3]
+            self.flops += a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_ignored_rows_are_dropped_before_the_products(fraction):
+    # The products scale with the rows that count: (1 − f) of the all-valid work. Counted inside the loops
+    # (a dispatch mode does not see into the custom ops), for the forward-with-gradients loop ("mean"/"sum")
+    # and the recompute loop ("none"'s backward).
+    n = 200
+    x, w, b, _, _, _ = _problem((n,), vocab=300, dim=16)
+    t = torch.randint(0, 300, (n,))
+    opts, loop = RowOptions(label_smoothing=0.1), LoopArgs(chunk_size=64)
+    counts = {}
+    for f in (0.0, fraction):
+        tf = t.clone()
+        tf[: int(f * n)] = -100
+        with _ProductFlops() as mode:
+            out = linear_loop.linear_loss_and_grads(x, w, b, tf, None, opts, loop, grad_scale=torch.ones(()))
+            linear_loop.linear_grads(x, w, b, tf, None, out.lse, torch.ones(n), opts, loop)
+        counts[f] = mode.flops
+    assert counts[0.0] > 0 and counts[fraction] <= (1 - fraction) * counts[0.0] * 1.001, counts
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_ignored_rows_results_equal_the_materialized_loss(reduction):
+    # Skipping changes nothing in the results: the loss, and dX rows of ignored tokens exactly 0.
+    n = 200
+    x, w, b, t, _, _ = _problem((n,), vocab=300, dim=16)
+    t[: n // 2] = -100
+    leaves = [p.detach().clone().requires_grad_() for p in (x, w, b)]
+    loss = crossent.linear_cross_entropy(leaves[0], leaves[1], t, linear_bias=leaves[2], reduction=reduction,
+                                         label_smoothing=0.1, chunk_size=64)  # fmt: skip
+    loss.backward(torch.ones_like(loss))
+    refs = [p.detach().clone().requires_grad_() for p in (x, w, b)]
+    ref = crossent.cross_entropy(F.linear(*refs), t, reduction=reduction, label_smoothing=0.1)
+    ref.backward(torch.ones_like(ref))
+    torch.testing.assert_close(loss, ref, **F64)
+    for a, r in zip(leaves, refs):
+        torch.testing.assert_close(a.grad, r.grad, **F64)
+    assert torch.equal(leaves[0].grad[: n // 2], torch.zeros(n // 2, 16, dtype=torch.float64))
+
+
+def test_return_stats_keeps_every_row():
+    # The lse of ignored positions is part of the statistics: with return_stats nothing is skipped.
+    x, w, b, t, _, _ = _problem()
+    out = crossent.linear_cross_entropy(x, w, t, linear_bias=b, return_stats=True)
+    torch.testing.assert_close(out.lse, torch.logsumexp(F.linear(x, w, b), -1), **F64)

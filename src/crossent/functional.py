@@ -322,7 +322,8 @@ def rows_linear_cross_entropy(
     vocab = linear_weight.shape[0] if plan_vocab is None else plan_vocab
     check_memory_budget(x.shape[0], dim, vocab, input.dtype, opts.chunk_size, opts.memory_budget)
     impl = resolve_impl(opts.impl, input.device)
-    loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype)
+    # ignored rows are dropped before the products, unless their lse is asked for (return_stats)
+    loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype, not opts.return_stats)
     if opts.reduction == "none":
         call = LinearCall(opts.row, shard, loop, GradNeeds(False, False, False), impl)
         function = with_transform_rules(LinearCrossEntropyRecompute)

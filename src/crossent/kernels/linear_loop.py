@@ -69,12 +69,15 @@ class LoopArgs(NamedTuple):
     ``memory_budget``; ``plan_vocab`` vocabulary rows, 0: the weight's own — vocab-parallel ranks plan from the
     widest shard) and where dW is summed (``"float32"``: the compute dtype, cast once at the end;
     ``"weight"``: the weight's own dtype). The plan is made here, from the tensors' shapes, not by the caller:
-    inside the custom ops, a compiled graph does not depend on N."""
+    inside the custom ops, a compiled graph does not depend on N. ``skip_ignored``: rows whose target is
+    ``ignore_index`` are dropped before the products (their loss and gradients are 0; their lse is not
+    computed and reads NaN)."""
 
     chunk_size: Optional[int] = None
     memory_budget: Optional[int] = None
     plan_vocab: int = 0
     accumulate: str = "float32"
+    skip_ignored: bool = True
 
     def plan(self, x: Tensor, linear_weight: Tensor) -> ChunkPlan:
         """The block shape for input rows ``x`` (N, D) and the weight's rows (:func:`plan_chunks`)."""
@@ -113,6 +116,15 @@ def linear_loss_and_grads(
             Then dX is this slice's part (sum it over ranks); dW and db are this slice's. The hook is a
             collective, so every rank must run the same number of row blocks (the same plan).
     """
+    keep = _kept_rows(target, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:  # the same loop on the rows that count, then their results put back in place
+        sub = linear_loss_and_grads(
+            input[keep], linear_weight, linear_bias, target[keep], class_weight, opts, loop._replace(skip_ignored=False),
+            grad_scale=_rows_of(grad_scale, keep), needs=needs, shard=shard, combine=combine, kernels=kernels,
+        )  # fmt: skip
+        loss = _scattered(sub.loss, keep, input.shape[0], 0.0)
+        lse = _scattered(sub.lse, keep, input.shape[0], math.nan)
+        return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
     ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard,
                     grad_scale is not None)  # fmt: skip
     loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
@@ -162,11 +174,44 @@ def linear_grads(
     """dX, dW, db for the per-row upstream gradient ``grad_loss`` (N,), from the global ``lse`` (N,) the
     forward saved: the logits again, then the three gradient products, per block. No communication needed:
     with a vocabulary slice, dX is this slice's part as in :func:`linear_loss_and_grads`."""
+    keep = _kept_rows(target, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:
+        sub = linear_grads(
+            input[keep], linear_weight, linear_bias, target[keep], class_weight, lse[keep],
+            _rows_of(grad_loss, keep, input.shape[0]), opts, loop._replace(skip_ignored=False), needs=needs,
+            shard=shard, kernels=kernels,
+        )  # fmt: skip
+        return sub._replace(input=_scattered(sub.input, keep, input.shape[0], 0.0))
     ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, True)
     g = grad_loss.to(ws.cdt).expand(ws.n)
     for r0, r1 in ws.row_blocks():
         ws.pieces_grad(r0, r1, lse[r0:r1], g[r0:r1], kernels)
     return ws.finish()
+
+
+def _kept_rows(target: Tensor, ignore_index: int, skip: bool) -> Optional[Tensor]:
+    """The indices of the rows whose target is not ``ignore_index``, when some are (None: every row counts,
+    or ``skip`` is off). Reads the count on the host: free on the CPU, one sync per call on CUDA."""
+    if not skip:
+        return None
+    keep = (target != ignore_index).nonzero().squeeze(-1)
+    return None if keep.numel() == target.numel() else keep
+
+
+def _rows_of(values: Optional[Tensor], keep: Tensor, num_rows: Optional[int] = None) -> Optional[Tensor]:
+    """A per-row tensor (or a 0-d one, which applies to every row) restricted to the kept rows."""
+    if values is None or values.dim() == 0:
+        return values
+    return values.expand(num_rows)[keep] if num_rows is not None else values[keep]
+
+
+def _scattered(values: Optional[Tensor], keep: Tensor, num_rows: int, fill: float) -> Optional[Tensor]:
+    """The kept rows' ``values`` at their places among ``num_rows`` rows, ``fill`` elsewhere."""
+    if values is None:
+        return None
+    out = values.new_full((num_rows, *values.shape[1:]), fill)
+    out[keep] = values
+    return out
 
 
 class _Workspace:
