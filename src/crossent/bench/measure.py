@@ -1,27 +1,59 @@
-"""Measurements shared by ``crossent bench`` and ``benchmarks/``: median time, bytes saved for backward."""
+"""Measurements shared by both ``crossent bench`` ops: interleaved median times, bytes saved for backward."""
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Dict, Mapping
 
 import torch
 
+# The dtypes ``crossent bench --dtype`` accepts, by name.
+DTYPES: Dict[str, torch.dtype] = {
+    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64,
+}  # fmt: skip
 
-def median_seconds(fn: Callable[[], object], reps: int, warmup: int = 1, device: torch.device | None = None) -> float:
-    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` runs (CUDA-synchronised)."""
+
+def interleaved_medians(
+    fns: Mapping[str, Callable[[], object]], reps: int, min_sample: float = 0.0, device: torch.device | None = None
+) -> Dict[str, float]:
+    """Median seconds per call of each function, timed in turns so that load drifts hit every one alike.
+
+    Each round runs every function once, the order reversed on odd rounds (no method always runs right after
+    the same other one). A function faster than ``min_sample`` seconds is called ``k`` times per sample, ``k``
+    from the time of one calibration call, and the sample is divided by ``k``: a 0.1 ms call is not
+    timed alone against a 1 ms clock jitter. CUDA work is synchronised before each clock read.
+
+    >>> sorted(interleaved_medians({"a": lambda: None, "b": lambda: None}, reps=3))
+    ['a', 'b']
+    """
     sync = torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(reps):
+    calls = {}
+    for name, fn in fns.items():
         start = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        calls[name] = max(1, math.ceil(min_sample / max(time.perf_counter() - start, 1e-9)))
+    samples: Dict[str, list] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(reps):
+        for name in order if r % 2 == 0 else reversed(order):
+            start = time.perf_counter()
+            for _ in range(calls[name]):
+                fns[name]()
+            sync()
+            samples[name].append((time.perf_counter() - start) / calls[name])
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a − b|`` in float64 (0 for empty tensors): a result's error against its float64 oracle ``b``.
+
+    >>> max_abs_diff(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.5], dtype=torch.float64))
+    0.5
+    """
+    return (a.double() - b).abs().max().item() if a.numel() else 0.0
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], *exclude: torch.Tensor) -> int:
