@@ -531,7 +531,8 @@ def _triton_cases(rank, world):
         ign = opts.get("ignore_index", -100)
         name = f"{red} weight={weighted} {extra}"
         # logits version: this rank's gradient columns run the Triton row backward (shard-aware) kernel
-        logits, target, weight, upstream = make_data(500 + i, (3, 5), torch.float32, ignore_index=ign, weighted=weighted)
+        data = make_data(500 + i, (3, 5), torch.float32, ignore_index=ign, weighted=weighted)
+        logits, target, weight, upstream = data
         results, problems = {}, []
         for impl in ("torch", "triton"):
             def step(impl=impl):
@@ -553,14 +554,15 @@ def _triton_cases(rank, world):
             def step(impl=impl):
                 leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(),
                           b[lo:hi].clone().requires_grad_()]  # fmt: skip
-                loss = cd.vocab_parallel_linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2],
-                                                              weight=weight, chunk_size=4, impl=impl, **opts)  # fmt: skip
+                loss = cd.vocab_parallel_linear_cross_entropy(
+                    leaves[0], leaves[1], target, linear_bias=leaves[2], weight=weight, chunk_size=4, impl=impl, **opts
+                )
                 _backward(loss, upstream, red)
                 return (loss.detach(), *(leaf.grad for leaf in leaves))
             results[impl], problem = run(step, impl, must_launch=red == "none")
             problems.append(problem)
-        problems += [check_same(got, want, torch.float32, what)
-                     for what, got, want in zip(("loss", "dX", "dW", "db"), results["triton"], results["torch"])]  # fmt: skip
+        pairs = zip(("loss", "dX", "dW", "db"), results["triton"], results["torch"])
+        problems += [check_same(got, want, torch.float32, what) for what, got, want in pairs]
         out["linear " + name] = next((p for p in problems if p), None)
     return out
 

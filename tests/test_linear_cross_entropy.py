@@ -425,8 +425,8 @@ def test_ignored_rows_results_equal_the_materialized_loss(reduction):
     assert torch.equal(leaves[0].grad[: n // 2], torch.zeros(n // 2, 16, dtype=torch.float64))
 
 
-def test_return_stats_keeps_every_row():
-    # The lse of ignored positions is part of the statistics: with return_stats nothing is skipped.
+def test_return_stats_covers_the_ignored_rows():
+    # The lse of ignored positions is part of the statistics: with return_stats it is computed for them too.
     x, w, b, t, _, _ = _problem()
     out = crossent.linear_cross_entropy(x, w, t, linear_bias=b, return_stats=True)
     torch.testing.assert_close(out.lse, torch.logsumexp(F.linear(x, w, b), -1), **F64)

@@ -7,6 +7,7 @@ from typing import Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
+from crossent import _materialized
 from crossent._autograd import (
     CrossEntropyRows,
     LinearCall,
@@ -139,6 +140,10 @@ def cross_entropy_with_options(
     check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
+    if _materialized.applies(input, kind, opts):  # small inputs: PyTorch's fused path, crossent's semantics
+        out = _materialized.cross_entropy(input, target, weight, opts)
+        if out is not None:
+            return out
     logits, target = _classes_last(input, target, kind)
     return classes_last_cross_entropy(logits, target, weight, kind, opts, VocabShard.whole(num_classes))
 
@@ -322,8 +327,8 @@ def rows_linear_cross_entropy(
     vocab = linear_weight.shape[0] if plan_vocab is None else plan_vocab
     check_memory_budget(x.shape[0], dim, vocab, input.dtype, opts.chunk_size, opts.memory_budget)
     impl = resolve_impl(opts.impl, input.device)
-    # ignored rows are dropped before the products, unless their lse is asked for (return_stats)
-    loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype, not opts.return_stats)
+    # ignored rows are dropped before the products; return_stats asks for their lse too
+    loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype, ignored_lse=opts.return_stats)
     if opts.reduction == "none":
         call = LinearCall(opts.row, shard, loop, GradNeeds(False, False, False), impl)
         function = with_transform_rules(LinearCrossEntropyRecompute)

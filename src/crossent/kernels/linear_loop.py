@@ -70,14 +70,15 @@ class LoopArgs(NamedTuple):
     widest shard) and where dW is summed (``"float32"``: the compute dtype, cast once at the end;
     ``"weight"``: the weight's own dtype). The plan is made here, from the tensors' shapes, not by the caller:
     inside the custom ops, a compiled graph does not depend on N. ``skip_ignored``: rows whose target is
-    ``ignore_index`` are dropped before the products (their loss and gradients are 0; their lse is not
-    computed and reads NaN)."""
+    ``ignore_index`` are dropped before the products (their loss and gradients are 0); their lse reads NaN,
+    unless ``ignored_lse`` asks for it (``return_stats``: one more product over those rows, loss only)."""
 
     chunk_size: Optional[int] = None
     memory_budget: Optional[int] = None
     plan_vocab: int = 0
     accumulate: str = "float32"
     skip_ignored: bool = True
+    ignored_lse: bool = False
 
     def plan(self, x: Tensor, linear_weight: Tensor) -> ChunkPlan:
         """The block shape for input rows ``x`` (N, D) and the weight's rows (:func:`plan_chunks`)."""
@@ -124,6 +125,12 @@ def linear_loss_and_grads(
         )  # fmt: skip
         loss = _scattered(sub.loss, keep, input.shape[0], 0.0)
         lse = _scattered(sub.lse, keep, input.shape[0], math.nan)
+        if loop.ignored_lse:  # the statistics cover every row: the ignored ones' lse, from a loss-only pass
+            dropped = (target == opts.ignore_index).nonzero().squeeze(-1)
+            lse[dropped] = linear_loss_and_grads(
+                input[dropped], linear_weight, linear_bias, target[dropped], class_weight, opts,
+                loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels,
+            ).lse  # fmt: skip
         return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
     ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard,
                     grad_scale is not None)  # fmt: skip
