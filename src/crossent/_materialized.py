@@ -47,21 +47,36 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
             check_target_range(target, num_classes, row.ignore_index)
         some_ignored = lo <= row.ignore_index <= hi
         any_valid = not (lo == hi == row.ignore_index)
-    x = input if input.dtype == compute_dtype(input.dtype) else input.float()
+    cdt = compute_dtype(input.dtype)
     if row.softcap is not None:
-        x = row.softcap * torch.tanh(x / row.softcap)
-    elif on_cpu and some_ignored and bool(torch.isneginf(x).any()):
+        x = row.softcap * torch.tanh(input.to(cdt) / row.softcap)
+    elif on_cpu and some_ignored and bool(torch.isneginf(input).any()):
         return None  # an ignored row may be all −inf: PyTorch's backward gives it NaN, crossent 0
+    else:
+        x = input
     class_dim = 0 if x.dim() == 1 else 1
-    lse = torch.logsumexp(x.detach() if row.z_loss == 0.0 else x, class_dim) if opts.return_stats or row.z_loss else None
-    w = None if weight is None else weight.to(x.dtype)
-    common = dict(ignore_index=row.ignore_index, label_smoothing=row.label_smoothing)
-    if opts.reduction == "none" or w is not None or row.z_loss or not on_cpu:
-        rows = F.cross_entropy(x, target, w, reduction="none", **common)
-        if row.z_loss:
-            rows = rows + row.z_loss * index_row_weight(target, weight, row.ignore_index, x.dtype) * lse * lse
-        loss = reduce_rows(rows, target, weight, "index", opts)
+    logp = torch.log_softmax(x, class_dim, dtype=cdt)  # 16-bit logits: upcast inside the kernel, no copy
+    lse = None
+    if opts.return_stats or row.z_loss:
+        lse = torch.logsumexp(x.to(cdt) if row.z_loss else x.detach().to(cdt), class_dim)
+    if opts.reduction == "none" or weight is not None or row.z_loss or row.label_smoothing or not on_cpu:
+        loss = reduce_rows(_rows(logp, target, weight, lse, row, class_dim), target, weight, "index", opts)
     else:  # the common case in one fused call; a mean over no valid target is the (zero) sum instead of NaN
         empty_mean = opts.reduction == "mean" and not any_valid
-        loss = F.cross_entropy(x, target, reduction="sum" if empty_mean else opts.reduction, **common)
+        loss = F.nll_loss(logp, target, ignore_index=row.ignore_index, reduction="sum" if empty_mean else opts.reduction)
     return loss_result(loss, lse, target, weight, "index", opts, input.dtype) if opts.return_stats else loss
+
+
+def _rows(logp, target, weight, lse, row, class_dim):
+    """Per-position loss from the log-probabilities, PyTorch's formula with crossent's z-loss:
+    ``(1 − ε) w_t (−log p_t) + (ε / C) Σ_c w_c (−log p_c) + s w_t lse²``, 0 where ignored."""
+    w = None if weight is None else weight.to(logp.dtype)
+    rows = F.nll_loss(logp, target, w, ignore_index=row.ignore_index, reduction="none")
+    if row.label_smoothing:
+        eps, num_classes = row.label_smoothing, logp.shape[class_dim]
+        w_c = 1.0 if w is None else w.view([-1] + [1] * (logp.dim() - class_dim - 1))
+        smooth = -(logp * w_c).sum(class_dim)
+        rows = (1.0 - eps) * rows + torch.where(target != row.ignore_index, (eps / num_classes) * smooth, 0.0)
+    if row.z_loss:
+        rows = rows + row.z_loss * index_row_weight(target, weight, row.ignore_index, logp.dtype) * lse * lse
+    return rows
