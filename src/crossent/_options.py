@@ -113,13 +113,81 @@ class LinearOptions(LossOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("chunk_size", "memory_budget"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value)
-                if value <= 0:
-                    raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
-        _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)
+        _check_loop_options(self)
+
+
+def _check_loop_options(opts) -> None:
+    """The fused loops' options of ``opts``: ``chunk_size``, ``memory_budget`` (None or > 0), ``accumulate_dtype``."""
+    for name in ("chunk_size", "memory_budget"):
+        value = getattr(opts, name)
+        if value is not None:
+            _check_int(name, value)
+            if value <= 0:
+                raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
+    _check_choice("accumulate_dtype", opts.accumulate_dtype, _ACCUMULATE)
+
+
+@dataclass(frozen=True)
+class DistillRowOptions:
+    """The options of the per-row distillation math (docs/math.md, "Distillation"): the mixture ``beta`` β in
+    [0, 1], the ``temperature`` T > 0 dividing both logits, the weight α = ``hard_weight`` in [0, 1] of the
+    hard cross-entropy, ``softcap`` (both heads' logits, before T), whether the teacher comes as
+    log-probabilities, and the ``ignore_index`` of the targets."""
+
+    ignore_index: int = -100
+    beta: float = 0.0
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+    softcap: Optional[float] = None
+    teacher_log_probs: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
+        _check_real("beta", self.beta, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_real("temperature", self.temperature, "a finite float > 0", lambda v: v > 0.0)
+        _check_real("hard_weight", self.hard_weight, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "softcap", float(self.softcap))
+        _check_bool("teacher_is_log_probs", self.teacher_log_probs)
+        for name in ("beta", "temperature", "hard_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+_DISTILL_ROW_FIELDS = tuple(f.name for f in fields(DistillRowOptions))
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """A distillation call's options: the row math's (``row``), the reduction, the backend and, for the fused
+    form, the loops' chunking and dW accumulation (as :class:`LinearOptions`)."""
+
+    row: DistillRowOptions = field(default_factory=DistillRowOptions)
+    reduction: Reduction = "mean"
+    impl: Impl = "auto"
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.row, DistillRowOptions):
+            raise TypeError(f"row must be a DistillRowOptions, got {type(self.row).__name__}")
+        _check_choice("reduction", self.reduction, _REDUCTIONS)
+        _check_choice("impl", self.impl, _IMPLS)
+        _check_loop_options(self)
+
+    @classmethod
+    def build(cls, **keywords):
+        """The options from a public function's keyword arguments (``teacher_is_log_probs`` is the row's
+        ``teacher_log_probs``).
+
+        Raises:
+            TypeError/ValueError naming the argument, for a bad value or an unknown name.
+        """
+        if "teacher_is_log_probs" in keywords:
+            keywords["teacher_log_probs"] = keywords.pop("teacher_is_log_probs")
+        row = DistillRowOptions(**{k: v for k, v in keywords.items() if k in _DISTILL_ROW_FIELDS})
+        return cls(row=row, **{k: v for k, v in keywords.items() if k not in _DISTILL_ROW_FIELDS})
 
 
 def _integer_like(name, value) -> int:

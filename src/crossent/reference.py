@@ -36,6 +36,8 @@ __all__ = [
     "cross_entropy_grad",
     "entropy",
     "kl_divergence",
+    "generalized_jsd",
+    "generalized_jsd_grad",
 ]
 
 
@@ -238,3 +240,91 @@ class _Rows:
         n, c, *rest = self.logits_shape
         out = np.moveaxis(rows.reshape(n, *rest, c), -1, 1)
         return out[0] if self.unbatched else out
+
+
+# --- distillation: the generalized Jensen-Shannon divergence between two softmaxes -------------------------
+
+
+def _distill_rows(student_logits, teacher_logits, beta, temperature, teacher_is_log_probs):
+    """Per position (class axis last): ``(log q, log p, divergence, ∂divergence/∂s)`` with ``s = z_s / T``."""
+    lq = log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature)
+    t = np.asarray(teacher_logits, dtype=np.float64)
+    lp = t if teacher_is_log_probs else log_softmax(t / temperature)
+    q, p = np.exp(lq), np.exp(lp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if beta == 0.0:  # KL(p ‖ q); ∂/∂s = q − p
+            return lq, lp, np.sum(_xlogy(p, p) - np.where(p > 0, p * lq, 0.0), -1), q - p
+        if beta == 1.0:  # KL(q ‖ p); ∂/∂s = q (log q − log p − KL)
+            r = np.where(q > 0, lq - lp, 0.0)
+            kl = np.sum(q * r, -1)
+            return lq, lp, kl, q * (r - kl[..., None])
+        lm = np.logaddexp(lq + np.log1p(-beta), lp + np.log(beta))  # log m, m = β p + (1 − β) q
+        rq, rp = np.where(q > 0, lq - lm, 0.0), np.where(p > 0, lp - lm, 0.0)
+        kq, kp = np.sum(q * rq, -1), np.sum(p * rp, -1)
+        # ∂/∂s = (1 − β) q (log(q/m) − Σ q log(q/m)): the terms through ∂m/∂q cancel (docs/math.md)
+        return lq, lp, beta * kp + (1.0 - beta) * kq, (1.0 - beta) * q * (rq - kq[..., None])
+
+
+def _distill_mask_and_denominator(batch_shape, target, ignore_index):
+    if target is None:
+        return np.ones(batch_shape, dtype=bool), float(np.prod(batch_shape))
+    valid = np.asarray(target) != ignore_index
+    return valid, float(valid.sum())
+
+
+def generalized_jsd(
+    student_logits, teacher_logits, beta=0.0, temperature=1.0, target=None, ignore_index=-100, reduction="mean",
+    teacher_is_log_probs=False, hard_weight=0.0,
+):  # fmt: skip
+    """The generalized Jensen-Shannon divergence of TRL's ``generalized_jsd_loss`` (class axis last).
+
+    With ``q = softmax(z_s / T)``, ``p = softmax(z_t / T)`` (``p = exp(z_t)`` for ``teacher_is_log_probs``)::
+
+        β = 0:       KL(p ‖ q) = Σ p (log p − log q)
+        β = 1:       KL(q ‖ p)
+        0 < β < 1:   β KL(p ‖ m) + (1 − β) KL(q ‖ m),   m = β p + (1 − β) q
+
+    ``hard_weight = α`` gives ``(1 − α) · divergence + α · cross_entropy(z_s, target)`` (untempered logits).
+    Positions whose target is ``ignore_index`` give 0; ``"mean"`` divides by the number of the others (all
+    positions without a target; 0 when there are none).
+
+    >>> round(float(generalized_jsd(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]]))), 10)  # .25 log .5 + .75 log 1.5
+    0.1308120359
+    """
+    lq, lp, div, _ = _distill_rows(student_logits, teacher_logits, beta, temperature, teacher_is_log_probs)
+    loss = div
+    if hard_weight:
+        z = np.asarray(student_logits, dtype=np.float64)
+        t = np.where(np.asarray(target) == ignore_index, 0, np.asarray(target))
+        ce = logsumexp(z) - np.take_along_axis(z, t[..., None], -1)[..., 0]
+        loss = (1.0 - hard_weight) * div + hard_weight * ce
+    valid, denom = _distill_mask_and_denominator(loss.shape, target, ignore_index)
+    loss = np.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    return float(loss.sum()) if reduction == "sum" else (float(loss.sum()) / denom if denom else 0.0)
+
+
+def generalized_jsd_grad(
+    student_logits, teacher_logits, beta=0.0, temperature=1.0, target=None, ignore_index=-100, reduction="mean",
+    teacher_is_log_probs=False, hard_weight=0.0, grad_output=1.0,
+):  # fmt: skip
+    """The gradient of :func:`generalized_jsd` w.r.t. the student logits (the divergence's ``∂/∂s`` over T).
+
+    >>> generalized_jsd_grad(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]])).round(12).tolist()  # (q − p) / N
+    [[0.25, -0.25]]
+    """
+    z = np.asarray(student_logits, dtype=np.float64)
+    _, _, div, grad = _distill_rows(z, teacher_logits, beta, temperature, teacher_is_log_probs)
+    grad = grad / temperature
+    if hard_weight:
+        t = np.where(np.asarray(target) == ignore_index, 0, np.asarray(target))
+        onehot = np.zeros_like(z)
+        np.put_along_axis(onehot, t[..., None], 1.0, -1)
+        grad = (1.0 - hard_weight) * grad + hard_weight * (softmax(z) - onehot)
+    valid, denom = _distill_mask_and_denominator(div.shape, target, ignore_index)
+    g = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), div.shape) if reduction == "none" else (
+        np.full(div.shape, float(grad_output) / (denom if reduction == "mean" and denom else 1.0)))  # fmt: skip
+    if reduction == "mean" and not denom:
+        g = np.zeros(div.shape)
+    return np.where(valid[..., None], grad * g[..., None], 0.0)
