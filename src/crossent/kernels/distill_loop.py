@@ -63,8 +63,14 @@ def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, c
     Raises:
         ValueError: a budget that cannot hold one full-vocabulary row of every block.
     """
-    if memory_budget is not None:
-        check_memory_budget(num_rows, dim, vocab, dtype, chunk_size, memory_budget // block_count(opts, True))
+    if memory_budget is None:
+        return
+    blocks = block_count(opts, True)
+    try:
+        check_memory_budget(num_rows, dim, vocab, dtype, chunk_size, memory_budget // blocks)
+    except ValueError as e:
+        raise ValueError(f"memory_budget={memory_budget} bytes is shared by {blocks} block buffers here (both "
+                         f"heads' logits and the step's scratch), {memory_budget // blocks} bytes each: {e}") from None
 
 
 def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool) -> ChunkPlan:
