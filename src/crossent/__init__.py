@@ -3,7 +3,7 @@
 from crossent import reference
 from crossent._results import CrossEntropyStats
 from crossent.functional import cross_entropy, linear_cross_entropy
-from crossent.functional_distill import distill_loss, linear_distill_loss
+from crossent.functional_distill import distill_loss, linear_distill_loss, sparse_distill_loss
 from crossent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "CrossEntropyStats",
     "distill_loss",
     "linear_distill_loss",
+    "sparse_distill_loss",
 ]
 
 __version__ = "0.2.0"

@@ -188,3 +188,27 @@ def check_distill_linear(input, linear_weight, linear_bias, teacher_input, teach
         raise TypeError(f"teacher_input has dtype {teacher_input.dtype} but input has {input.dtype}; they must match")
     if teacher_input.device != input.device:
         raise ValueError(f"teacher_input is on {teacher_input.device} but input is on {input.device}")
+
+
+def check_sparse_teacher(input, linear_weight, linear_bias, teacher_ids, teacher_log_probs, target) -> None:
+    """``sparse_distill_loss``'s tensors: the student's head as :func:`check_linear` checks it, integer
+    ``teacher_ids`` and floating ``teacher_log_probs`` of one shape ``input.shape[:-1] + (K,)``, K ≥ 1."""
+    check_logits("input", input)
+    labels = target if target is not None else torch.zeros((), dtype=torch.int64, device=input.device).expand(
+        input.shape[:-1])  # fmt: skip
+    check_linear(input, linear_weight, labels, linear_bias)
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_log_probs", teacher_log_probs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != input.dim() or t.shape[:-1] != input.shape[:-1] or t.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape input.shape[:-1] + (K,) = {tuple(input.shape[:-1])} + (K,) "
+                             f"with K ≥ 1, got {tuple(t.shape)}")  # fmt: skip
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if teacher_ids.is_floating_point() or teacher_ids.is_complex() or teacher_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must hold integer ids, got dtype {teacher_ids.dtype}")
+    if not teacher_log_probs.is_floating_point():
+        raise TypeError(f"teacher_log_probs must be floating, got dtype {teacher_log_probs.dtype}")
+    if teacher_log_probs.shape != teacher_ids.shape:
+        raise ValueError(f"teacher_log_probs {tuple(teacher_log_probs.shape)} and teacher_ids "
+                         f"{tuple(teacher_ids.shape)} must have the same shape")  # fmt: skip

@@ -140,9 +140,11 @@ class DistillRowOptions:
     hard_weight: float = 0.0
     softcap: Optional[float] = None
     teacher_log_probs: bool = False
+    tail: bool = True
 
     def __post_init__(self):
         object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
+        _check_bool("tail", self.tail)
         _check_real("beta", self.beta, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
         _check_real("temperature", self.temperature, "a finite float > 0", lambda v: v > 0.0)
         _check_real("hard_weight", self.hard_weight, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)

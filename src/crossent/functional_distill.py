@@ -13,17 +13,24 @@ import torch
 from torch import Tensor
 
 from crossent._autograd import DistillCall, DistillRows, LinearDistillCall, LinearDistillFused, LinearDistillRecompute
-from crossent._checks import check_distill_linear, check_distill_logits, class_indices
+from crossent._checks import check_distill_linear, check_distill_logits, check_sparse_teacher, class_indices
 from crossent._options import AccumulateDtype, DistillOptions, Impl, Reduction
 from crossent._precision import compute_dtype
 from crossent._reduction import reduction_row_scale
 from crossent.functional import autocast_operands
 from crossent.kernels.dispatch import resolve_impl
 from crossent.kernels.distill_loop import check_distill_budget
+from crossent.kernels.distill_ops import check_teacher_log_probs
+from crossent.kernels.sparse_rows import sparse_divergence
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.shard import VocabShard
 
-__all__ = ["distill_loss", "linear_distill_loss"]
+__all__ = ["distill_loss", "linear_distill_loss", "sparse_distill_loss"]
+
+# Rows per checkpointed chunk of sparse_distill_loss: about this many bytes of (rows, V) fp32 temporaries
+# (the logits, s, the masked copy, exp inside logsumexp, and their gradients), so a chunk stays a few
+# tens of MiB; not tuned (the dense teacher's fused loop is the fast path).
+SPARSE_CHUNK_BYTES = 64 << 20
 
 
 def distill_loss(
@@ -213,3 +220,89 @@ def rows_linear_distill(input, linear_weight, linear_bias, teacher_input, teache
     call = LinearDistillCall(opts.row, shard, loop, needs, impl)
     loss, *_ = LinearDistillFused.apply(x, linear_weight, linear_bias, x_t, w_t, b_t, labels, scale, call)
     return loss
+
+
+def sparse_distill_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    teacher_ids: Tensor,
+    teacher_log_probs: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    target: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    tail: bool = True,
+    chunk_size: Optional[int] = None,
+) -> Tensor:
+    r"""Distillation against a sparse teacher: only its top-K ids and their log-probabilities per position.
+
+    The student's ``q = softmax(z / T)``, ``z = input · linear_weightᵀ + linear_bias``, is normalized over the
+    full vocabulary; the teacher's ``p_k = exp(teacher_log_probs_k)`` are taken as given (already at the
+    teacher's sampling temperature). Then the divergence of :func:`distill_loss` (same ``beta``) over:
+
+    - ``tail=True``: K + 1 outcomes — the K ids, and one bucket ``p_tail = 1 − Σ_k p_k``,
+      ``q_tail = 1 − Σ_k q_k`` (the mass each puts elsewhere);
+    - ``tail=False``: the K ids only, both renormalized (``q_k / Σ q``, ``p_k / Σ p``).
+
+    Gradient (docs/math.md, "Sparse teacher"): ``∂D/∂z_c = q_c (a_c − Σ_j q_j a_j) / T`` with
+    ``a_c = ∂D/∂q̂_c − ∂D/∂q̂_tail`` on the K ids and 0 elsewhere (tail=False: the K-way softmax's gradient on the
+    ids, 0 elsewhere). For β = 0, ``a_k = p_tail / q_tail − p_k / q_k``. The teacher gets no gradient.
+
+    How: chunks of ``chunk_size`` rows (default: ~64 MiB of (rows, V) temporaries) under activation
+    checkpointing, so one chunk's logits exist at a time; backward recomputes each chunk's logits.
+
+    Args:
+        input: ``(..., D)`` student hidden states. linear_weight: ``(V, D)``. linear_bias: None or (V,).
+        teacher_ids: ``(..., K)`` integer ids in [0, V), distinct per position, ``input.shape[:-1]`` in front.
+        teacher_log_probs: ``(..., K)`` floating log-probabilities (≤ 0; an entry > 0 is a ValueError on the CPU,
+            a NaN loss at that position on CUDA).
+        beta, temperature, target, ignore_index, reduction: as in :func:`distill_loss`.
+        tail: the outcome set above.
+        chunk_size: rows per checkpointed chunk.
+
+    Returns:
+        Tensor: () for ``"mean"``/``"sum"``, ``input.shape[:-1]`` for ``"none"``; float32 (float64 for float64).
+
+    Example:
+        >>> import torch, crossent
+        >>> x = torch.zeros(1, 2, requires_grad=True)
+        >>> w = torch.tensor([[0.0, 0.0], [0.0, 0.0], [0.0, 0.0]])  # bias gives q = (½, ¼, ¼)
+        >>> b = torch.tensor([0.5, 0.25, 0.25]).log()
+        >>> loss = crossent.sparse_distill_loss(x, w, torch.tensor([[0]]), torch.tensor([[0.75]]).log(), linear_bias=b)
+        >>> round(loss.item(), 6)  # outcomes {0, tail}: ¾ log(¾ / ½) + ¼ log(¼ / ½)
+        0.130812
+    """
+    opts = DistillOptions.build(beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                tail=tail, chunk_size=chunk_size)  # fmt: skip
+    input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
+    check_sparse_teacher(input, linear_weight, linear_bias, teacher_ids, teacher_log_probs, target)
+    vocab, dim = linear_weight.shape
+    k = teacher_ids.shape[-1]
+    x = input.reshape(-1, dim)
+    ids = teacher_ids.reshape(-1, k).long()
+    lp = teacher_log_probs.detach().reshape(-1, k)
+    if x.device.type == "cpu":
+        check_teacher_log_probs(lp)
+        if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
+            raise ValueError(f"teacher_ids must lie in [0, {vocab}) (the vocabulary); got {int(ids.min())}..{int(ids.max())}")
+    cdt = compute_dtype(input.dtype)
+    rows = opts.chunk_size or max(1, SPARSE_CHUNK_BYTES // (vocab * 4 * 6))
+
+    def chunk_loss(x_c, w, b, ids_c, lp_c):
+        logits = torch.nn.functional.linear(x_c, w, b).to(cdt)
+        return sparse_divergence(logits, ids_c, lp_c.to(cdt), opts.row)
+
+    parts = [torch.utils.checkpoint.checkpoint(chunk_loss, x[r0 : r0 + rows], linear_weight, linear_bias,
+                                               ids[r0 : r0 + rows], lp[r0 : r0 + rows], use_reentrant=False)
+             for r0 in range(0, x.shape[0], rows)]  # fmt: skip
+    loss_rows = torch.cat(parts) if parts else x.new_zeros(0, dtype=cdt)
+    loss_rows = loss_rows.masked_fill((lp > 0).any(-1), float("nan"))  # CUDA: not log-probabilities, no host sync
+    labels = None if target is None else class_indices(target.reshape(-1))
+    if labels is not None:
+        loss_rows = torch.where(labels != opts.row.ignore_index, loss_rows, 0.0)
+    if opts.reduction == "none":
+        return loss_rows.reshape(input.shape[:-1])
+    return loss_rows.sum() * row_scale(labels, x.shape[0], opts, cdt, input.device)

@@ -38,6 +38,8 @@ __all__ = [
     "kl_divergence",
     "generalized_jsd",
     "generalized_jsd_grad",
+    "sparse_distill",
+    "sparse_distill_grad",
 ]
 
 
@@ -328,3 +330,70 @@ def generalized_jsd_grad(
     if reduction == "mean" and not denom:
         g = np.zeros(div.shape)
     return np.where(valid[..., None], grad * g[..., None], 0.0)
+
+
+def _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail):
+    """(log q̂, log p̂) over the K teacher ids (+ the tail bucket), and q = softmax(z / T) over all V."""
+    lq_full = log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature)
+    ids = np.asarray(teacher_ids)
+    lp = np.asarray(teacher_log_probs, dtype=np.float64)
+    lq = np.take_along_axis(lq_full, ids, -1)
+    if tail:
+        with np.errstate(divide="ignore"):
+            lq_tail = np.log(np.maximum(1.0 - np.exp(lq).sum(-1), 0.0))
+            lp_tail = np.log(np.maximum(-np.expm1(logsumexp(lp)), 0.0))
+        return np.concatenate([lq, lq_tail[..., None]], -1), np.concatenate([lp, lp_tail[..., None]], -1), lq_full
+    return log_softmax(lq), log_softmax(lp), lq_full
+
+
+def sparse_distill(
+    student_logits, teacher_ids, teacher_log_probs, beta=0.0, temperature=1.0, target=None, ignore_index=-100,
+    reduction="mean", tail=True,
+):  # fmt: skip
+    """The divergence of :func:`generalized_jsd` against a top-K teacher, per position.
+
+    ``q = softmax(z / T)`` over all V classes, ``p_k = exp(teacher_log_probs_k)`` at the K ``teacher_ids``.
+    ``tail=True``: K + 1 outcomes, the K ids and one bucket ``p_tail = 1 − Σ p_k``, ``q_tail = 1 − Σ q_k``;
+    ``tail=False``: both renormalized over the K ids. Reduction as :func:`generalized_jsd`.
+
+    >>> z = np.log([[0.5, 0.25, 0.25]])  # q = (½, ¼, ¼); the teacher gives id 0 probability ¾
+    >>> round(float(sparse_distill(z, [[0]], np.log([[0.75]]))), 10)  # ¾ log(¾ / ½) + ¼ log(¼ / ½)
+    0.1308120359
+    """
+    lq, lp, _ = _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail)
+    return generalized_jsd(lq, lp, beta=beta, target=target, ignore_index=ignore_index, reduction=reduction,
+                           teacher_is_log_probs=True)  # fmt: skip
+
+
+def sparse_distill_grad(
+    student_logits, teacher_ids, teacher_log_probs, beta=0.0, temperature=1.0, target=None, ignore_index=-100,
+    reduction="mean", tail=True, grad_output=1.0,
+):  # fmt: skip
+    """The gradient of :func:`sparse_distill` w.r.t. the student logits (V per position), by the chain rule of
+    docs/math.md, "Sparse teacher": ``∂D/∂s_c = q_c (a_c − Σ_j q_j a_j)`` with ``a_c = ∂D/∂q̂_c − ∂D/∂q̂_tail``
+    on the K ids and 0 elsewhere (``tail=False``: the K-way softmax's gradient, 0 off the ids).
+
+    >>> z = np.log([[0.5, 0.25, 0.25]])
+    >>> sparse_distill_grad(z, [[0]], np.log([[0.75]])).round(12).tolist()  # (q̂ − p̂) spread by q: (−¼, ⅛, ⅛)
+    [[-0.25, 0.125, 0.125]]
+    """
+    lq, lp, lq_full = _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail)
+    ids = np.asarray(teacher_ids)
+    # ∂D/∂(log q̂) of the divergence over the outcomes: generalized_jsd_grad w.r.t. logits whose log-softmax is lq̂
+    d_outcomes = generalized_jsd_grad(lq, lp, beta=beta, teacher_is_log_probs=True, reduction="sum")
+    q_full, q_hat = np.exp(lq_full), np.exp(lq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g_hat = np.where(q_hat > 0, d_outcomes / q_hat, 0.0)  # ∂D/∂q̂ up to a per-row constant
+    if tail:
+        a_k = g_hat[..., :-1] - g_hat[..., -1:]
+        a = np.zeros_like(q_full)
+        np.put_along_axis(a, ids, a_k, -1)
+        grad = q_full * (a - np.sum(q_full * a, -1, keepdims=True))
+    else:
+        grad = np.zeros_like(q_full)
+        np.put_along_axis(grad, ids, d_outcomes, -1)
+    _, denom = _distill_mask_and_denominator(grad.shape[:-1], target, ignore_index)
+    valid, _ = _distill_mask_and_denominator(grad.shape[:-1], target, ignore_index)
+    scale = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), grad.shape[:-1]) if reduction == "none" else (
+        np.full(grad.shape[:-1], float(grad_output) / (denom if reduction == "mean" and denom else 1.0)))  # fmt: skip
+    return np.where(valid[..., None], grad * scale[..., None] / temperature, 0.0)
