@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from _helpers import F64, np64, worst_error
-from torch.utils._python_dispatch import TorchDispatchMode
+from _helpers import LargestAllocation as _LargestAllocation
 
 import crossent
 from crossent import reference
@@ -331,21 +331,6 @@ def test_fused_gradcheck_float64():
         assert torch.autograd.gradcheck(fn, tuple(p.clone().requires_grad_() for p in (x, w, b)))
 
 
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns (every allocation is one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), func
-        return out
-
-
 @pytest.mark.parametrize("beta", [0.0, 0.5])
 def test_fused_never_allocates_n_by_v(beta):
     n, dim, vocab = 512, 32, 4096  # N×V = 2M elements; a block of 128 rows is 512K
@@ -422,3 +407,29 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(compiled, eager)
     for a, e in zip(compiled_in, eager_in):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("with_grads", [False, True], ids=["loss-only", "grads"])
+def test_custom_ops_fakes_match_eager(dtype, with_grads):
+    from crossent.kernels import distill_ops
+    from crossent.kernels.linear_loop import GradNeeds
+    from crossent.kernels.op_args import flatten
+    from crossent.kernels.shard import VocabShard
+
+    def fake_matches_real(op, args):
+        real = op(*args)
+        with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+            fake = op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+        real, fake = (r if isinstance(r, tuple) else (r,) for r in (real, fake))
+        assert [(r.shape, r.dtype) for r in real] == [(f.shape, f.dtype) for f in fake]
+
+    z, zt, t = torch.randn(5, 7, dtype=dtype), torch.randn(5, 7, dtype=dtype), torch.randint(0, 7, (5,))
+    opts = DistillRowOptions(beta=0.5, hard_weight=0.2)
+    fake_matches_real(distill_ops._distill_forward, [z, zt, t, *flatten(opts), "torch"])
+    fake_matches_real(distill_ops._distill_backward, [z, zt, t, torch.ones(5), *flatten(opts), "torch"])
+    x, w, b = torch.randn(5, 4, dtype=dtype), torch.randn(7, 4, dtype=dtype), torch.randn(7, dtype=dtype)
+    x_t, w_t = torch.randn(5, 3, dtype=dtype), torch.randn(7, 3, dtype=dtype)
+    scale = torch.full((), 0.2) if with_grads else None
+    settings = flatten(opts, VocabShard.whole(7), LoopArgs(chunk_size=2), GradNeeds(True, True, False))
+    fake_matches_real(distill_ops._linear_distill, [x, w, b, x_t, w_t, None, t, scale, *settings, "torch"])
