@@ -70,7 +70,8 @@ def distill_loss(
             none), ``"sum"`` or ``"none"`` (per position, ``input.shape[:-1]``).
         teacher_is_log_probs: ``teacher`` holds log-probabilities, used as given (T then applies to the student
             only). An entry > 0 is a ``ValueError`` on the CPU; on CUDA that row's loss is NaN (no host sync).
-        impl: ``"auto"``, ``"torch"`` or ``"triton"`` (the torch kernels run for every impl at present).
+        impl: ``"auto"`` (Triton for CUDA tensors when installed, else torch ops), ``"torch"`` or ``"triton"``
+            (``kernels/triton_distill.py``; float64 runs the torch step).
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``, ``input.shape[:-1]`` for ``"none"``; float32 for 16-bit and float32

@@ -98,6 +98,7 @@ def linear_distill(
     needs: GradNeeds = GradNeeds(),
     shard: Optional[VocabShard] = None,
     hooks: DistillHooks = DistillHooks(),
+    step: Callable[..., Tensor] = block_step_,
 ) -> Tuple[Tensor, LinearGrads]:
     """Per-row loss (N,) in the compute dtype and, with ``grad_scale`` (() or (N,): the upstream gradient per
     row), the student's gradients (those ``needs`` asks for; None elsewhere).
@@ -105,7 +106,8 @@ def linear_distill(
     ``input`` (N, D_s), ``linear_weight`` (V_local, D_s), ``teacher_input`` (N, D_t), ``teacher_weight``
     (V_local, D_t), biases None or (V_local,), ``target`` None or (N,) int64 (rows equal to ``ignore_index`` are
     dropped before the products). With a vocabulary ``shard`` and ``hooks`` (vocab-parallel), dX is this rank's
-    share (sum it over the ranks) and dW, db this rank's rows.
+    share (sum it over the ranks) and dW, db this rank's rows. ``step``: the whole-row block step
+    (:func:`distill_rows.block_step_`, or Triton's with the same contract); pieces always run the torch passes.
     """
     n = input.shape[0]
     keep = None if target is None else _kept_rows(target, opts.ignore_index, loop.skip_ignored)
@@ -113,7 +115,7 @@ def linear_distill(
         loss, grads = linear_distill(
             input[keep], linear_weight, linear_bias, teacher_input[keep], teacher_weight, teacher_bias, target[keep],
             opts, loop._replace(skip_ignored=False), grad_scale=_rows_of(grad_scale, keep, n), needs=needs,
-            shard=shard, hooks=hooks,
+            shard=shard, hooks=hooks, step=step,
         )  # fmt: skip
         return _scattered(loss, keep, n, 0.0), grads._replace(input=_scattered(grads.input, keep, n, 0.0))
     grads = grad_scale is not None
@@ -135,7 +137,7 @@ def linear_distill(
         if len(student.pieces) == 1 and hooks.stats is None:
             piece = student.pieces[0]
             s, t = student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
-            loss[r0:r1] = block_step_(s, t, t_blk, g, opts, _scratch(bufs, s.shape, opts, grads))
+            loss[r0:r1] = step(s, t, t_blk, g, opts, _scratch(bufs, s.shape, opts, grads))
             if g is not None:
                 student.add_block_grad(s, FINISHED, r0, r1, piece, first=True)
             continue

@@ -19,7 +19,7 @@ from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels import distill_loop, distill_rows
 from crossent.kernels.collectives import distill_hooks
-from crossent.kernels.dispatch import no_autocast
+from crossent.kernels.dispatch import distill_step, no_autocast
 from crossent.kernels.linear_loop import GradNeeds, LinearGrads, LoopArgs
 from crossent.kernels.op_args import flatten, rebuild, schema
 from crossent.kernels.shard import VocabShard
@@ -43,11 +43,11 @@ _DENSE = f"{schema(DistillRowOptions)}, str impl"
     schema=f"(Tensor input, Tensor teacher, Tensor? target, {_DENSE}) -> Tensor",
 )  # fmt: skip
 def _distill_forward(input, teacher, target, *args):
-    opts, _impl = rebuild(args, DistillRowOptions)
+    opts, impl = rebuild(args, DistillRowOptions)
     if opts.teacher_log_probs and teacher.device.type == "cpu":
         check_teacher_log_probs(teacher)
     with no_autocast(input.device):
-        return distill_rows.forward(input, teacher, target, opts)
+        return distill_rows.forward(input, teacher, target, opts, distill_step(impl))
 
 
 @_distill_forward.register_fake
@@ -60,9 +60,9 @@ def _(input, teacher, target, *args):
     schema=f"(Tensor input, Tensor teacher, Tensor? target, Tensor grad_loss, {_DENSE}) -> Tensor",
 )  # fmt: skip
 def _distill_backward(input, teacher, target, grad_loss, *args):
-    opts, _impl = rebuild(args, DistillRowOptions)
+    opts, impl = rebuild(args, DistillRowOptions)
     with no_autocast(input.device):
-        return distill_rows.backward(input, teacher, target, grad_loss, opts)
+        return distill_rows.backward(input, teacher, target, grad_loss, opts, distill_step(impl))
 
 
 @_distill_backward.register_fake
@@ -81,13 +81,14 @@ _KINDS = (DistillRowOptions, VocabShard, LoopArgs, GradNeeds)
 )  # fmt: skip
 def _linear_distill(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target,
                     grad_scale, *args):  # fmt: skip
-    opts, shard, loop, needs, _impl = rebuild(args, *_KINDS)
+    opts, shard, loop, needs, impl = rebuild(args, *_KINDS)
     if opts.hard_weight and shard.group_name is None and input.device.type == "cpu":
         check_target_range(target, shard.num_classes, opts.ignore_index)
     with no_autocast(input.device):
         loss, grads = distill_loop.linear_distill(
             input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target, opts, loop,
             grad_scale=grad_scale, needs=needs, shard=shard, hooks=distill_hooks(shard.group_name),
+            step=distill_step(impl),
         )  # fmt: skip
     return (loss, *(input.new_empty(0) if g is None else g for g in grads))
 

@@ -28,7 +28,7 @@ then gives a huge finite value rather than +inf. NaN logits still propagate.
 from __future__ import annotations
 
 import math
-from typing import List, NamedTuple, Optional
+from typing import Callable, List, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -318,20 +318,22 @@ def _log_probs_(x: Tensor, lse: Tensor, out: Tensor) -> Tensor:
 # --- dense rows (distill_loss): chunks of rows copied into fp32 blocks ------------------------------------
 
 
-def forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], opts: DistillRowOptions) -> Tensor:
-    """Per-row loss (compute dtype) of logits ``(N, V)``; ``target`` None or (N,)."""
-    return _rows(student, teacher, target, None, opts, None)
+def forward(student: Tensor, teacher: Tensor, target: Optional[Tensor], opts: DistillRowOptions,
+            step: Callable[..., Tensor] = block_step_) -> Tensor:  # fmt: skip
+    """Per-row loss (compute dtype) of logits ``(N, V)``; ``target`` None or (N,). ``step``: the block step
+    (this module's, or Triton's with the same contract)."""
+    return _rows(student, teacher, target, None, opts, None, step)
 
 
 def backward(student: Tensor, teacher: Tensor, target: Optional[Tensor], grad_loss: Tensor,
-             opts: DistillRowOptions) -> Tensor:  # fmt: skip
+             opts: DistillRowOptions, step: Callable[..., Tensor] = block_step_) -> Tensor:  # fmt: skip
     """``g_i ∂loss_i/∂student_i`` (N, V) in the student's dtype."""
     out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
-    _rows(student, teacher, target, grad_loss, opts, out)
+    _rows(student, teacher, target, grad_loss, opts, out, step)
     return out
 
 
-def _rows(student, teacher, target, grad_loss, opts, out):
+def _rows(student, teacher, target, grad_loss, opts, out, step):
     n, vocab = student.shape
     cdt = compute_dtype(student.dtype)
     rows = max(1, min(n, CHUNK_ELEMENTS.get(student.device.type, CHUNK_ELEMENTS["cuda"]) // max(vocab, 1)))
@@ -347,7 +349,7 @@ def _rows(student, teacher, target, grad_loss, opts, out):
         t.copy_(teacher[r0:r1])
         tgt = None if target is None else target[r0:r1]
         g = None if g_rows is None else g_rows[r0:r1]
-        loss[r0:r1] = block_step_(s, t, tgt, g, opts, Scratch.of(rest, opts, grads))
+        loss[r0:r1] = step(s, t, tgt, g, opts, Scratch.of(rest, opts, grads))
         if grads:
             out[r0:r1].copy_(s)
     return loss
