@@ -271,36 +271,27 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
         return tangent.to(compute_dtype(logits.dtype)), None
 
 
-class LinearCrossEntropyFusedTransformable(LinearCrossEntropyFused):
-    """:class:`LinearCrossEntropyFused` with a vmap rule (one call per batch element) and a jvp rule that
-    refuses clearly."""
+def _looped_and_first_order(function):
+    """``function`` with a vmap rule (one call per batch element: a fused loop takes one batch of rows) and a
+    jvp rule that refuses clearly (its gradients are not differentiable)."""
 
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_loop(LinearCrossEntropyFusedTransformable, info, in_dims, args)
+    class Transformable(function):
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _vmap_by_loop(Transformable, info, in_dims, args)
 
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+        @staticmethod
+        def jvp(ctx, *tangents):
+            _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
 
-
-class LinearCrossEntropyRecomputeTransformable(LinearCrossEntropyRecompute):
-    """:class:`LinearCrossEntropyRecompute` with a vmap rule (one call per batch element) and a jvp rule that
-    refuses clearly."""
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_loop(LinearCrossEntropyRecomputeTransformable, info, in_dims, args)
-
-    @staticmethod
-    def jvp(ctx, *tangents):
-        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+    Transformable.__name__ = Transformable.__qualname__ = f"{function.__name__}Transformable"
+    return Transformable
 
 
 _TRANSFORMABLE = {
     CrossEntropyRows: CrossEntropyRowsTransformable,
-    LinearCrossEntropyFused: LinearCrossEntropyFusedTransformable,
-    LinearCrossEntropyRecompute: LinearCrossEntropyRecomputeTransformable,
+    LinearCrossEntropyFused: _looped_and_first_order(LinearCrossEntropyFused),
+    LinearCrossEntropyRecompute: _looped_and_first_order(LinearCrossEntropyRecompute),
 }
 
 
