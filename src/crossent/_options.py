@@ -8,7 +8,7 @@ Three layers of options, each a part of the next:
 - :class:`LossOptions` — a row options object plus what the layers above the kernels read: the
   ``reduction``, the backend ``impl`` and whether statistics are returned.
 - :class:`CrossEntropyOptions` and :class:`LinearOptions` — a loss's own extras (in-place backward; the
-  fused loss's chunking and dW accumulation).
+  fused loss's chunking, dW accumulation and ``logit_scale``).
 
 ``LossOptions.build(**keywords)`` sorts the public keyword arguments into these parts, so no list of
 option names is written out anywhere but in the dataclasses' fields (and in the public signatures).
@@ -105,11 +105,13 @@ class CrossEntropyOptions(LossOptions):
 @dataclass(frozen=True)
 class LinearOptions(LossOptions):
     """:func:`crossent.linear_cross_entropy`'s options: the loss options, the chunking (``chunk_size`` token
-    rows per block, ``memory_budget`` bytes of scratch) and where dW is summed across blocks."""
+    rows per block, ``memory_budget`` bytes of scratch), where dW is summed across blocks, and ``logit_scale``
+    (logits ``s · (X Wᵀ + b)`` before ``softcap``; applied in the functional layer, the kernels never see it)."""
 
     chunk_size: Optional[int] = None
     memory_budget: Optional[int] = None
     accumulate_dtype: AccumulateDtype = "float32"
+    logit_scale: Optional[float] = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -120,6 +122,9 @@ class LinearOptions(LossOptions):
                 if value <= 0:
                     raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
         _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)
+        if self.logit_scale is not None:
+            _check_real("logit_scale", self.logit_scale, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "logit_scale", float(self.logit_scale))
 
 
 def _integer_like(name, value) -> int:

@@ -148,6 +148,7 @@ def vocab_parallel_linear_cross_entropy(
     accumulate_dtype: AccumulateDtype = "float32",
     impl: Impl = "auto",
     return_stats: bool = False,
+    logit_scale: Optional[float] = None,
 ) -> LossOrStats:
     r"""Fused ``cross_entropy(input @ Wᵀ + b, target)`` with the vocabulary rows of W split over the ranks.
 
@@ -175,7 +176,7 @@ def vocab_parallel_linear_cross_entropy(
         linear_bias: this rank's ``(V_local,)`` bias, or None (None on every rank, or on none).
         group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`vocab_parallel_cross_entropy`.
-        chunk_size, memory_budget, accumulate_dtype, impl, return_stats: as in
+        chunk_size, memory_budget, accumulate_dtype, impl, return_stats, logit_scale: as in
             :func:`crossent.linear_cross_entropy`; the same on every rank (the budget is applied to the widest
             shard; ``impl="triton"`` runs the torch chunk step on shards, whose statistics need the other ranks).
 
@@ -201,7 +202,7 @@ def vocab_parallel_linear_cross_entropy(
         opts = LinearOptions.build(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
-            impl=impl, return_stats=return_stats,
+            impl=impl, return_stats=return_stats, logit_scale=logit_scale,
         )  # fmt: skip
         opts_box.append(opts)
         operands.extend(autocast_operands(input, linear_weight, linear_bias))
