@@ -18,7 +18,7 @@ LAYERS = {
     "kernels": 2,
     "_autograd": 3, "_materialized": 3,
     "functional": 4,
-    "modules": 5, "distributed": 5,
+    "modules": 5, "distributed": 5, "transformers": 5,
     "bench": 6, "cli": 6, "__main__": 6, "__init__": 6,
 }  # fmt: skip
 
