@@ -490,13 +490,14 @@ def _check_close(name: str, what: str, stock: Tensor, ours: Tensor, transforms: 
     worst = diff.max().item() if diff.numel() else 0.0
     if not worst <= tolerance:  # NaN fails too
         index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape)) if diff.dim() else ()
+        cause = ("the model transforms its logits in a way crossent does not recognise" if what == "logits" else
+                 "the model's loss is not transformers' ForCausalLMLoss (plus router_aux_loss_coef · aux_loss)")
         raise UnsupportedModelError(
             f"{name}: the model's {what} differ from crossent's reconstruction from the hidden states its head "
             f"receives (head weight, bias, post-head transforms from the config: {transforms.describe()}): max "
             f"|difference| {worst:.3g} at {index} (model {stock[index].item():.6g}, crossent "
-            f"{ours[index].item():.6g}), tolerance {tolerance:.3g}. The model transforms its logits in a way "
-            f"crossent does not recognise; it is left unpatched."
-        )
+            f"{ours[index].item():.6g}), tolerance {tolerance:.3g}: {cause}. The model is left unpatched."
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- log-probs
