@@ -96,7 +96,9 @@ def main():
 
     memory = {}
     for variant in ("stock", "crossent"):
-        cmd = [sys.executable, __file__, "--worker", variant] + [a for a in sys.argv[1:] if not a.startswith("--json")]
+        sizes = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                 ("vocab", "hidden", "layers", "batch", "seq", "memory_steps", "threads")]  # fmt: skip
+        cmd = [sys.executable, __file__, "--worker", variant] + sizes
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         memory[variant] = json.loads(out.strip().splitlines()[-1])
         print(f"{variant:8s} peak RSS {memory[variant]['peak'] / 2**30:.2f} GiB, added by the step "
