@@ -75,7 +75,7 @@ def _(logits, index, *args):
 
 @torch.library.custom_op(
     "crossent::logprob_backward", mutates_args=(),
-    schema=f"(Tensor logits, Tensor index, Tensor lse, Tensor entropy, Tensor grad_log_probs, Tensor grad_entropy, "
+    schema=f"(Tensor logits, Tensor index, Tensor lse, Tensor row_entropy, Tensor grad_log_probs, Tensor grad_entropy, "
     f"{_ROWS}) -> Tensor",
 )  # fmt: skip
 def _logprob_backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, *args):
@@ -115,7 +115,7 @@ def _(input, linear_weight, linear_bias, index, *args):
 
 @torch.library.custom_op(
     "crossent::linear_logprob_backward", mutates_args=(),
-    schema=f"({_LINEAR_TENSORS}, Tensor lse, Tensor entropy, Tensor grad_log_probs, Tensor grad_entropy, {_LINEAR}) "
+    schema=f"({_LINEAR_TENSORS}, Tensor lse, Tensor row_entropy, Tensor grad_log_probs, Tensor grad_entropy, {_LINEAR}) "
     "-> (Tensor, Tensor, Tensor)",
 )  # fmt: skip
 def _linear_logprob_backward(input, linear_weight, linear_bias, index, lse, entropy, grad_log_probs, grad_entropy,
