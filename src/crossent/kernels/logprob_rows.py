@@ -65,15 +65,18 @@ def forward(
     opts: LogProbRowOptions,
     shard: Optional[VocabShard] = None,
     combine: Optional[LogProbStatsHook] = None,
+    *,
+    stats: Callable[..., LogProbStats] = None,
 ) -> LogProbRows:
     """Log-probabilities of ``index`` (..., K) under ``softmax(x)``, the entropy (``opts.entropy``) and the LSE.
 
     ``shard`` (default: the whole row) says which columns ``logits`` (..., V_s) holds; ``combine`` turns this
-    shard's stats into the full rows' (vocab-parallel). Ignored ids give 0; a position whose ids are all
-    ignored has entropy 0; an id outside [0, C) gives NaN (and a NaN entropy for its position).
+    shard's stats into the full rows' (vocab-parallel); ``stats`` computes a shard's (default
+    :func:`shard_stats`; Triton's is ``triton_logprobs.shard_stats``). Ignored ids give 0; a position whose ids
+    are all ignored has entropy 0; an id outside [0, C) gives NaN (and a NaN entropy for its position).
     """
     shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
-    stats = shard_stats(logits, index, opts, shard.vocab_start)
+    stats = (shard_stats if stats is None else stats)(logits, index, opts, shard.vocab_start)
     return finish(stats if combine is None else combine(stats), index, opts, shard.num_classes)
 
 
