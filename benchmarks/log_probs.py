@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -92,12 +91,21 @@ def times(n, d, v, reps):
     return {name: statistics.median(s) for name, s in samples.items()}
 
 
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def peak_child(n, d, v, name):
+    """Peak RSS during one call minus the RSS before it (inputs alive), in bytes. The high-water mark is reset
+    first (``/proc/self/clear_refs``), so the inputs' own creation does not count."""
     data = problem(n, d, v)
     fn = methods(*data)[name]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kib("VmRSS")
     fn()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024  # ru_maxrss is KiB on Linux
+    return (_status_kib("VmHWM") - base) * 1024
 
 
 def peak(n, d, v, name):
