@@ -15,10 +15,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jacrev, jvp, vmap
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossent
 from crossent import reference
+from test_linear_cross_entropy import _LargestAllocation  # the allocation detector, shared
 from crossent._options import LogProbRowOptions
 from crossent.kernels import linear_loop, logprob_ops, logprob_rows
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
@@ -522,21 +522,6 @@ def test_custom_ops_opcheck_and_fakes():
 
 
 # --- the fused form's memory and work ------------------------------------------------------------------------
-
-
-class _LargestAllocation(TorchDispatchMode):
-    """The largest number of elements of any tensor an op returns (every allocation is one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), func
-        return out
 
 
 def test_fused_never_allocates_n_by_v():

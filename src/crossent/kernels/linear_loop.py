@@ -205,11 +205,15 @@ def linear_log_probs(
     log_probs = torch.empty(index.shape, dtype=ws.cdt, device=input.device)
     entropy = torch.empty(ws.n, dtype=ws.cdt, device=input.device) if opts.entropy else None
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)
+    whole = len(ws.pieces) == 1 and ws.vocab_start == 0 and ws.vocab == ws.num_classes and combine is None
     for r0, r1 in ws.row_blocks():
         ids = index[r0:r1]
-        parts = [kernels.stats(ws.logits(r0, r1, p), ids, opts, vocab_start=ws.vocab_start + p[0]) for p in ws.pieces]
-        stats = parts[0] if len(parts) == 1 else combine_logprob_stats(parts)
-        rows = finish_log_probs(stats if combine is None else combine(stats), ids, opts, ws.num_classes)
+        rows = kernels.rows(ws.logits(r0, r1, ws.pieces[0]), ids, opts) if whole else None
+        if rows is None:  # a split, a shard, or the fast step declined: per-piece stats, combined
+            parts = [kernels.stats(ws.logits(r0, r1, p), ids, opts, vocab_start=ws.vocab_start + p[0])
+                     for p in ws.pieces]  # fmt: skip
+            stats = parts[0] if len(parts) == 1 else combine_logprob_stats(parts)
+            rows = finish_log_probs(stats if combine is None else combine(stats), ids, opts, ws.num_classes)
         log_probs[r0:r1], lse[r0:r1] = rows.log_probs, rows.lse
         if entropy is not None:
             entropy[r0:r1] = rows.entropy

@@ -76,6 +76,10 @@ def forward(
     are all ignored has entropy 0; an id outside [0, C) gives NaN (and a NaN entropy for its position).
     """
     shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
+    if stats is None and combine is None and shard.is_whole(logits.shape[-1]):
+        rows = softmax_rows(logits, index, opts)
+        if rows is not None:
+            return rows
     stats = (shard_stats if stats is None else stats)(logits, index, opts, shard.vocab_start)
     return finish(stats if combine is None else combine(stats), index, opts, shard.num_classes)
 
@@ -107,6 +111,44 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
         row_max.reshape(shape), sumexp.reshape(shape), None if plogp is None else plogp.reshape(shape),
         torch.where(local, picked, 0.0).reshape(index.shape),
     )  # fmt: skip
+
+
+# Below this a reference column's fp32 probability has lost bits (normal floats end at 2^-126): the softmax
+# path below then gives way to the max-first stats (as linear_step's CPU fast path does for the cross-entropy).
+_TINY_PROB = 2.0**-100
+
+
+def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
+    """CPU fast path for whole rows: per chunk one fused ``softmax`` (into scratch), then::
+
+        lse = x_j − log p_j   (j: the row's id with the largest p),   H = Σ_c entr(p_c) = −Σ_c p_c log p_c
+
+    ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); each entropy term has
+    p's relative rounding only (no ``lse − Σ p x`` cancellation), summed in float64. Returns None (nothing
+    written) off the CPU, or when some row's reference probability is below 2^-100: then the max-first stats.
+    """
+    if logits.device.type != "cpu" or index.shape[-1] == 0:
+        return None
+    z3, ids3 = _as_3d(logits, index)
+    cdt = compute_dtype(logits.dtype)
+    valid, ids_safe, bad = index_masks(ids3, opts.ignore_index, z3.shape[-1])
+    picked = torch.gather(z3, -1, ids_safe).to(cdt)
+    picked = scaled_logits(picked, picked, opts)
+    lse = torch.empty(z3.shape[:2], dtype=torch.float64)
+    entropy = torch.empty_like(lse) if opts.entropy else None
+    for idx, x, _ in _chunks(z3, cdt, 0):
+        p = torch._softmax(scaled_logits(x, z3[idx], opts), -1, False, out=x)
+        p_ref, ref = p.gather(-1, ids_safe[idx]).max(-1)
+        if bool((p_ref < _TINY_PROB).any()):  # CPU: a free host check
+            return None
+        lse[idx] = picked[idx].gather(-1, ref.unsqueeze(-1)).squeeze(-1).double() - p_ref.double().log()
+        if entropy is not None:
+            entropy[idx] = torch.special.entr(p, out=p).sum(-1, dtype=torch.float64)
+    log_probs = torch.where(valid, picked.double() - lse.unsqueeze(-1), 0.0).masked_fill_(bad, math.nan)
+    if entropy is not None:
+        entropy = torch.where(valid.any(-1), entropy, 0.0).masked_fill_(bad.any(-1), math.nan)
+        entropy = entropy.to(cdt).reshape(logits.shape[:-1])
+    return LogProbRows(log_probs.to(cdt).reshape(index.shape), entropy, lse.reshape(logits.shape[:-1]))
 
 
 def combine_stats(parts: Sequence[LogProbStats]) -> LogProbStats:
@@ -180,18 +222,32 @@ def backward(
     lowest = torch.finfo(cdt).min
     direct = out.dtype == cdt
     n_scratch = (1 if opts.softcap else 0) + (1 if ent_scale is not None else 0)
+    # CPU, whole rows: p from one fused softmax (it recomputes the row's own lse) and p log p = −entr(p); rows
+    # without gradient are zeroed afterwards (p is NaN on an all −inf row). Elsewhere p = exp(x − lse).
+    softmax_path = z3.device.type == "cpu" and shard.is_whole(z3.shape[-1])
+    dead = f.shift.isinf() if softmax_path else None
     for idx, x, scratch in _chunks(z3, cdt, n_scratch, scratch_for_x=not direct):
         x = out3[idx] if direct else x
         chain = scratch.pop() if opts.softcap else None
         src = _capped(x, z3[idx], opts.softcap, chain_out=chain)
         if opts.temperature != 1.0:
             src = torch.div(src, opts.temperature, out=x)
-        y = shift.subtract_from(src, idx, out=x)  # log p (rows without gradient: −inf)
-        if ent_scale is None:  # −a p
-            y.exp_().mul_(scale[idx].unsqueeze(-1))
-        else:  # −b p log p − a p, with p log p = 0 where p = 0 (log p clamped: 0 · lowest, not 0 · −inf)
-            e = torch.exp(y.clamp_(min=lowest), out=scratch[0])
-            y.mul_(e).mul_(ent_scale[idx].unsqueeze(-1)).addcmul_(e, scale[idx].unsqueeze(-1))
+        if softmax_path:
+            y = torch._softmax(src, -1, False, out=x)  # p
+            if ent_scale is None:  # a p
+                y.mul_(scale[idx].unsqueeze(-1))
+            else:  # a p + b p log p = a p − b entr(p)
+                e = torch.special.entr(y, out=scratch[0])
+                y.mul_(scale[idx].unsqueeze(-1)).addcmul_(e, ent_scale[idx].unsqueeze(-1), value=-1.0)
+            if bool(dead[idx].any()):
+                y[dead[idx]] = 0.0
+        else:
+            y = shift.subtract_from(src, idx, out=x)  # log p (rows without gradient: −inf)
+            if ent_scale is None:  # a p
+                y.exp_().mul_(scale[idx].unsqueeze(-1))
+            else:  # a p + b p log p, with p log p = 0 where p = 0 (log p clamped: 0 · lowest, not 0 · −inf)
+                e = torch.exp(y.clamp_(min=lowest), out=scratch[0])
+                y.mul_(e).mul_(ent_scale[idx].unsqueeze(-1)).addcmul_(e, scale[idx].unsqueeze(-1))
         y.scatter_add_(-1, f.columns[idx], at_ids[idx])
         if chain is not None:
             y.mul_(chain)
@@ -270,11 +326,19 @@ def chunk_grad_(logits: Tensor, index: Tensor, lse: Tensor, entropy: Optional[Te
     return FINISHED
 
 
+def chunk_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
+    """The finished rows of a block holding whole rows of the head (:func:`softmax_rows`), or None: then the loop
+    takes the stats path."""
+    return softmax_rows(logits, index, opts)
+
+
 class LogProbChunkKernels(NamedTuple):
-    """The elementwise work of the fused log-prob loops, swappable per backend: a block's stats and its gradient."""
+    """The elementwise work of the fused log-prob loops, swappable per backend: a block's stats, its gradient, and
+    a fast step for blocks of whole rows (may decline with None)."""
 
     stats: Callable[..., LogProbStats]
     grad_: Callable[..., GradFactors]
+    rows: Callable[..., Optional[LogProbRows]]
 
 
-TORCH_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_)
+TORCH_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_, chunk_rows)

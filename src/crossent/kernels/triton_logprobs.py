@@ -62,7 +62,7 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
 
 def forward(logits: Tensor, index: Tensor, opts: LogProbRowOptions, shard=None, combine=None):
     """:func:`logprob_rows.forward` with this module's stats kernel (any shard: its stats are per-row sums)."""
-    return logprob_rows.forward(logits, index, opts, shard, combine, stats=shard_stats)
+    return logprob_rows.forward(logits, index, opts, shard, combine, stats=shard_stats)  # no softmax path here
 
 
 def backward(logits: Tensor, index: Tensor, lse: Tensor, entropy, grad_log_probs, grad_entropy, opts: LogProbRowOptions,
@@ -109,7 +109,7 @@ def chunk_grad_(logits, index, lse, entropy, grad_log_probs, grad_entropy, opts,
     return logprob_rows.FINISHED
 
 
-TRITON_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_)
+TRITON_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_, lambda logits, index, opts: None)
 
 
 # --- kernels (fp32 arithmetic; logits upcast as loaded; index math in int64) --------------------------------------
