@@ -575,3 +575,26 @@ def test_inputs_not_modified_and_retain_graph():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for t, b in zip((x, w, ids), before):
         assert torch.equal(t, b)
+
+
+def test_softmax_path_and_max_first_path_agree():
+    """The CPU softmax path (lse from the ids' largest p, H = Σ entr(p)) and the max-first stats give the same rows;
+    an id whose p is below 2^-100 in some row sends the call down the max-first path (also right)."""
+    z = _logits((6,), 50, scale=4.0)
+    ids = torch.randint(0, 50, (6, 2))
+    opts = LogProbRowOptions(entropy=True, temperature=0.9)
+    fast = logprob_rows.softmax_rows(z, ids, opts)
+    slow = logprob_rows.finish(logprob_rows.shard_stats(z, ids, opts), ids, opts, 50)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, **F64)
+    z[2, ids[2]] = -400.0  # both ids of row 2 are (nearly) impossible: p < 2^-100
+    assert logprob_rows.softmax_rows(z, ids, opts) is None
+    rows = logprob_rows.forward(z, ids, opts)
+    ref_lp, ref_h, _ = _ref(z, ids, {"temperature": 0.9})
+    torch.testing.assert_close(rows.log_probs, ref_lp, **F64)
+    torch.testing.assert_close(rows.entropy, ref_h, **F64)
+    out, want = torch.empty_like(z), torch.empty_like(z)  # backward: whole rows (softmax) vs a one-shard split
+    g = torch.randn(6, 2, dtype=torch.float64)
+    logprob_rows.backward(z, ids, rows.lse, rows.entropy, g, torch.ones(6, dtype=torch.float64), opts, out)
+    _, _, ref_dz = _ref(z, ids, {"temperature": 0.9}, g, torch.ones(6, dtype=torch.float64))
+    torch.testing.assert_close(out, ref_dz, **F64)

@@ -124,7 +124,7 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
         lse = x_j − log p_j   (j: the row's id with the largest p),   H = Σ_c entr(p_c) = −Σ_c p_c log p_c
 
     ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); each entropy term has
-    p's relative rounding only (no ``lse − Σ p x`` cancellation), summed in float64. Returns None (nothing
+    p's relative rounding only (no ``lse − Σ p x`` cancellation). Returns None (nothing
     written) off the CPU, or when some row's reference probability is below 2^-100: then the max-first stats.
     """
     if logits.device.type != "cpu" or index.shape[-1] == 0:
@@ -143,7 +143,7 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
             return None
         lse[idx] = picked[idx].gather(-1, ref.unsqueeze(-1)).squeeze(-1).double() - p_ref.double().log()
         if entropy is not None:
-            entropy[idx] = torch.special.entr(p, out=p).sum(-1, dtype=torch.float64)
+            entropy[idx] = torch.special.entr(p, out=p).sum(-1)  # fp32 cascade sum (float64 costs more than entr)
     log_probs = torch.where(valid, picked.double() - lse.unsqueeze(-1), 0.0).masked_fill_(bad, math.nan)
     if entropy is not None:
         entropy = torch.where(valid.any(-1), entropy, 0.0).masked_fill_(bad.any(-1), math.nan)
@@ -222,9 +222,10 @@ def backward(
     lowest = torch.finfo(cdt).min
     direct = out.dtype == cdt
     n_scratch = (1 if opts.softcap else 0) + (1 if ent_scale is not None else 0)
-    # CPU, whole rows: p from one fused softmax (it recomputes the row's own lse) and p log p = −entr(p); rows
-    # without gradient are zeroed afterwards (p is NaN on an all −inf row). Elsewhere p = exp(x − lse).
-    softmax_path = z3.device.type == "cpu" and shard.is_whole(z3.shape[-1])
+    # CPU, whole rows, no entropy gradient: p from one fused softmax (it recomputes the row's own lse); rows
+    # without gradient are zeroed afterwards (p is NaN on an all −inf row). Elsewhere p = exp(x − lse), and
+    # p log p from the same pass (cheaper than the softmax's exp plus entr's log).
+    softmax_path = z3.device.type == "cpu" and shard.is_whole(z3.shape[-1]) and ent_scale is None
     dead = f.shift.isinf() if softmax_path else None
     for idx, x, scratch in _chunks(z3, cdt, n_scratch, scratch_for_x=not direct):
         x = out3[idx] if direct else x
@@ -233,12 +234,7 @@ def backward(
         if opts.temperature != 1.0:
             src = torch.div(src, opts.temperature, out=x)
         if softmax_path:
-            y = torch._softmax(src, -1, False, out=x)  # p
-            if ent_scale is None:  # a p
-                y.mul_(scale[idx].unsqueeze(-1))
-            else:  # a p + b p log p = a p − b entr(p)
-                e = torch.special.entr(y, out=scratch[0])
-                y.mul_(scale[idx].unsqueeze(-1)).addcmul_(e, ent_scale[idx].unsqueeze(-1), value=-1.0)
+            y = torch._softmax(src, -1, False, out=x).mul_(scale[idx].unsqueeze(-1))  # a p
             if bool(dead[idx].any()):
                 y[dead[idx]] = 0.0
         else:
