@@ -298,15 +298,27 @@ def test_token_log_probs_equal_the_stock_logits(kind, patched):
     assert ct.token_log_probs(model, ids).entropy is None
 
 
-def test_token_log_probs_blocks(monkeypatch):
-    # several blocks (3 rows each, the last one short) give the one-block values
-    model = _model("llama")
+def test_token_log_probs_fallback_blocks_equal_the_fused_family(monkeypatch):
+    # the fallback (for a crossent without linear_token_log_probs) in several blocks (3 rows each, the last
+    # one short) gives what the fused family gives, values and gradients
+    import crossent
+
+    model = _model("cohere")
     ids, _ = _batch()
-    whole = ct.token_log_probs(model, ids, entropy=True)
+    mask = torch.ones_like(ids)
+    mask[0, -2:] = 0
+
+    def run():
+        out = ct.token_log_probs(model, ids, attention_mask=mask, temperature=1.3, entropy=True)
+        return out, torch.autograd.grad(out.log_probs.sum() + out.entropy.sum(), model.lm_head.weight)[0]
+
+    (fused, fused_grad) = run()
+    monkeypatch.delattr(crossent, "linear_token_log_probs", raising=False)
     monkeypatch.setattr(ct, "_LOG_PROBS_BLOCK_BYTES", 3 * 16 * VOCAB)
-    blocks = ct.token_log_probs(model, ids, entropy=True)
-    torch.testing.assert_close(blocks.log_probs, whole.log_probs, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(blocks.entropy, whole.entropy, rtol=1e-6, atol=1e-6)
+    (blocks, blocks_grad) = run()
+    torch.testing.assert_close(blocks.log_probs, fused.log_probs, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocks.entropy, fused.entropy, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(blocks_grad, fused_grad, rtol=1e-5, atol=1e-5 * fused_grad.abs().max().item())
 
 
 def _trainer_params(patched, tmp_path):

@@ -1,8 +1,9 @@
 """crossent: exact, stable, memory-frugal softmax cross-entropy for PyTorch."""
 
 from crossent import reference
-from crossent._results import CrossEntropyStats
+from crossent._results import CrossEntropyStats, TokenLogProbs
 from crossent.functional import cross_entropy, linear_cross_entropy
+from crossent.functional_log_probs import linear_token_log_probs, token_log_probs
 from crossent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
@@ -12,6 +13,9 @@ __all__ = [
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "CrossEntropyStats",
+    "token_log_probs",
+    "linear_token_log_probs",
+    "TokenLogProbs",
 ]
 
 __version__ = "0.2.0"

@@ -9,6 +9,8 @@ Three layers of options, each a part of the next:
   ``reduction``, the backend ``impl`` and whether statistics are returned.
 - :class:`CrossEntropyOptions` and :class:`LinearOptions` — a loss's own extras (in-place backward; the
   fused loss's chunking, dW accumulation and ``logit_scale``).
+- :class:`LogProbRowOptions` ⊂ :class:`LogProbOptions` ⊂ :class:`LinearLogProbOptions` — the same layering for
+  the per-token log-probability family (no reduction: it returns per-token values).
 
 ``LossOptions.build(**keywords)`` sorts the public keyword arguments into these parts, so no list of
 option names is written out anywhere but in the dataclasses' fields (and in the public signatures).
@@ -19,7 +21,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -54,12 +56,50 @@ class RowOptions:
             object.__setattr__(self, "softcap", float(self.softcap))
 
 
+@dataclass(frozen=True)
+class LogProbRowOptions:
+    """The options of the per-token log-probability math (:func:`crossent.token_log_probs`): everything its
+    kernels read besides tensors. The logits the math sees are ``κ tanh(z / κ) / T`` (softcap first)."""
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    entropy: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
+        _check_real("temperature", self.temperature, "a finite float > 0", lambda v: v > 0.0)
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "softcap", float(self.softcap))
+        _check_bool("entropy", self.entropy)
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+
 # computed at import: dataclasses.fields() is not traceable by torch.compile, and build() runs in traced code
 _ROW_FIELDS = tuple(f.name for f in fields(RowOptions))
+_FIELDS_OF = {RowOptions: _ROW_FIELDS, LogProbRowOptions: tuple(f.name for f in fields(LogProbRowOptions))}
+
+
+class _BuiltFromKeywords:
+    """``build(**keywords)``: the names of the row options type ``ROW`` go to ``row``, the rest to the class."""
+
+    ROW: ClassVar[type] = RowOptions
+
+    @classmethod
+    def build(cls, **keywords):
+        """The options from a public function's keyword arguments: the row options' names go to ``row``.
+
+        Raises:
+            TypeError/ValueError naming the argument, for a bad value or an unknown name.
+        """
+        names = _FIELDS_OF[cls.ROW]
+        row = cls.ROW(**{k: v for k, v in keywords.items() if k in names})
+        return cls(row=row, **{k: v for k, v in keywords.items() if k not in names})
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class LossOptions(_BuiltFromKeywords):
     """A loss call's options: the row math's (``row``) and how the rows are reduced and run."""
 
     row: RowOptions = field(default_factory=RowOptions)
@@ -73,16 +113,6 @@ class LossOptions:
         _check_choice("reduction", self.reduction, _REDUCTIONS)
         _check_choice("impl", self.impl, _IMPLS)
         _check_bool("return_stats", self.return_stats)
-
-    @classmethod
-    def build(cls, **keywords):
-        """The options from a public function's keyword arguments: the row options' names go to ``row``.
-
-        Raises:
-            TypeError/ValueError naming the argument, for a bad value or an unknown name.
-        """
-        row = RowOptions(**{k: v for k, v in keywords.items() if k in _ROW_FIELDS})
-        return cls(row=row, **{k: v for k, v in keywords.items() if k not in _ROW_FIELDS})
 
     def describe(self) -> str:
         """``name=value, ...`` of every option, for a module's ``extra_repr``."""
@@ -115,16 +145,49 @@ class LinearOptions(LossOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("chunk_size", "memory_budget"):
-            value = getattr(self, name)
-            if value is not None:
-                _check_int(name, value)
-                if value <= 0:
-                    raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
-        _check_choice("accumulate_dtype", self.accumulate_dtype, _ACCUMULATE)
+        _check_chunking(self)
         if self.logit_scale is not None:
             _check_real("logit_scale", self.logit_scale, "None or a finite float > 0", lambda v: v > 0.0)
             object.__setattr__(self, "logit_scale", float(self.logit_scale))
+
+
+@dataclass(frozen=True)
+class LogProbOptions(_BuiltFromKeywords):
+    """:func:`crossent.token_log_probs`'s options: the row math's (``row``) and the backend ``impl``."""
+
+    ROW: ClassVar[type] = LogProbRowOptions
+    row: LogProbRowOptions = field(default_factory=LogProbRowOptions)
+    impl: Impl = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.row, LogProbRowOptions):
+            raise TypeError(f"row must be a LogProbRowOptions, got {type(self.row).__name__}")
+        _check_choice("impl", self.impl, _IMPLS)
+
+
+@dataclass(frozen=True)
+class LinearLogProbOptions(LogProbOptions):
+    """:func:`crossent.linear_token_log_probs`'s options: the log-prob options and the fused loop's chunking,
+    as :class:`LinearOptions`."""
+
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_chunking(self)
+
+
+def _check_chunking(opts) -> None:
+    """``chunk_size`` and ``memory_budget`` None or ints > 0; ``accumulate_dtype`` one of the choices."""
+    for name in ("chunk_size", "memory_budget"):
+        value = getattr(opts, name)
+        if value is not None:
+            _check_int(name, value)
+            if value <= 0:
+                raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
+    _check_choice("accumulate_dtype", opts.accumulate_dtype, _ACCUMULATE)
 
 
 def _integer_like(name, value) -> int:

@@ -230,16 +230,21 @@ def shard_backward(
         shift.subtract_from(src, idx, out=x).exp_()
         if sign is not None:
             x.mul_(sign[idx].unsqueeze(-1))
-        x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
-        if smooth is not None:
-            if w_shard is None:
-                x.sub_(smooth[idx].unsqueeze(-1))
-            else:
-                x.addcmul_(smooth[idx].unsqueeze(-1), w_shard, value=-1.0)
-        if chain is not None:
-            x.mul_(chain)
+        _add_index_terms(x, idx, t_local, at_target, smooth, w_shard, chain)
         if not direct:
             out3[idx].copy_(x)
+
+
+def _add_index_terms(x, idx, t_local, at_target, smooth, w, chain):
+    """A chunk holding ``scale · p``: add the target column's and the smoothing term, then the softcap chain."""
+    x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
+    if smooth is not None:
+        if w is None:
+            x.sub_(smooth[idx].unsqueeze(-1))
+        else:
+            x.addcmul_(smooth[idx].unsqueeze(-1), w, value=-1.0)
+    if chain is not None:
+        x.mul_(chain)
 
 
 # --- class-index targets, whole rows: PyTorch's fused (log-)softmax per chunk ----------------------------------
@@ -302,14 +307,7 @@ def _whole_rows_backward(logits, target, class_weight, lse, grad_loss, opts, out
         x.mul_(scale[idx].unsqueeze(-1))
         if not on_cpu:  # no host sync: rows without gradient are zeroed here (see below for the CPU)
             x.masked_fill_((scale[idx] == 0).unsqueeze(-1), 0.0)
-        x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
-        if smooth is not None:
-            if w is None:
-                x.sub_(smooth[idx].unsqueeze(-1))
-            else:
-                x.addcmul_(smooth[idx].unsqueeze(-1), w, value=-1.0)
-        if chain is not None:
-            x.mul_(chain)
+        _add_index_terms(x, idx, t_local, at_target, smooth, w, chain)
         if not direct:
             out3[idx].copy_(x)
     # rows without gradient (ignored, zero upstream) are 0 even where softmax is NaN (an all −inf row)
