@@ -598,3 +598,33 @@ def test_softmax_path_and_max_first_path_agree():
     logprob_rows.backward(z, ids, rows.lse, rows.entropy, g, torch.ones(6, dtype=torch.float64), opts, out)
     _, _, ref_dz = _ref(z, ids, {"temperature": 0.9}, g, torch.ones(6, dtype=torch.float64))
     torch.testing.assert_close(out, ref_dz, **F64)
+
+
+@pytest.mark.parametrize("fraction", [0.5, 0.9])
+def test_ignored_positions_are_dropped_before_the_products(fraction):
+    # Prompt and padding positions (every id ignore_index) cost no product: (1 − f) of the all-valid work,
+    # counted inside the loops; the outputs are the same as the materializing recipe's, 0 where ignored.
+    from test_linear_cross_entropy import _ProductFlops
+
+    g = torch.Generator().manual_seed(7)
+    n, dim, vocab = 200, 16, 300
+    x, w = torch.randn(n, dim, generator=g), torch.randn(vocab, dim, generator=g)
+    ids = torch.randint(0, vocab, (n, 2), generator=g)
+    opts, loop = LogProbRowOptions(entropy=True), LoopArgs(chunk_size=64)
+    counts = {}
+    for f in (0.0, fraction):
+        idf = ids.clone()
+        idf[: int(f * n)] = -100
+        with _ProductFlops() as mode:
+            rows = linear_loop.linear_log_probs(x, w, None, idf, opts, loop)
+            grads = linear_loop.linear_log_probs_grads(x, w, None, idf, rows.lse, rows.entropy, torch.ones(n, 2),
+                                                       torch.ones(n), opts, loop)  # fmt: skip
+        counts[f] = mode.flops
+        if f:
+            assert torch.equal(rows.log_probs[: int(f * n)], torch.zeros(int(f * n), 2))
+            assert torch.equal(rows.entropy[: int(f * n)], torch.zeros(int(f * n)))
+            assert torch.equal(grads.input[: int(f * n)], torch.zeros(int(f * n), dim))
+            lp, h = _recipe(F.linear(x, w), idf)
+            torch.testing.assert_close(rows.log_probs, lp, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(rows.entropy, h, rtol=1e-5, atol=1e-5)
+    assert counts[0.0] > 0 and counts[fraction] <= (1 - fraction) * counts[0.0] * 1.001, counts

@@ -226,7 +226,15 @@ def linear_log_probs(
 ) -> LogProbRows:
     """Log-probabilities of ``index`` (N, K), the entropy (``opts.entropy``) and the float64 lse (N,) of the rows of
     ``Z = input · linear_weightᵀ + linear_bias``: one logits product per block, the block's stats, combined over
-    vocabulary pieces (and, through ``combine``, over the ranks holding the other columns)."""
+    vocabulary pieces (and, through ``combine``, over the ranks holding the other columns). Positions whose ids
+    are all ``ignore_index`` are dropped before the products (``loop.skip_ignored``): their outputs are 0."""
+    keep = _kept_rows(index, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:
+        sub = linear_log_probs(input[keep], linear_weight, linear_bias, index[keep], opts,
+                               loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels)  # fmt: skip
+        n = input.shape[0]
+        return LogProbRows(_scattered(sub.log_probs, keep, n, 0.0), _scattered(sub.entropy, keep, n, 0.0),
+                           _scattered(sub.lse, keep, n, math.nan))  # fmt: skip
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, GradNeeds(False, False, False), shard,
                     False)  # fmt: skip
     log_probs = torch.empty(index.shape, dtype=ws.cdt, device=input.device)
@@ -265,7 +273,14 @@ def linear_log_probs_grads(
 ) -> LinearGrads:
     """dX, dW, db for upstream gradients on the log-probabilities (N, K) and the entropy (N,) (None: zero), from
     the lse and entropy the forward saved: per block the logits again, the finished gradient, three products.
-    No communication: with a vocabulary slice, dX is this slice's part."""
+    No communication: with a vocabulary slice, dX is this slice's part. Positions whose ids are all
+    ``ignore_index`` are skipped (their gradient is 0), as in :func:`linear_log_probs`."""
+    keep = _kept_rows(index, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:
+        kept = [None if t is None else t[keep] for t in (index, lse, entropy, grad_log_probs, grad_entropy)]
+        sub = linear_log_probs_grads(input[keep], linear_weight, linear_bias, *kept, opts,
+                                     loop._replace(skip_ignored=False), needs=needs, shard=shard, kernels=kernels)  # fmt: skip
+        return sub._replace(input=_scattered(sub.input, keep, input.shape[0], 0.0))
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, needs, shard, True)
 
     def rows(t, r0, r1):
@@ -278,12 +293,14 @@ def linear_log_probs_grads(
 
 
 def _kept_rows(target: Tensor, ignore_index: int, skip: bool) -> Optional[Tensor]:
-    """The indices of the rows whose target is not ``ignore_index``, when some are (None: every row counts,
-    or ``skip`` is off). Reads the count on the host: free on the CPU, one sync per call on CUDA."""
+    """The indices of the rows whose target (any of the row's K ids, for (N, K) ids) is not ``ignore_index``,
+    when some are not (None: every row counts, or ``skip`` is off). Reads the count on the host: free on the
+    CPU, one sync per call on CUDA."""
     if not skip:
         return None
-    keep = (target != ignore_index).nonzero().squeeze(-1)
-    return None if keep.numel() == target.numel() else keep
+    valid = target != ignore_index
+    keep = (valid if valid.dim() == 1 else valid.any(-1)).nonzero().squeeze(-1)
+    return None if keep.numel() == target.shape[0] else keep
 
 
 def _rows_of(values: Optional[Tensor], keep: Tensor, num_rows: Optional[int] = None) -> Optional[Tensor]:
