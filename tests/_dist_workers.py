@@ -396,7 +396,68 @@ def linear_job(rank, world):
     return out
 
 
-CASES = {"parity": parity_job, "edge": edge_job, "errors": error_job, "linear": linear_job}
+def _log_prob_grads(out, leaves, seed):
+    """Backward of a random per-token upstream gradient on both outputs; the leaves' gradients (None if none)."""
+    g = torch.Generator().manual_seed(seed)
+    ups = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype) for t in (out.log_probs, out.entropy)]
+    (out.log_probs * ups[0]).sum().add((out.entropy * ups[1]).sum()).backward()
+    return [None if p is None else p.grad for p in leaves]
+
+
+def _log_prob_problems(got, want, got_grads, want_grads, dtype):
+    problems = [check_same(got.log_probs, want.log_probs, dtype, "log_probs"),
+                check_same(got.entropy, want.entropy, dtype, "entropy")]  # fmt: skip
+    problems += [check_same(a, b, dtype, f"grad {i}") for i, (a, b) in enumerate(zip(got_grads, want_grads))]
+    return next((p for p in problems if p), None)
+
+
+LOG_PROB_OPTIONS = [dict(), dict(temperature=0.7), dict(softcap=4.0, temperature=1.3, ignore_index=4)]
+
+
+def log_prob_job(rank, world):
+    """vocab_parallel_token_log_probs and its fused form vs single-process crossent, float64 to 1e-10: one id and
+    K = 3 ids per position, every option set, vocabulary pieces in the fused loop; errors raised on every rank."""
+    out = {}
+    lo, hi = my_range(rank, world)
+    for i, (k, extra) in enumerate(itertools.product([None, 3], LOG_PROB_OPTIONS)):
+        ign = extra.get("ignore_index", -100)
+        logits, target, _, _ = make_data(300 + i, (17,), torch.float64, ignore_index=ign)
+        index = target if k is None else torch.stack([target, target.roll(1), torch.full_like(target, 2)], -1)
+        z = logits[..., lo:hi].clone().requires_grad_()
+        got = cd.vocab_parallel_token_log_probs(z, index, entropy=True, **extra)
+        got_grads = _log_prob_grads(got, [z], i)
+        full = logits.clone().requires_grad_()
+        want = crossent.token_log_probs(full, index, entropy=True, **extra)
+        want_grads = [g[..., lo:hi] for g in _log_prob_grads(want, [full], i)]
+        out[f"rows K={k} {extra}"] = _log_prob_problems(got, want, got_grads, want_grads, torch.float64)
+        x, w, b, _, _, _ = make_linear(310 + i, (13,), torch.float64, True)
+        for chunking in (dict(chunk_size=5), dict(chunk_size=4, memory_budget=1000)):
+            leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()]
+            idx = index[:13]
+            got = cd.vocab_parallel_linear_token_log_probs(leaves[0], leaves[1], idx, linear_bias=leaves[2],
+                                                           entropy=True, **chunking, **extra)  # fmt: skip
+            got_grads = _log_prob_grads(got, leaves, i)
+            ref = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
+            want = crossent.token_log_probs(F.linear(*ref), idx, entropy=True, **extra)
+            want_grads = _log_prob_grads(want, ref, i)
+            want_grads = [want_grads[0], want_grads[1][lo:hi], want_grads[2][lo:hi]]
+            out[f"fused K={k} {extra} {chunking}"] = _log_prob_problems(got, want, got_grads, want_grads, torch.float64)
+    logits, target, _, _ = make_data(320, (6,), torch.float32)
+    z = logits[..., lo:hi].clone().requires_grad_()
+    got = cd.vocab_parallel_token_log_probs(z, target, entropy=True)
+    want = crossent.token_log_probs(logits, target, entropy=True)
+    out["f32 rows"] = _log_prob_problems(got, want, [], [], torch.float32)
+    vp = cd.vocab_parallel_token_log_probs
+    last = rank == world - 1
+    out["error: id out of range"] = _capture(lambda: vp(logits[..., lo:hi], torch.full((6,), C)))
+    out["error: index shape differs on the last rank"] = _capture(
+        lambda: vp(logits[..., lo:hi], torch.zeros(6, 2 if last else 1, dtype=torch.int64)))
+    out["error: temperature on rank 0"] = _capture(lambda: vp(logits[..., lo:hi], target, temperature=0.0 if rank == 0 else 1.0))
+    out["error: entropy differs"] = _capture(lambda: vp(logits[..., lo:hi], target, entropy=rank == 0))
+    return out
+
+
+CASES = {"parity": parity_job, "edge": edge_job, "errors": error_job, "linear": linear_job, "log_probs": log_prob_job}
 
 
 def all_job(rank, world):

@@ -246,3 +246,24 @@ def test_triton_impl_matches_torch_under_interpreter():
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_token_log_probs_parity_and_errors(world):
+    """vocab_parallel_token_log_probs / vocab_parallel_linear_token_log_probs equal single-process crossent
+    (values and every rank's gradient columns), and bad input raises on every rank with one message."""
+    res = {r: results(world)[r]["log_probs"] for r in range(world)}
+    names = list(res[0])
+    parity = [n for n in names if not n.startswith("error")]
+    failures = [f"rank {r} {n}: {res[r][n]}" for n in parity for r in res if res[r][n]]
+    assert not failures, "\n".join(failures)
+    expected = {
+        "error: id out of range": "target contains class index 23",
+        "error: index shape differs on the last rank": "all ranks must pass the same shapes",
+        "error: temperature on rank 0": "bad input on rank 0: temperature must be a finite float > 0",
+        "error: entropy differs": "all ranks must pass the same options",
+    }
+    for name, message in expected.items():
+        for r in res:
+            kind, text = res[r][name]
+            assert kind == "ValueError" and message in text, (r, name, kind, text)

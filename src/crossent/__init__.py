@@ -1,8 +1,9 @@
 """crossent: exact, stable, memory-frugal softmax cross-entropy for PyTorch."""
 
 from crossent import reference
-from crossent._results import CrossEntropyStats
+from crossent._results import CrossEntropyStats, TokenLogProbs
 from crossent.functional import cross_entropy, linear_cross_entropy
+from crossent.functional_log_probs import linear_token_log_probs, token_log_probs
 from crossent.functional_distill import distill_loss, linear_distill_loss, sparse_distill_loss
 from crossent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
@@ -13,6 +14,9 @@ __all__ = [
     "linear_cross_entropy",
     "LinearCrossEntropyLoss",
     "CrossEntropyStats",
+    "token_log_probs",
+    "linear_token_log_probs",
+    "TokenLogProbs",
     "distill_loss",
     "linear_distill_loss",
     "sparse_distill_loss",

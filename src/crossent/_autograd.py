@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from crossent._options import DistillRowOptions, RowOptions
+from crossent._options import DistillRowOptions, LogProbRowOptions, RowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels import composite, distill_ops, linear_ops, ops
+from crossent.kernels import composite, distill_ops, linear_ops, logprob_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.shard import VocabShard
@@ -115,11 +115,18 @@ def _vmap_by_loop(function, info, in_dims, args):
     return stacked, (0,) * len(stacked)
 
 
-def _refuse_linear_transform(what: str):
+_MATERIALIZED = {  # what a fused function's refusal names as the alternative (it holds the N×V logits)
+    "linear_cross_entropy": "crossent.cross_entropy(torch.nn.functional.linear(input, linear_weight, linear_bias), "
+    "target, ...)",
+    "linear_token_log_probs": "crossent.token_log_probs(torch.nn.functional.linear(input, linear_weight, "
+    "linear_bias), index, ...)",
+}
+
+
+def _refuse_linear_transform(what: str, name: str = "linear_cross_entropy"):
     raise RuntimeError(
-        f"linear_cross_entropy does not support {what}: its gradients come from fused loops that are not "
-        "differentiable themselves. Use crossent.cross_entropy(torch.nn.functional.linear(input, linear_weight, "
-        "linear_bias), target, ...) for this (it holds the N×V logits)."
+        f"{name} does not support {what}: its gradients come from fused loops that are not differentiable "
+        f"themselves. Use {_MATERIALIZED[name]} for this (it holds the N×V logits)."
     )
 
 
@@ -131,28 +138,29 @@ class _FirstOrderOnly(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(grad, *inputs):
+    def forward(grad, name, *inputs):
         return grad.clone()
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        pass
+        ctx.name = inputs[1]
 
     @staticmethod
     def backward(ctx, *_):
-        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)")
+        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)", ctx.name)
 
     @staticmethod
     def jvp(ctx, *_):
-        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)")
+        _refuse_linear_transform("second derivatives (double backward, hessian, jacrev of jacrev)", ctx.name)
 
 
-def _first_order_only(grads, inputs):
-    """The gradients as they are, or, where autograd records a graph, tied to ``inputs`` by :class:`_FirstOrderOnly`."""
+def _first_order_only(grads, inputs, name: str = "linear_cross_entropy"):
+    """The gradients as they are, or, where autograd records a graph, tied to ``inputs`` by :class:`_FirstOrderOnly`
+    (``name``: the fused function a refusal names)."""
     if not torch.is_grad_enabled():
         return grads
     attach = [t for t in inputs if t is not None and t.requires_grad]
-    return tuple(None if g is None else _FirstOrderOnly.apply(g, *attach) for g in grads)
+    return tuple(None if g is None else _FirstOrderOnly.apply(g, name, *attach) for g in grads)
 
 
 def claim_forward_grads(ctx, name: str) -> None:
@@ -377,36 +385,154 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
         return tangent.to(compute_dtype(logits.dtype)), None
 
 
-class LinearCrossEntropyFusedTransformable(LinearCrossEntropyFused):
-    """:class:`LinearCrossEntropyFused` with a vmap rule (one call per batch element) and a jvp rule that
-    refuses clearly."""
+def _looped_and_first_order(function, name: str = "linear_cross_entropy"):
+    """``function`` with a vmap rule (one call per batch element: a fused loop takes one batch of rows) and a
+    jvp rule that refuses clearly, naming the public function ``name`` (its gradients are not differentiable)."""
+
+    class Transformable(function):
+        @staticmethod
+        def vmap(info, in_dims, *args):
+            return _vmap_by_loop(Transformable, info, in_dims, args)
+
+        @staticmethod
+        def jvp(ctx, *tangents):
+            _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)", name)
+
+    Transformable.__name__ = Transformable.__qualname__ = f"{function.__name__}Transformable"
+    return Transformable
+
+
+# --- per-token log-probabilities and entropy ------------------------------------------------------------------
+
+
+class LogProbCall(NamedTuple):
+    """How :class:`TokenLogProbRows` runs: the row options, the shard, the backend."""
+
+    opts: LogProbRowOptions
+    shard: VocabShard
+    impl: str
+
+
+class LinearLogProbCall(NamedTuple):
+    """How :class:`LinearTokenLogProbs` runs: row options, shard, block loop settings, backend."""
+
+    opts: LogProbRowOptions
+    shard: VocabShard
+    loop: LoopArgs
+    impl: str
+
+
+def _entropy_grad(call, grad_entropy):
+    """The entropy's upstream gradient, or None where the call has no entropy output (an empty placeholder)."""
+    return grad_entropy if call.opts.entropy else None
+
+
+class TokenLogProbRows(torch.autograd.Function):
+    """``(log_probs (..., K), entropy (...) or an empty tensor, lse (...) float64)`` of logits ``(..., C)`` (or of a
+    vocabulary shard of them) at ids ``(..., K)``.
+
+    Saves the logits (no copy), the ids, the float64 LSE and the entropy: O(N·K) beyond the input. The LSE carries
+    no gradient; unused outputs' gradients arrive as None (no zero tensors are made). Where the gradient must be
+    differentiable itself, or under ``torch.func``, the same formulas run as plain torch ops (:mod:`composite`).
+    """
 
     @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_loop(LinearCrossEntropyFusedTransformable, info, in_dims, args)
+    def forward(logits, index, call: LogProbCall):
+        return logprob_ops.logprob_forward(logits, index, call.opts, call.shard, call.impl)
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
-
-
-class LinearCrossEntropyRecomputeTransformable(LinearCrossEntropyRecompute):
-    """:class:`LinearCrossEntropyRecompute` with a vmap rule (one call per batch element) and a jvp rule that
-    refuses clearly."""
-
-    @staticmethod
-    def vmap(info, in_dims, *args):
-        return _vmap_by_loop(LinearCrossEntropyRecomputeTransformable, info, in_dims, args)
+    def setup_context(ctx, inputs, output):
+        logits, index, call = inputs
+        ctx.save_for_backward(logits, index, output[2], output[1])
+        ctx.save_for_forward(logits, index)
+        ctx.mark_non_differentiable(*output[2:] if call.opts.entropy else output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.call = call
 
     @staticmethod
-    def jvp(ctx, *tangents):
-        _refuse_linear_transform("forward-mode AD (torch.func.jvp, jacfwd, hessian)")
+    def backward(ctx, grad_log_probs, grad_entropy, _grad_lse):
+        logits, index, lse, entropy = ctx.saved_tensors
+        c = ctx.call
+        grad_entropy = _entropy_grad(c, grad_entropy)
+        if not ctx.needs_input_grad[0] or (grad_log_probs is None and grad_entropy is None):
+            return None, None, None
+        if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
+            _whole_rows_only_for("vocab_parallel_token_log_probs", c.shard, "double backward and torch.func")
+            return composite.log_probs_grad(logits, index, grad_log_probs, grad_entropy, c.opts), None, None
+        grad = logprob_ops.logprob_backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, c.opts, c.shard,
+                                            c.impl)  # fmt: skip
+        return grad, None, None
+
+
+def _whole_rows_only_for(name: str, shard: VocabShard, what: str) -> None:
+    if shard.group_name is not None:
+        raise RuntimeError(f"{name} does not support {what}; gather the logits and use the single-process function")
+
+
+class LinearTokenLogProbs(torch.autograd.Function):
+    """Log-probabilities and entropy of ``input · linear_weightᵀ + linear_bias`` at ids ``(N, K)``, fused: forward
+    runs one logits product per block and keeps the float64 lse and the entropy (O(N)); backward, given the
+    upstream gradients, recomputes the logits block by block (4 products per block in all) and, for a vocabulary
+    shard, sums dX over the ranks. Nothing of size N×V is saved or held."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, index, call: LinearLogProbCall):
+        return logprob_ops.linear_logprob_forward(input, linear_weight, linear_bias, index, call.opts, call.shard,
+                                                  call.loop, call.impl)  # fmt: skip
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, linear_weight, linear_bias, index, call = inputs
+        ctx.save_for_backward(input, linear_weight, linear_bias, index, output[2], output[1])
+        ctx.mark_non_differentiable(*output[2:] if call.opts.entropy else output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.call = call
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy, _grad_lse):
+        input, linear_weight, linear_bias, index, lse, entropy = ctx.saved_tensors
+        c = ctx.call
+        grad_entropy = _entropy_grad(c, grad_entropy)
+        wanted = ctx.needs_input_grad
+        needs = GradNeeds(wanted[0], wanted[1], wanted[2] and linear_bias is not None)
+        if not any(needs) or (grad_log_probs is None and grad_entropy is None):
+            return None, None, None, None, None
+        with torch.no_grad():
+            dx, dw, db = logprob_ops.linear_logprob_backward(
+                input, linear_weight, linear_bias, index, lse, entropy, grad_log_probs, grad_entropy, c.opts, c.shard,
+                c.loop, needs, c.impl,
+            )  # fmt: skip
+        dx, dw, db = _first_order_only((dx, dw, db), (input, linear_weight, linear_bias), "linear_token_log_probs")
+        return sum_over_ranks_(dx, c.shard.group_name), dw, db, None, None
+
+
+class TokenLogProbRowsTransformable(TokenLogProbRows):
+    """:class:`TokenLogProbRows` with a vmap rule (batch dims moved in front of the rows) and a jvp rule (the
+    composite tangents)."""
+
+    @staticmethod
+    def vmap(info, in_dims, logits, index, call: LogProbCall):
+        logits = _batch_first(logits, in_dims[0], info.batch_size)
+        index = _batch_first(index, in_dims[1], info.batch_size)
+        out = TokenLogProbRowsTransformable.apply(logits, index, call)
+        return out, (0, 0 if call.opts.entropy else None, 0)
+
+    @staticmethod
+    def jvp(ctx, logits_tangent, _index_tangent, _call_tangent):
+        logits, index = ctx.saved_tensors[:2]
+        _whole_rows_only_for("vocab_parallel_token_log_probs", ctx.call.shard, "forward-mode AD")
+        if logits_tangent is None:
+            return None, None, None
+        lp_dot, h_dot = composite.log_probs_jvp(logits, index, logits_tangent, ctx.call.opts)
+        return lp_dot, h_dot, None
 
 
 _TRANSFORMABLE = {
     CrossEntropyRows: CrossEntropyRowsTransformable,
-    LinearCrossEntropyFused: LinearCrossEntropyFusedTransformable,
-    LinearCrossEntropyRecompute: LinearCrossEntropyRecomputeTransformable,
+    LinearCrossEntropyFused: _looped_and_first_order(LinearCrossEntropyFused),
+    LinearCrossEntropyRecompute: _looped_and_first_order(LinearCrossEntropyRecompute),
+    TokenLogProbRows: TokenLogProbRowsTransformable,
+    LinearTokenLogProbs: _looped_and_first_order(LinearTokenLogProbs, "linear_token_log_probs"),
 }
 
 

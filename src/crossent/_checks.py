@@ -96,6 +96,24 @@ def check_index_target(target, batch_shape: torch.Size, device: torch.device) ->
         raise ValueError(f"target is on {target.device} but the input is on {device}")
 
 
+def check_token_index(index, batch_shape: torch.Size, device: torch.device) -> bool:
+    """Integer ids of shape ``batch_shape`` (one per position; returns True) or ``batch_shape + (K,)`` (K per
+    position; returns False), on ``device``."""
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"index must be a torch.Tensor, got {type(index).__name__}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"index must hold integer class ids, got dtype {index.dtype}")
+    single = index.shape == batch_shape
+    if not single and not (index.dim() == len(batch_shape) + 1 and index.shape[:-1] == batch_shape):
+        raise ValueError(
+            f"index must have shape input.shape[:-1] = {tuple(batch_shape)} (one id per position) or "
+            f"input.shape[:-1] + (K,) = {tuple(batch_shape) + ('K',)} (K ids per position), got {tuple(index.shape)}"
+        )
+    if index.device != device:
+        raise ValueError(f"index is on {index.device} but the input is on {device}")
+    return single
+
+
 def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int) -> None:
     """Every class index is in [0, C) or equals ignore_index.
 
@@ -110,8 +128,9 @@ def check_target_range(target: torch.Tensor, num_classes: int, ignore_index: int
         )
 
 
-def check_linear(input, linear_weight, target, linear_bias) -> None:
-    """Shapes, dtypes and devices of the linear CE's tensors, before any work."""
+def check_linear(input, linear_weight, target, linear_bias, check_target=check_index_target) -> None:
+    """Shapes, dtypes and devices of the fused linear functions' tensors, before any work; the class ids by
+    ``check_target(target, input.shape[:-1], input.device)`` (:func:`check_token_index` for the log-probs)."""
     check_logits("input", input)
     if not isinstance(linear_weight, torch.Tensor):
         raise TypeError(f"linear_weight must be a torch.Tensor, got {type(linear_weight).__name__}")
@@ -127,7 +146,7 @@ def check_linear(input, linear_weight, target, linear_bias) -> None:
         )
     if vocab == 0:
         raise ValueError("linear_weight has no rows (V = 0): there are no classes")
-    check_index_target(target, input.shape[:-1], input.device)
+    check_target(target, input.shape[:-1], input.device)
     if linear_bias is not None and linear_bias.shape != (vocab,):
         raise ValueError(f"linear_bias must have shape ({vocab},) (one per class), got {tuple(linear_bias.shape)}")
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):

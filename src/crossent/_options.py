@@ -8,7 +8,11 @@ Three layers of options, each a part of the next:
 - :class:`LossOptions` — a row options object plus what the layers above the kernels read: the
   ``reduction``, the backend ``impl`` and whether statistics are returned.
 - :class:`CrossEntropyOptions` and :class:`LinearOptions` — a loss's own extras (in-place backward; the
-  fused loss's chunking and dW accumulation).
+  fused loss's chunking, dW accumulation and ``logit_scale``).
+- :class:`LogProbRowOptions` ⊂ :class:`LogProbOptions` ⊂ :class:`LinearLogProbOptions` — the same layering for
+  the per-token log-probability family (no reduction: it returns per-token values).
+- :class:`DistillRowOptions` ⊂ :class:`DistillOptions` — the distillation family (one options class for the
+  plain, fused and sparse forms; only the fused form reads the chunking).
 
 ``LossOptions.build(**keywords)`` sorts the public keyword arguments into these parts, so no list of
 option names is written out anywhere but in the dataclasses' fields (and in the public signatures).
@@ -19,7 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field, fields
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 import torch
 
@@ -54,12 +58,50 @@ class RowOptions:
             object.__setattr__(self, "softcap", float(self.softcap))
 
 
+@dataclass(frozen=True)
+class LogProbRowOptions:
+    """The options of the per-token log-probability math (:func:`crossent.token_log_probs`): everything its
+    kernels read besides tensors. The logits the math sees are ``κ tanh(z / κ) / T`` (softcap first)."""
+
+    ignore_index: int = -100
+    temperature: float = 1.0
+    softcap: Optional[float] = None
+    entropy: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
+        _check_real("temperature", self.temperature, "a finite float > 0", lambda v: v > 0.0)
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "softcap", float(self.softcap))
+        _check_bool("entropy", self.entropy)
+        object.__setattr__(self, "temperature", float(self.temperature))
+
+
 # computed at import: dataclasses.fields() is not traceable by torch.compile, and build() runs in traced code
 _ROW_FIELDS = tuple(f.name for f in fields(RowOptions))
+_FIELDS_OF = {RowOptions: _ROW_FIELDS, LogProbRowOptions: tuple(f.name for f in fields(LogProbRowOptions))}
+
+
+class _BuiltFromKeywords:
+    """``build(**keywords)``: the names of the row options type ``ROW`` go to ``row``, the rest to the class."""
+
+    ROW: ClassVar[type] = RowOptions
+
+    @classmethod
+    def build(cls, **keywords):
+        """The options from a public function's keyword arguments: the row options' names go to ``row``.
+
+        Raises:
+            TypeError/ValueError naming the argument, for a bad value or an unknown name.
+        """
+        names = _FIELDS_OF[cls.ROW]
+        row = cls.ROW(**{k: v for k, v in keywords.items() if k in names})
+        return cls(row=row, **{k: v for k, v in keywords.items() if k not in names})
 
 
 @dataclass(frozen=True)
-class LossOptions:
+class LossOptions(_BuiltFromKeywords):
     """A loss call's options: the row math's (``row``) and how the rows are reduced and run."""
 
     row: RowOptions = field(default_factory=RowOptions)
@@ -73,16 +115,6 @@ class LossOptions:
         _check_choice("reduction", self.reduction, _REDUCTIONS)
         _check_choice("impl", self.impl, _IMPLS)
         _check_bool("return_stats", self.return_stats)
-
-    @classmethod
-    def build(cls, **keywords):
-        """The options from a public function's keyword arguments: the row options' names go to ``row``.
-
-        Raises:
-            TypeError/ValueError naming the argument, for a bad value or an unknown name.
-        """
-        row = RowOptions(**{k: v for k, v in keywords.items() if k in _ROW_FIELDS})
-        return cls(row=row, **{k: v for k, v in keywords.items() if k not in _ROW_FIELDS})
 
     def describe(self) -> str:
         """``name=value, ...`` of every option, for a module's ``extra_repr``."""
@@ -105,7 +137,40 @@ class CrossEntropyOptions(LossOptions):
 @dataclass(frozen=True)
 class LinearOptions(LossOptions):
     """:func:`crossent.linear_cross_entropy`'s options: the loss options, the chunking (``chunk_size`` token
-    rows per block, ``memory_budget`` bytes of scratch) and where dW is summed across blocks."""
+    rows per block, ``memory_budget`` bytes of scratch), where dW is summed across blocks, and ``logit_scale``
+    (logits ``s · (X Wᵀ + b)`` before ``softcap``; applied in the functional layer, the kernels never see it)."""
+
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+    logit_scale: Optional[float] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_chunking(self)
+        if self.logit_scale is not None:
+            _check_real("logit_scale", self.logit_scale, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "logit_scale", float(self.logit_scale))
+
+
+@dataclass(frozen=True)
+class LogProbOptions(_BuiltFromKeywords):
+    """:func:`crossent.token_log_probs`'s options: the row math's (``row``) and the backend ``impl``."""
+
+    ROW: ClassVar[type] = LogProbRowOptions
+    row: LogProbRowOptions = field(default_factory=LogProbRowOptions)
+    impl: Impl = "auto"
+
+    def __post_init__(self):
+        if not isinstance(self.row, LogProbRowOptions):
+            raise TypeError(f"row must be a LogProbRowOptions, got {type(self.row).__name__}")
+        _check_choice("impl", self.impl, _IMPLS)
+
+
+@dataclass(frozen=True)
+class LinearLogProbOptions(LogProbOptions):
+    """:func:`crossent.linear_token_log_probs`'s options: the log-prob options and the fused loop's chunking,
+    as :class:`LinearOptions`."""
 
     chunk_size: Optional[int] = None
     memory_budget: Optional[int] = None
@@ -113,18 +178,7 @@ class LinearOptions(LossOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_loop_options(self)
-
-
-def _check_loop_options(opts) -> None:
-    """The fused loops' options of ``opts``: ``chunk_size``, ``memory_budget`` (None or > 0), ``accumulate_dtype``."""
-    for name in ("chunk_size", "memory_budget"):
-        value = getattr(opts, name)
-        if value is not None:
-            _check_int(name, value)
-            if value <= 0:
-                raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
-    _check_choice("accumulate_dtype", opts.accumulate_dtype, _ACCUMULATE)
+        _check_chunking(self)
 
 
 @dataclass(frozen=True)
@@ -132,7 +186,8 @@ class DistillRowOptions:
     """The options of the per-row distillation math (docs/math.md, "Distillation"): the mixture ``beta`` β in
     [0, 1], the ``temperature`` T > 0 dividing both logits, the weight α = ``hard_weight`` in [0, 1] of the
     hard cross-entropy, ``softcap`` (both heads' logits, before T), whether the teacher comes as
-    log-probabilities, and the ``ignore_index`` of the targets."""
+    log-probabilities, the ``ignore_index`` of the targets, and for the sparse (top-K) teacher whether the mass
+    outside its K ids is one more outcome (``tail``) or both sides are renormalized over the K ids."""
 
     ignore_index: int = -100
     beta: float = 0.0
@@ -156,14 +211,15 @@ class DistillRowOptions:
             object.__setattr__(self, name, float(getattr(self, name)))
 
 
-_DISTILL_ROW_FIELDS = tuple(f.name for f in fields(DistillRowOptions))
+_FIELDS_OF[DistillRowOptions] = tuple(f.name for f in fields(DistillRowOptions))
 
 
 @dataclass(frozen=True)
-class DistillOptions:
+class DistillOptions(_BuiltFromKeywords):
     """A distillation call's options: the row math's (``row``), the reduction, the backend and, for the fused
     form, the loops' chunking and dW accumulation (as :class:`LinearOptions`)."""
 
+    ROW: ClassVar[type] = DistillRowOptions
     row: DistillRowOptions = field(default_factory=DistillRowOptions)
     reduction: Reduction = "mean"
     impl: Impl = "auto"
@@ -176,20 +232,26 @@ class DistillOptions:
             raise TypeError(f"row must be a DistillRowOptions, got {type(self.row).__name__}")
         _check_choice("reduction", self.reduction, _REDUCTIONS)
         _check_choice("impl", self.impl, _IMPLS)
-        _check_loop_options(self)
+        _check_chunking(self)
 
     @classmethod
     def build(cls, **keywords):
-        """The options from a public function's keyword arguments (``teacher_is_log_probs`` is the row's
-        ``teacher_log_probs``).
-
-        Raises:
-            TypeError/ValueError naming the argument, for a bad value or an unknown name.
-        """
+        """As :meth:`_BuiltFromKeywords.build`; the public ``teacher_is_log_probs`` is the row's
+        ``teacher_log_probs``."""
         if "teacher_is_log_probs" in keywords:
             keywords["teacher_log_probs"] = keywords.pop("teacher_is_log_probs")
-        row = DistillRowOptions(**{k: v for k, v in keywords.items() if k in _DISTILL_ROW_FIELDS})
-        return cls(row=row, **{k: v for k, v in keywords.items() if k not in _DISTILL_ROW_FIELDS})
+        return super().build(**keywords)
+
+
+def _check_chunking(opts) -> None:
+    """``chunk_size`` and ``memory_budget`` None or ints > 0; ``accumulate_dtype`` one of the choices."""
+    for name in ("chunk_size", "memory_budget"):
+        value = getattr(opts, name)
+        if value is not None:
+            _check_int(name, value)
+            if value <= 0:
+                raise ValueError(f"{name} must be None or an int > 0, got {value!r}")
+    _check_choice("accumulate_dtype", opts.accumulate_dtype, _ACCUMULATE)
 
 
 def _integer_like(name, value) -> int:

@@ -1,4 +1,5 @@
-"""What the loss functions return: the reduced loss, or with ``return_stats=True`` a :class:`CrossEntropyStats`."""
+"""What the loss functions return: the reduced loss, or with ``return_stats=True`` a :class:`CrossEntropyStats`;
+and what the per-token log-probability functions return: :class:`TokenLogProbs`."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ def _z_loss_weight(target, class_weight, kind, opts, like):
         return index_row_weight(target, class_weight, opts.row.ignore_index, like.dtype)
     y = target.detach().to(like.dtype)
     return y.sum(-1) if class_weight is None else y @ class_weight.detach().to(like.dtype)
+
+
+class TokenLogProbs(NamedTuple):
+    """What :func:`crossent.token_log_probs` and its fused and vocab-parallel forms return.
+
+    Attributes:
+        log_probs: ``log softmax(x)`` at the given ids, ``x = κ tanh(z / κ) / T``: the index's shape (one id per
+            position: ``input.shape[:-1]``; K ids: ``input.shape[:-1] + (K,)``); 0 where the id is ignored.
+        entropy: ``H = −Σ_c p_c log p_c`` of ``p = softmax(x)`` per position (``input.shape[:-1]``), 0 where every
+            id of the position is ignored; None unless ``entropy=True``.
+
+    Both float32 for 16-bit and float32 input, float64 for float64, and both carry gradients.
+    """
+
+    log_probs: Tensor
+    entropy: Optional[Tensor]
+
+
+def token_result(log_probs: Tensor, entropy: Tensor, batch_shape, single: bool, with_entropy: bool) -> TokenLogProbs:
+    """:class:`TokenLogProbs` from the Function's (…, K) log-probs and its entropy output (empty without entropy)."""
+    shape = tuple(batch_shape) if single else tuple(batch_shape) + log_probs.shape[-1:]
+    return TokenLogProbs(log_probs.reshape(shape), entropy.reshape(batch_shape) if with_entropy else None)

@@ -174,7 +174,7 @@ def linear_cross_entropy(
     weight: Optional[Tensor] = ..., ignore_index: int = ..., reduction: Reduction = ..., label_smoothing: float = ...,
     z_loss: float = ..., softcap: Optional[float] = ..., chunk_size: Optional[int] = ...,
     memory_budget: Optional[int] = ..., accumulate_dtype: AccumulateDtype = ..., impl: Impl = ...,
-    return_stats: Literal[False] = ...,
+    return_stats: Literal[False] = ..., logit_scale: Optional[float] = ...,
 ) -> Tensor: ...  # fmt: skip
 @overload
 def linear_cross_entropy(
@@ -182,7 +182,7 @@ def linear_cross_entropy(
     weight: Optional[Tensor] = ..., ignore_index: int = ..., reduction: Reduction = ..., label_smoothing: float = ...,
     z_loss: float = ..., softcap: Optional[float] = ..., chunk_size: Optional[int] = ...,
     memory_budget: Optional[int] = ..., accumulate_dtype: AccumulateDtype = ..., impl: Impl = ...,
-    return_stats: Literal[True],
+    return_stats: Literal[True], logit_scale: Optional[float] = ...,
 ) -> CrossEntropyStats: ...  # fmt: skip
 def linear_cross_entropy(
     input: Tensor,
@@ -201,6 +201,7 @@ def linear_cross_entropy(
     accumulate_dtype: AccumulateDtype = "float32",
     impl: Impl = "auto",
     return_stats: bool = False,
+    logit_scale: Optional[float] = None,
 ) -> LossOrStats:
     r"""Cross-entropy of a linear layer's output, ``cross_entropy(F.linear(input, linear_weight, linear_bias), target)``,
     without ever holding the (N, V) logits, probabilities or their gradient.
@@ -209,6 +210,8 @@ def linear_cross_entropy(
     with ``Z = X Wᵀ + b`` (N tokens, V classes), ``lse_i = log Σ_c exp(Z_ic)``, the NLL term is
     ``w_t (1 − ε)(lse_i − Z_it)``, plus smoothing ``(ε / V) Σ_c w_c (lse_i − Z_ic)`` and z-loss ``s w_t lse_i²``;
     ``softcap`` caps Z first. Gradients (``G = ∂loss/∂Z``): ``dX = G W``, ``dW = Gᵀ X``, ``db = Σ_i G_i``.
+    With ``logit_scale = s`` the logits are ``Z = s · (X Wᵀ + b)`` (Cohere's ``logit_scale``; Granite's
+    ``1 / logits_scaling``), before ``softcap``.
 
     How: the tokens are cut into blocks of ``rows``, and the vocabulary into pieces of ``cols`` when one block
     of full rows would not fit the budget. Per block: logits ``X_blk W_pᵀ`` into one scratch buffer, the loss,
@@ -247,6 +250,9 @@ def linear_cross_entropy(
         impl: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``: the block's
             elementwise step; the products are cuBLAS/CPU BLAS either way.
         return_stats: also return the per-position log-sum-exp and the z-loss part, as in :func:`cross_entropy`.
+        logit_scale: s > 0 multiplies the logits before ``softcap`` (default None: 1). Computed as
+            ``(s X) Wᵀ + s b`` — the input rows and the bias are scaled (differentiably, a copy of (N, D) and
+            (V,)), the kernels are unchanged; for 16-bit input ``s X`` is rounded to the input's dtype.
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``, ``target.shape`` for ``"none"``; float32 for 16-bit and float32
@@ -272,7 +278,7 @@ def linear_cross_entropy(
     opts = LinearOptions.build(
         ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
-        impl=impl, return_stats=return_stats,
+        impl=impl, return_stats=return_stats, logit_scale=logit_scale,
     )  # fmt: skip
     return linear_cross_entropy_with_options(input, linear_weight, target, linear_bias, weight, opts)
 
@@ -309,6 +315,14 @@ def autocast_operands(input, linear_weight, linear_bias):
     return cast(input), cast(linear_weight), cast(linear_bias)
 
 
+def logit_scaled(input: Tensor, linear_bias: Optional[Tensor], logit_scale: Optional[float]):
+    """``s · (X Wᵀ + b) = (s X) Wᵀ + s b``: the logit scale folded into the product's operands (recorded by
+    autograd: ``dX = s · G W``, ``db = s · Σ_i G_i``, ``dW = Gᵀ (s X)``), so the kernels never see it."""
+    if logit_scale is None:
+        return input, linear_bias
+    return input * logit_scale, (None if linear_bias is None else linear_bias * logit_scale)
+
+
 def rows_linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -322,6 +336,7 @@ def rows_linear_cross_entropy(
     """The checked call (``linear_weight`` may be one vocab-parallel rank's rows, ``shard``): the autograd
     Function and the statistics. The ops plan the blocks from ``plan_vocab`` rows of the head (default
     ``linear_weight``'s; vocab-parallel passes the widest shard so that every rank runs the same blocks)."""
+    input, linear_bias = logit_scaled(input, linear_bias, opts.logit_scale)
     dim = linear_weight.shape[1]
     x, t = input.reshape(-1, dim), class_indices(target.reshape(-1))
     vocab = linear_weight.shape[0] if plan_vocab is None else plan_vocab

@@ -91,13 +91,14 @@ class LinearCrossEntropyLoss(nn.Module):
         accumulate_dtype: AccumulateDtype = "float32",
         impl: Impl = "auto",
         return_stats: bool = False,
+        logit_scale: Optional[float] = None,
     ):
         super().__init__()
         _class_weight_buffer(self, weight)
         self.options = LinearOptions.build(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
-            impl=impl, return_stats=return_stats,
+            impl=impl, return_stats=return_stats, logit_scale=logit_scale,
         )  # fmt: skip
 
     def forward(

@@ -22,6 +22,12 @@ and then, with ``U = Σ_c u_c``, ``p = softmax(z)`` and the z-loss coefficient `
 
 With ``softcap = κ`` the logits are first replaced by ``κ tanh(z / κ)`` and the gradient is
 multiplied by ``1 − tanh²(z / κ)``.
+
+Per-token log-probabilities and entropy (the RL / preference-training faces of ``CE = H(y) + KL(y ‖ ŷ)``), on
+``x = κ tanh(z / κ) / T`` (temperature ``T``), ``p = softmax(x)``, ids ``t_k``::
+
+    lp_k = log p_{t_k} = x_{t_k} − lse(x)                ∂lp_k/∂z_c = ([c = t_k] − p_c) · chain_c / T
+    H    = −Σ_c p_c log p_c = lse(x) − Σ_c p_c x_c       ∂H/∂z_c = −p_c (log p_c + H) · chain_c / T
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ __all__ = [
     "cross_entropy_grad",
     "entropy",
     "kl_divergence",
+    "token_log_probs",
+    "token_entropy",
+    "token_log_probs_grad",
     "generalized_jsd",
     "generalized_jsd_grad",
     "sparse_distill",
@@ -242,6 +251,97 @@ class _Rows:
         n, c, *rest = self.logits_shape
         out = np.moveaxis(rows.reshape(n, *rest, c), -1, 1)
         return out[0] if self.unbatched else out
+
+
+def _scaled_logits(logits, temperature, softcap):
+    """``(x, dx/dz)``: ``κ tanh(z / κ) / T`` (softcap first, then the temperature) and its elementwise derivative."""
+    z = np.asarray(logits, dtype=np.float64)
+    if softcap is None:
+        return z / temperature, np.full_like(z, 1.0 / temperature)
+    th = np.tanh(z / softcap)
+    return softcap * th / temperature, (1.0 - th**2) / temperature
+
+
+def _token_ids(logits, index, ignore_index):
+    """(ids (..., K), valid (..., K), whether ``index`` had the K dim): ``index`` is ``logits.shape[:-1]`` or
+    ``logits.shape[:-1] + (K,)``."""
+    index = np.asarray(index, dtype=np.int64)
+    single = index.shape == np.shape(logits)[:-1]
+    ids = index[..., None] if single else index
+    return ids, ids != ignore_index, single
+
+
+def token_log_probs(logits, index, temperature=1.0, ignore_index=-100, softcap=None):
+    """``log softmax(x)`` at the ids ``index``, with ``x = κ tanh(z / κ) / T``; 0 where the id is ignored.
+
+    Args:
+        logits: (..., C), class dim last.
+        index: (...) one id per position, or (..., K) K ids per position; ints in [0, C) or ``ignore_index``.
+
+    Returns:
+        float64 array of ``index``'s shape.
+
+    >>> token_log_probs(np.zeros((1, 4)), np.array([2])).round(6).tolist()  # uniform: log(1/4)
+    [-1.386294]
+    >>> round(float(token_log_probs(np.array([0.0, np.log(9.0)]), np.array(1), temperature=2.0)), 12)  # log ¾
+    -0.287682072452
+    """
+    x, _ = _scaled_logits(logits, temperature, softcap)
+    ids, valid, single = _token_ids(x, index, ignore_index)
+    lp = np.take_along_axis(log_softmax(x), np.where(valid, ids, 0), axis=-1)
+    out = np.where(valid, lp, 0.0)
+    return out[..., 0] if single else out
+
+
+def token_entropy(logits, index=None, temperature=1.0, ignore_index=-100, softcap=None):
+    """``H(softmax(x)) = −Σ_c p_c log p_c`` per position (:func:`entropy` of the softmax), ``x = κ tanh(z / κ) / T``;
+    0 where every id of the position's ``index`` is ignored (no ``index``: no position is).
+
+    >>> float(token_entropy(np.zeros(4)))  # uniform over 4: log 4
+    1.3862943611198906
+    >>> float(token_entropy(np.array([0.0, np.log(3.0)])))  # −(¼ log ¼ + ¾ log ¾)
+    0.5623351446188083
+    """
+    x, _ = _scaled_logits(logits, temperature, softcap)
+    h = entropy(softmax(x))
+    if index is None:
+        return h
+    _, valid, _ = _token_ids(x, index, ignore_index)
+    return np.where(valid.any(-1), h, 0.0)
+
+
+def token_log_probs_grad(logits, index, grad_log_probs=None, grad_entropy=None, temperature=1.0, ignore_index=-100,
+                         softcap=None):  # fmt: skip
+    """``Σ_k g_k ∂lp_k/∂z + g_H ∂H/∂z`` for upstream gradients ``g`` (``index``'s shape) and ``g_H`` (positions).
+
+    Per position, on ``x`` with ``p = softmax(x)``::
+
+        ∂lp_k/∂x_c = [c = t_k] − p_c,        ∂H/∂x_c = −p_c (log p_c + H)
+
+    times ``dx/dz = (1 − tanh²(z / κ)) / T``. Ignored ids (and positions whose ids are all ignored, for
+    ``H``) contribute nothing.
+
+    >>> token_log_probs_grad(np.zeros((1, 2)), np.array([1]), np.ones(1)).tolist()  # onehot − p
+    [[-0.5, 0.5]]
+    """
+    x, chain = _scaled_logits(logits, temperature, softcap)
+    ids, valid, single = _token_ids(x, index, ignore_index)
+    lp = log_softmax(x)
+    p = np.exp(lp)
+    grad = np.zeros_like(x)
+    if grad_log_probs is not None:
+        g = np.asarray(grad_log_probs, dtype=np.float64)
+        g = np.where(valid, g[..., None] if single else g, 0.0)
+        onehot = np.zeros(ids.shape + x.shape[-1:])
+        np.put_along_axis(onehot, np.where(valid, ids, 0)[..., None], 1.0, axis=-1)
+        grad += np.sum(g[..., None] * onehot, axis=-2) - g.sum(-1, keepdims=True) * p
+    if grad_entropy is not None:
+        g_h = np.where(valid.any(-1), np.asarray(grad_entropy, dtype=np.float64), 0.0)
+        h = entropy(p)
+        with np.errstate(invalid="ignore"):
+            plogp = np.where(p > 0, p * lp, 0.0)
+        grad += -g_h[..., None] * (plogp + p * h[..., None])
+    return grad * chain
 
 
 # --- distillation: the generalized Jensen-Shannon divergence between two softmaxes -------------------------

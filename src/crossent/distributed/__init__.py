@@ -8,6 +8,8 @@ from crossent.distributed.api import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
     vocab_parallel_linear_distill_loss,
+    vocab_parallel_linear_token_log_probs,
+    vocab_parallel_token_log_probs,
 )
 from crossent.distributed.layout import check_vocab_layout, vocab_ranges
 
@@ -16,5 +18,7 @@ __all__ = [
     "check_vocab_layout",
     "vocab_parallel_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_token_log_probs",
+    "vocab_parallel_linear_token_log_probs",
     "vocab_parallel_linear_distill_loss",
 ]

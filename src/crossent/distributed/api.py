@@ -45,16 +45,34 @@ from crossent._checks import (
     check_index_target,
     check_linear,
     check_logits,
+    check_token_index,
     check_weight,
     class_indices,
 )
-from crossent._options import AccumulateDtype, CrossEntropyOptions, DistillOptions, Impl, LinearOptions, Reduction
+from crossent._options import (
+    AccumulateDtype,
+    CrossEntropyOptions,
+    DistillOptions,
+    Impl,
+    LinearLogProbOptions,
+    LinearOptions,
+    LogProbOptions,
+    Reduction,
+)
+from crossent._results import TokenLogProbs
 from crossent.distributed.agreement import agree, check_vocab_start, device_of
 from crossent.functional import LossOrStats, autocast_operands, classes_last_cross_entropy, rows_linear_cross_entropy
 from crossent.functional_distill import rows_linear_distill
+from crossent.functional_log_probs import rows_linear_token_log_probs, rows_token_log_probs
 from crossent.kernels.shard import VocabShard
 
-__all__ = ["vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy", "vocab_parallel_linear_distill_loss"]
+__all__ = [
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
+    "vocab_parallel_token_log_probs",
+    "vocab_parallel_linear_token_log_probs",
+    "vocab_parallel_linear_distill_loss",
+]
 
 
 def vocab_parallel_cross_entropy(
@@ -156,6 +174,7 @@ def vocab_parallel_linear_cross_entropy(
     accumulate_dtype: AccumulateDtype = "float32",
     impl: Impl = "auto",
     return_stats: bool = False,
+    logit_scale: Optional[float] = None,
 ) -> LossOrStats:
     r"""Fused ``cross_entropy(input @ Wᵀ + b, target)`` with the vocabulary rows of W split over the ranks.
 
@@ -183,7 +202,7 @@ def vocab_parallel_linear_cross_entropy(
         linear_bias: this rank's ``(V_local,)`` bias, or None (None on every rank, or on none).
         group, vocab_start, weight, ignore_index, reduction, label_smoothing, z_loss, softcap: as in
             :func:`vocab_parallel_cross_entropy`.
-        chunk_size, memory_budget, accumulate_dtype, impl, return_stats: as in
+        chunk_size, memory_budget, accumulate_dtype, impl, return_stats, logit_scale: as in
             :func:`crossent.linear_cross_entropy`; the same on every rank (the budget is applied to the widest
             shard; ``impl="triton"`` runs the torch chunk step on shards, whose statistics need the other ranks).
 
@@ -209,7 +228,7 @@ def vocab_parallel_linear_cross_entropy(
         opts = LinearOptions.build(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
             softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
-            impl=impl, return_stats=return_stats,
+            impl=impl, return_stats=return_stats, logit_scale=logit_scale,
         )  # fmt: skip
         opts_box.append(opts)
         operands.extend(autocast_operands(input, linear_weight, linear_bias))
@@ -229,6 +248,126 @@ def vocab_parallel_linear_cross_entropy(
     input, linear_weight, linear_bias = operands
     return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts_box[0], shard,
                                      plan_vocab=agreed.widest)  # fmt: skip
+
+
+def vocab_parallel_token_log_probs(
+    logits: Tensor,
+    index: Tensor,
+    *,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    entropy: bool = False,
+    softcap: Optional[float] = None,
+    impl: Impl = "auto",
+) -> TokenLogProbs:
+    r""":func:`crossent.token_log_probs` of logits whose vocabulary is split over the ranks of ``group``.
+
+    Equals the single-process call on the concatenated logits; every rank returns the full
+    :class:`crossent.TokenLogProbs`, and each rank's logits receive their own columns of the gradient. Per row,
+    rank ``r`` reports its shard's max ``m_r``, ``s_r = Σ exp(x − m_r)``, ``d_r = Σ exp(x − m_r)(x − m_r)`` (with
+    ``entropy``) and its ids' logits; they combine as ``M = max_r m_r``, ``S = Σ_r a_r s_r``,
+    ``D = Σ_r a_r (d_r + (m_r − M) s_r)`` (``a_r = exp(m_r − M)``), ``lse = M + log S``, ``H = log S − D / S``.
+
+    Communication: the metadata all-gather; one all-reduce MAX of N elements and one all-reduce SUM of
+    (K + 1)·N, or (K + 2)·N with entropy, elements of the compute dtype; none in backward.
+
+    Args:
+        logits: this rank's slice ``(..., V_local)``; ranks may have unequal V_local.
+        index: ``(...)`` or ``(..., K)`` GLOBAL ids in [0, C) or ``ignore_index``; the same on every rank.
+        group, vocab_start: as in :func:`vocab_parallel_cross_entropy`.
+        temperature, ignore_index, entropy, softcap, impl: as in :func:`crossent.token_log_probs` (``impl="triton"``
+            runs this rank's statistics in torch ops, as the cross-entropy's).
+
+    Returns:
+        :class:`crossent.TokenLogProbs`, identical on every rank.
+
+    Raises:
+        ValueError/TypeError on every rank (never a hang), as :func:`vocab_parallel_cross_entropy`.
+        RuntimeError: torch.distributed is not initialized; a torch.func transform or double backward.
+    """
+    opts_box = []
+
+    def check_and_describe():
+        opts = LogProbOptions.build(temperature=temperature, ignore_index=ignore_index, entropy=entropy,
+                                    softcap=softcap, impl=impl)  # fmt: skip
+        opts_box.append(opts)
+        check_logits("logits", logits)
+        check_token_index(index, logits.shape[:-1], logits.device)
+        check_vocab_start(vocab_start)
+        return dict(vocab_size=logits.shape[-1], vocab_start=vocab_start, rows=index.numel(),
+                    shapes=(tuple(logits.shape[:-1]), tuple(index.shape)), dtypes=(str(logits.dtype), str(index.dtype)),
+                    options=opts, weight=None, target=index)  # fmt: skip
+
+    agreed = agree("vocab_parallel_token_log_probs", group, device_of(logits), ignore_index, check_and_describe)
+    shard = VocabShard(agreed.vocab_start, agreed.num_classes, _group_name(group))
+    return rows_token_log_probs(logits, index, opts_box[0], shard)
+
+
+def vocab_parallel_linear_token_log_probs(
+    input: Tensor,
+    linear_weight: Tensor,
+    index: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    entropy: bool = False,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    accumulate_dtype: AccumulateDtype = "float32",
+    impl: Impl = "auto",
+) -> TokenLogProbs:
+    r"""Fused :func:`crossent.linear_token_log_probs` with the vocabulary rows of W split over the ranks.
+
+    Equals the single-process call with the full head (every rank's ``linear_weight`` stacked in vocabulary
+    order). Each rank runs the fused loops on its rows, the per-block statistics combined across ranks as in
+    :func:`vocab_parallel_token_log_probs`; the N × V_local logits are never held. Backward recomputes the logits
+    (4 products per block in all) and needs no communication but the sum of dX.
+
+    Gradients: ``input`` gets the FULL gradient on every rank (one all-reduce of N·D); ``linear_weight`` and
+    ``linear_bias`` get this rank's rows.
+
+    Args:
+        input: ``(..., D)``, the same on every rank. linear_weight: this rank's ``(V_local, D)`` rows.
+        index: ``input.shape[:-1]`` or ``input.shape[:-1] + (K,)`` global ids, the same on every rank.
+        linear_bias: this rank's ``(V_local,)`` bias, or None (on every rank).
+        group, vocab_start: as in :func:`vocab_parallel_cross_entropy`.
+        temperature, ignore_index, entropy, softcap, chunk_size, memory_budget, accumulate_dtype, impl: as in
+            :func:`crossent.linear_token_log_probs`; the same on every rank.
+
+    Returns:
+        :class:`crossent.TokenLogProbs`, identical on every rank. Every rank must call backward.
+
+    Raises:
+        ValueError/TypeError on every rank, as :func:`vocab_parallel_linear_cross_entropy`.
+    """
+    opts_box, operands = [], []
+
+    def check_and_describe():
+        opts = LinearLogProbOptions.build(
+            temperature=temperature, ignore_index=ignore_index, entropy=entropy, softcap=softcap, chunk_size=chunk_size,
+            memory_budget=memory_budget, accumulate_dtype=accumulate_dtype, impl=impl,
+        )  # fmt: skip
+        opts_box.append(opts)
+        operands.extend(autocast_operands(input, linear_weight, linear_bias))
+        check_linear(*operands[:2], index, operands[2], check_target=check_token_index)
+        check_vocab_start(vocab_start)
+        needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                      for t in (input, linear_weight, linear_bias))  # fmt: skip
+        return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=index.numel(),
+                    shapes=(tuple(input.shape), tuple(index.shape)), dtypes=(str(operands[0].dtype), str(index.dtype)),
+                    options=(opts, linear_bias is None, needs), weight=None, target=index)  # fmt: skip
+
+    agreed = agree("vocab_parallel_linear_token_log_probs", group, device_of(input), ignore_index, check_and_describe)
+    shard = VocabShard(agreed.vocab_start, agreed.num_classes, _group_name(group))
+    input, linear_weight, linear_bias = operands
+    return rows_linear_token_log_probs(input, linear_weight, index, linear_bias, opts_box[0], shard,
+                                       plan_vocab=agreed.widest)  # fmt: skip
 
 
 def vocab_parallel_linear_distill_loss(

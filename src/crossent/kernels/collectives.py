@@ -19,6 +19,7 @@ from torch import Tensor
 
 from crossent.kernels.distill_loop import DistillHooks
 from crossent.kernels.distill_rows import DistillStats
+from crossent.kernels.logprob_rows import LogProbStats, LogProbStatsHook
 from crossent.kernels.torch_rows import RowStats, StatsHook
 
 
@@ -43,6 +44,29 @@ def stats_hook(group_name: Optional[str]) -> Optional[StatsHook]:
         packed = torch.stack(parts)  # (2 or 3, ...): one collective for all the sums
         dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
         return RowStats(row_max, packed[0], packed[1], None if local.dot is None else packed[2])
+
+    return combine
+
+
+def logprob_stats_hook(group_name: Optional[str]) -> Optional[LogProbStatsHook]:
+    """The cross-rank combine of :class:`LogProbStats` over the named group (None for one process): one
+    all-reduce MAX of the row max, then one all-reduce SUM of ``[a s, a (d + (m − M) s), x_t (K)]`` per row with
+    ``a = exp(m − M)`` (``logprob_rows.combine_stats``): O(N·(K + 2)) numbers."""
+    if group_name is None:
+        return None
+    dist, group = _group(group_name)
+
+    def combine(local: LogProbStats) -> LogProbStats:
+        row_max = local.max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(local.max - row_max)
+        parts = [scale * local.sumexp]
+        if local.plogp is not None:
+            parts.append(scale * (local.plogp + (local.max - row_max) * local.sumexp))
+        packed = torch.cat([torch.stack(parts, -1), local.target_logits.to(row_max.dtype)], -1)
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        plogp = None if local.plogp is None else packed[..., 1]
+        return LogProbStats(row_max, packed[..., 0], plogp, packed[..., len(parts):])
 
     return combine
 

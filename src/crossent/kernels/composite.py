@@ -83,3 +83,63 @@ def target_grad(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], 
     if class_weight is not None:
         grad = grad * class_weight.to(cdt)
     return (grad * grad_loss.to(cdt).expand(lse.shape[:-1]).unsqueeze(-1)).to(target.dtype)
+
+
+# --- per-token log-probabilities and entropy (docs/math.md, "Per-token log-probabilities and entropy") ---------
+
+
+def _log_softmax_parts(logits: Tensor, opts):
+    """``(log p, p, dx/dz)`` for ``x = κ tanh(z / κ) / T`` in the compute dtype; ``log p`` clamped to the lowest
+    finite value, so that ``p log p`` is 0 (not NaN) where ``p = 0``, also when differentiated again."""
+    cdt = compute_dtype(logits.dtype)
+    x, chain = _capped(logits.to(cdt), opts.softcap)
+    x = x / opts.temperature
+    chain = 1.0 / opts.temperature if chain is None else chain / opts.temperature
+    logp = torch.log_softmax(x, -1)
+    return logp.clamp(min=torch.finfo(cdt).min), torch.exp(logp), chain
+
+
+def _id_masks(index: Tensor, opts, num_classes: int):
+    """(valid ids, ids clamped into [0, C), positions holding an id outside [0, C))."""
+    valid = index != opts.ignore_index
+    bad = (valid & ((index < 0) | (index >= num_classes))).any(-1)
+    return valid, torch.where(valid, index, 0).clamp(0, max(num_classes - 1, 0)), bad
+
+
+def log_probs_grad(logits: Tensor, index: Tensor, grad_log_probs: Optional[Tensor], grad_entropy: Optional[Tensor],
+                   opts) -> Tensor:  # fmt: skip
+    """``Σ_k g_k ∂lp_k/∂z + g_H ∂H/∂z`` for logits (..., C), ids (..., K), in the logits' dtype; differentiable::
+
+        (Σ_k g_k [c = t_k] − G p_c − g_H p_c (log p_c + H)) · chain_c,   G = Σ_k g_k,  chain = (1 − tanh²) / T
+    """
+    logp, p, chain = _log_softmax_parts(logits, opts)
+    valid, ids, bad = _id_masks(index, opts, logits.shape[-1])
+    grad = torch.zeros_like(p)
+    if grad_log_probs is not None:
+        g = torch.where(valid, grad_log_probs.to(p.dtype), 0.0)
+        grad = grad.scatter_add(-1, ids, g) - g.sum(-1, keepdim=True) * p
+    if grad_entropy is not None and opts.entropy:
+        plogp = p * logp
+        entropy = -plogp.sum(-1, keepdim=True)
+        g_h = torch.where(valid.any(-1), grad_entropy.to(p.dtype), 0.0).unsqueeze(-1)
+        grad = grad - g_h * (plogp + p * entropy)
+    grad = torch.where(bad.unsqueeze(-1), torch.nan, grad * chain)
+    return grad.to(logits.dtype)
+
+
+def log_probs_jvp(logits: Tensor, index: Tensor, tangent: Tensor, opts):
+    """Forward-mode tangents ``(lp_dot (..., K), H_dot (...) or None)`` for a logits tangent ``ż``::
+
+        lp_dot_k = ẋ_{t_k} − Σ_c p_c ẋ_c,    H_dot = −Σ_c p_c (log p_c + H) ẋ_c,    ẋ = chain · ż
+    """
+    logp, p, chain = _log_softmax_parts(logits, opts)
+    valid, ids, bad = _id_masks(index, opts, logits.shape[-1])
+    xdot = tangent.to(p.dtype) * chain
+    mean = (p * xdot).sum(-1, keepdim=True)
+    lp_dot = torch.where(valid, xdot.gather(-1, ids) - mean, 0.0).masked_fill(bad.unsqueeze(-1), torch.nan)
+    h_dot = None
+    if opts.entropy:
+        plogp = p * logp
+        h_dot = -(plogp * xdot).sum(-1) + plogp.sum(-1) * mean.squeeze(-1)
+        h_dot = torch.where(valid.any(-1), h_dot, 0.0).masked_fill(bad, torch.nan)
+    return lp_dot, h_dot

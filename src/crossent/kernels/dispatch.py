@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from crossent.kernels import distill_rows, linear_step, torch_rows
+from crossent.kernels import distill_rows, linear_step, logprob_rows, torch_rows
 
 
 def triton_available() -> bool:
@@ -55,6 +55,24 @@ def chunk_kernels(impl: str) -> linear_step.ChunkKernels:
 
         return TRITON_KERNELS
     return linear_step.TORCH_KERNELS
+
+
+def logprob_kernels(impl: str):
+    """The per-token log-prob row kernels for a resolved ``impl``: :mod:`logprob_rows` or :mod:`triton_logprobs`."""
+    if impl == "triton":
+        from crossent.kernels import triton_logprobs
+
+        return triton_logprobs
+    return logprob_rows
+
+
+def logprob_chunk_kernels(impl: str) -> logprob_rows.LogProbChunkKernels:
+    """The fused log-prob loops' chunk step for a resolved ``impl``: torch ops, or Triton's."""
+    if impl == "triton":
+        from crossent.kernels.triton_logprobs import TRITON_LOGPROB_KERNELS
+
+        return TRITON_LOGPROB_KERNELS
+    return logprob_rows.TORCH_LOGPROB_KERNELS
 
 
 def no_autocast(device: torch.device):

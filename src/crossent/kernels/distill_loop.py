@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from crossent._options import DistillRowOptions, RowOptions
+from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels.distill_rows import (
     DistillStats,
@@ -122,9 +122,9 @@ def linear_distill(
     vocab = loop.plan_vocab or linear_weight.shape[0]
     block_plan = plan(input, max(input.shape[1], teacher_input.shape[1]), vocab, opts, loop, grads)
     labels = target if target is not None else torch.zeros(n, dtype=torch.int64, device=input.device)
-    student = _Workspace(input, linear_weight, linear_bias, labels, None, RowOptions(), loop, needs, shard, grads,
+    student = _Workspace(input, linear_weight, linear_bias, labels, None, 0.0, loop, needs, shard, grads,
                          plan=block_plan)  # fmt: skip
-    teacher = _Workspace(teacher_input, teacher_weight, teacher_bias, labels, None, RowOptions(), loop,
+    teacher = _Workspace(teacher_input, teacher_weight, teacher_bias, labels, None, 0.0, loop,
                          GradNeeds(False, False, False), shard, False, plan=block_plan)  # fmt: skip
     width = student.pieces[0][1] - student.pieces[0][0]
     rows = max(1, min(block_plan.rows, n))

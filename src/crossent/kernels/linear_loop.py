@@ -32,10 +32,13 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from crossent._options import RowOptions
+from crossent._options import LogProbRowOptions, RowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels.linear_plan import ChunkPlan, plan_chunks
 from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
+from crossent.kernels.logprob_rows import TORCH_LOGPROB_KERNELS, LogProbChunkKernels, LogProbRows
+from crossent.kernels.logprob_rows import combine_stats as combine_logprob_stats
+from crossent.kernels.logprob_rows import finish as finish_log_probs
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
 
@@ -132,7 +135,7 @@ def linear_loss_and_grads(
                 loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels,
             ).lse  # fmt: skip
         return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
-    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard,
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, _smoothing(opts), loop, needs, shard,
                     grad_scale is not None)  # fmt: skip
     loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)  # O(N); keeps lse − z_t's digits
@@ -159,7 +162,7 @@ def linear_loss_and_grads(
         loss[r0:r1] = index_loss(lse[r0:r1], stats.target_logit, stats.dot, t_blk, class_weight, opts,
                                  ws.num_classes)  # fmt: skip
         if g_blk is not None:
-            ws.pieces_grad(r0, r1, lse[r0:r1], g_blk, kernels)
+            ws.pieces_grad(r0, r1, _ce_block_grad(ws, kernels, t_blk, class_weight, lse[r0:r1], g_blk, opts))
     return LinearForward(loss, lse, ws.finish())
 
 
@@ -189,20 +192,115 @@ def linear_grads(
             shard=shard, kernels=kernels,
         )  # fmt: skip
         return sub._replace(input=_scattered(sub.input, keep, input.shape[0], 0.0))
-    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, True)
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, _smoothing(opts), loop, needs, shard, True)
     g = grad_loss.to(ws.cdt).expand(ws.n)
     for r0, r1 in ws.row_blocks():
-        ws.pieces_grad(r0, r1, lse[r0:r1], g[r0:r1], kernels)
+        ws.pieces_grad(r0, r1, _ce_block_grad(ws, kernels, target[r0:r1], class_weight, lse[r0:r1], g[r0:r1], opts))
+    return ws.finish()
+
+
+def _smoothing(opts: RowOptions) -> float:
+    """The ε the factored gradient carries (0 with a softcap: the step then writes the gradient finished)."""
+    return opts.label_smoothing if opts.softcap is None else 0.0
+
+
+def _ce_block_grad(ws, kernels: ChunkKernels, target, class_weight, lse, g, opts: RowOptions):
+    """The cross-entropy recompute step for one block of rows, as :meth:`_Workspace.pieces_grad` calls it."""
+    return lambda q, v0: kernels.grad_(q, target, class_weight, lse, g, opts, vocab_start=v0, num_classes=ws.num_classes)
+
+
+# --- per-token log-probabilities and entropy (docs/log_probs.md): the same workspace, their own chunk step -----
+
+
+def linear_log_probs(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    index: Tensor,
+    opts: LogProbRowOptions,
+    loop: LoopArgs,
+    *,
+    shard: Optional[VocabShard] = None,
+    combine=None,
+    kernels: LogProbChunkKernels = TORCH_LOGPROB_KERNELS,
+) -> LogProbRows:
+    """Log-probabilities of ``index`` (N, K), the entropy (``opts.entropy``) and the float64 lse (N,) of the rows of
+    ``Z = input · linear_weightᵀ + linear_bias``: one logits product per block, the block's stats, combined over
+    vocabulary pieces (and, through ``combine``, over the ranks holding the other columns). Positions whose ids
+    are all ``ignore_index`` are dropped before the products (``loop.skip_ignored``): their outputs are 0."""
+    keep = _kept_rows(index, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:
+        sub = linear_log_probs(input[keep], linear_weight, linear_bias, index[keep], opts,
+                               loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels)  # fmt: skip
+        n = input.shape[0]
+        return LogProbRows(_scattered(sub.log_probs, keep, n, 0.0), _scattered(sub.entropy, keep, n, 0.0),
+                           _scattered(sub.lse, keep, n, math.nan))  # fmt: skip
+    ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, GradNeeds(False, False, False), shard,
+                    False)  # fmt: skip
+    log_probs = torch.empty(index.shape, dtype=ws.cdt, device=input.device)
+    entropy = torch.empty(ws.n, dtype=ws.cdt, device=input.device) if opts.entropy else None
+    lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)
+    whole = len(ws.pieces) == 1 and ws.vocab_start == 0 and ws.vocab == ws.num_classes and combine is None
+    for r0, r1 in ws.row_blocks():
+        ids = index[r0:r1]
+        rows = kernels.rows(ws.logits(r0, r1, ws.pieces[0]), ids, opts) if whole else None
+        if rows is None:  # a split, a shard, or the fast step declined: per-piece stats, combined
+            parts = [kernels.stats(ws.logits(r0, r1, p), ids, opts, vocab_start=ws.vocab_start + p[0])
+                     for p in ws.pieces]  # fmt: skip
+            stats = parts[0] if len(parts) == 1 else combine_logprob_stats(parts)
+            rows = finish_log_probs(stats if combine is None else combine(stats), ids, opts, ws.num_classes)
+        log_probs[r0:r1], lse[r0:r1] = rows.log_probs, rows.lse
+        if entropy is not None:
+            entropy[r0:r1] = rows.entropy
+    return LogProbRows(log_probs, entropy, lse)
+
+
+def linear_log_probs_grads(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    index: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    grad_log_probs: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    opts: LogProbRowOptions,
+    loop: LoopArgs,
+    *,
+    needs: GradNeeds = GradNeeds(),
+    shard: Optional[VocabShard] = None,
+    kernels: LogProbChunkKernels = TORCH_LOGPROB_KERNELS,
+) -> LinearGrads:
+    """dX, dW, db for upstream gradients on the log-probabilities (N, K) and the entropy (N,) (None: zero), from
+    the lse and entropy the forward saved: per block the logits again, the finished gradient, three products.
+    No communication: with a vocabulary slice, dX is this slice's part. Positions whose ids are all
+    ``ignore_index`` are skipped (their gradient is 0), as in :func:`linear_log_probs`."""
+    keep = _kept_rows(index, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:
+        kept = [None if t is None else t[keep] for t in (index, lse, entropy, grad_log_probs, grad_entropy)]
+        sub = linear_log_probs_grads(input[keep], linear_weight, linear_bias, *kept, opts,
+                                     loop._replace(skip_ignored=False), needs=needs, shard=shard, kernels=kernels)  # fmt: skip
+        return sub._replace(input=_scattered(sub.input, keep, input.shape[0], 0.0))
+    ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, needs, shard, True)
+
+    def rows(t, r0, r1):
+        return None if t is None else t[r0:r1]
+
+    for r0, r1 in ws.row_blocks():
+        args = [rows(t, r0, r1) for t in (index, lse, entropy, grad_log_probs, grad_entropy)]
+        ws.pieces_grad(r0, r1, lambda q, v0: kernels.grad_(q, *args, opts, vocab_start=v0, num_classes=ws.num_classes))
     return ws.finish()
 
 
 def _kept_rows(target: Tensor, ignore_index: int, skip: bool) -> Optional[Tensor]:
-    """The indices of the rows whose target is not ``ignore_index``, when some are (None: every row counts,
-    or ``skip`` is off). Reads the count on the host: free on the CPU, one sync per call on CUDA."""
+    """The indices of the rows whose target (any of the row's K ids, for (N, K) ids) is not ``ignore_index``,
+    when some are not (None: every row counts, or ``skip`` is off). Reads the count on the host: free on the
+    CPU, one sync per call on CUDA."""
     if not skip:
         return None
-    keep = (target != ignore_index).nonzero().squeeze(-1)
-    return None if keep.numel() == target.numel() else keep
+    valid = target != ignore_index
+    keep = (valid if valid.dim() == 1 else valid.any(-1)).nonzero().squeeze(-1)
+    return None if keep.numel() == target.shape[0] else keep
 
 
 def _rows_of(values: Optional[Tensor], keep: Tensor, num_rows: Optional[int] = None) -> Optional[Tensor]:
@@ -224,9 +322,10 @@ def _scattered(values: Optional[Tensor], keep: Tensor, num_rows: int, fill: floa
 class _Workspace:
     """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
 
-    def __init__(self, x, linear_weight, linear_bias, target, class_weight, opts, loop, needs, shard, grads, plan=None):
+    def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads,
+                 plan=None):  # fmt: skip
         w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight) if plan is None else plan
-        self.x, self.linear_weight, self.linear_bias, self.class_weight, self.opts = x, w, b, class_weight, opts
+        self.x, self.linear_weight, self.linear_bias, self.class_weight = x, w, b, class_weight
         self.target = target
         self.n, self.dim = x.shape
         self.vocab = w.shape[0]
@@ -252,7 +351,7 @@ class _Workspace:
         new_dw = torch.empty if self.n else torch.zeros
         self.dw = new_dw(w.shape, dtype=acc_w, device=dev) if self.need_w else None
         self.db = torch.zeros(self.vocab, dtype=self.cdt, device=dev) if self.need_b else None
-        eps = opts.label_smoothing if grads and opts.softcap is None else 0.0  # softcap: G comes finished
+        eps = smoothing if grads else 0.0  # the ε of the factored gradient (0: it comes finished)
         class_weight_local = shard_weight(class_weight, self.vocab_start, self.vocab, self.cdt)
         self.class_weight_local = (torch.ones(self.vocab, dtype=self.cdt, device=dev) if class_weight_local is None
                                    else class_weight_local)  # fmt: skip
@@ -280,14 +379,12 @@ class _Workspace:
             out.copy_(dst)
         return out
 
-    def pieces_grad(self, r0, r1, lse, g, kernels):
-        """Gradients of rows [r0, r1) over every piece, from the global lse (logits recomputed per piece)."""
-        o = self.opts
+    def pieces_grad(self, r0, r1, block_grad):
+        """Gradients of rows [r0, r1) over every piece: the logits recomputed per piece, turned into the block's
+        gradient by the step ``block_grad(q, vocab_start) -> GradFactors`` (it needs only the global row stats)."""
         for k, piece in enumerate(self.pieces):
             q = self.logits(r0, r1, piece)
-            factors = kernels.grad_(q, self.target[r0:r1], self.class_weight, lse, g, o,
-                                    vocab_start=self.vocab_start + piece[0], num_classes=self.num_classes)  # fmt: skip
-            self.add_block_grad(q, factors, r0, r1, piece, first=k == 0)
+            self.add_block_grad(q, block_grad(q, self.vocab_start + piece[0]), r0, r1, piece, first=k == 0)
 
     def add_block_grad(self, q, f: GradFactors, r0, r1, piece, first):
         """Add the block's share of dX, dW, db; G = diag(scale) Q − target_coef ⊙ onehot − smooth_coef ⊗ w."""

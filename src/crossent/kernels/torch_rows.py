@@ -5,9 +5,10 @@ Never materialized: the (N, C) log-probabilities or any full-size temporary; onl
 Written in place: only ``out`` in the backward functions (it aliases the logits when asked to).
 
 Two levels. ``forward`` / ``backward`` take rows of logits, whole or a vocabulary shard of them (vocab-parallel
-CE: one shard per rank, its stats combined across ranks by a hook). For class-index targets they are built
-from the shard pieces ``shard_stats`` → (``combine_stats`` or the hook) → ``index_loss`` and ``shard_backward``,
-which the fused linear CE's chunk step (``linear_step``) uses directly. Logits are ``(..., C)`` with any strides; targets ``(...)`` int (class indices)
+CE: one shard per rank, its stats combined across ranks by a hook). Whole rows of class indices run one fused
+log_softmax (forward) or softmax (backward) per chunk. Shards are built from the pieces ``shard_stats`` →
+(``combine_stats`` or the hook) → ``index_loss`` and ``shard_backward``, which the fused linear CE's chunk
+step (``linear_step``) uses directly. Logits are ``(..., C)`` with any strides; targets ``(...)`` int (class indices)
 or ``(..., C)`` float (probabilities); per-position results are fp32 (fp64 for fp64 logits).
 The formulas are derived in docs/math.md; the names follow it: ``u`` weighted target vector,
 ``U = Σ_c u_c``, ``ω`` z-loss weight, ``g`` upstream gradient per row.
@@ -29,15 +30,15 @@ StatsHook = Callable[["RowStats"], "RowStats"]
 """Turns this process's per-row stats over its columns into the stats over all C columns (vocab-parallel:
 :func:`crossent.kernels.collectives.stats_hook`)."""
 
-# Positions x classes handled per chunk. A chunk should stay in cache (2^21 fp32 = 8 MiB) so that the
-# elementwise passes after the first read of the logits cost cache, not DRAM, bandwidth, while the few
-# op launches per chunk stay cheap. Per-position arithmetic (target gather, loss assembly, gradient
-# scales) runs once over all rows, outside the chunk loop. Measured on a 2-core x86 VM (interleaved
-# A/B, forward+backward, fp32): 2^19 / 2^20 / 2^21 / 2^22 gave 0.64 / 0.61 / 0.60 / 0.58 of PyTorch's
-# time at 4096×32768 and 0.61 / 0.59 / 0.57 / 0.57 at 1024×131072; that VM has a very large L3, so
-# 2^21 is kept as the safer size for common caches. On CUDA launch overhead dominates small chunks, and
-# this path is only the fallback for Triton.
-CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 27}
+# Positions x classes handled per chunk (the scratch of one chunk: 2^23 fp32 = 32 MiB on the CPU). Whole rows
+# of class indices run one fused log_softmax / softmax per chunk (row-local: a row stays in cache whatever the
+# chunk), so the chunk size mostly sets how many parallel regions a call runs, and each region ends in a
+# barrier that a core taken by another process stalls. Measured on the 2-core x86 VM with other jobs running
+# (load average 3–4), `benchmarks/row_chunks.py`, fp32 forward+backward against F.cross_entropy: 2^21 / 2^22 /
+# 2^23 gave 1.06 / 0.76 / 0.55× at 4096×32768 and 1.90 / 1.01 / 0.73× at 1024×131072 (the earlier
+# max/sub/exp/sum passes took 2.0× at 2^21 there). Shards and probability targets use the same chunks. On
+# CUDA launch overhead dominates small chunks, and this path is only the fallback for Triton.
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
 
 
 def forward(
@@ -56,6 +57,8 @@ def forward(
     shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
     if target.is_floating_point():
         return _probs_forward(logits, target, class_weight, opts)
+    if shard.is_whole(logits.shape[-1]) and combine is None:
+        return _whole_rows_forward(logits, target, class_weight, opts)
     stats = shard_stats(logits, target, class_weight, shard.vocab_start, opts.label_smoothing != 0.0, opts.softcap)
     stats = stats if combine is None else combine(stats)
     lse = stats.lse()
@@ -86,6 +89,8 @@ def backward(
         return
     if target.is_floating_point():
         _probs_backward(logits, target, class_weight, lse, grad_loss, opts, out)
+    elif shard.is_whole(logits.shape[-1]):
+        _whole_rows_backward(logits, target, class_weight, lse, grad_loss, opts, out)
     else:
         shard_backward(logits, target, class_weight, shard.vocab_start, lse, grad_loss, opts, shard.num_classes, out)
 
@@ -225,16 +230,90 @@ def shard_backward(
         shift.subtract_from(src, idx, out=x).exp_()
         if sign is not None:
             x.mul_(sign[idx].unsqueeze(-1))
-        x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
-        if smooth is not None:
-            if w_shard is None:
-                x.sub_(smooth[idx].unsqueeze(-1))
-            else:
-                x.addcmul_(smooth[idx].unsqueeze(-1), w_shard, value=-1.0)
-        if chain is not None:
-            x.mul_(chain)
+        _add_index_terms(x, idx, t_local, at_target, smooth, w_shard, chain)
         if not direct:
             out3[idx].copy_(x)
+
+
+def _add_index_terms(x, idx, t_local, at_target, smooth, w, chain):
+    """A chunk holding ``scale · p``: add the target column's and the smoothing term, then the softcap chain."""
+    x.scatter_add_(-1, t_local[idx].unsqueeze(-1), at_target[idx].unsqueeze(-1))
+    if smooth is not None:
+        if w is None:
+            x.sub_(smooth[idx].unsqueeze(-1))
+        else:
+            x.addcmul_(smooth[idx].unsqueeze(-1), w, value=-1.0)
+    if chain is not None:
+        x.mul_(chain)
+
+
+# --- class-index targets, whole rows: PyTorch's fused (log-)softmax per chunk ----------------------------------
+# One vectorized log_softmax (forward) or softmax (backward) pass per chunk instead of separate max, subtract,
+# exp and sum passes: a few long parallel regions, which keeps the cost down when another process takes a core
+# (each region ends in a barrier). Both stay exact where it matters: the loss is −log p_t straight from the
+# log-softmax (no large lse subtracted), the lse is z_t − log p_t in float64 (z_t exact), and p comes from
+# exp(z − m) / s, never from a rounded lse.
+
+
+def _whole_rows_forward(logits, target, class_weight, opts):
+    """Per-position loss and float64 lse of whole rows: ``log p = log_softmax(x)`` per chunk, then
+    ``lse = x_t − log p_t`` and (with smoothing) ``Σ_c w_c (lse − x_c) = −Σ_c w_c log p_c``."""
+    z3, t3, shape = _as_3d(logits, target)
+    cdt = compute_dtype(logits.dtype)
+    num_classes = z3.shape[-1]
+    valid, t_safe, _ = index_masks(t3, opts.ignore_index, num_classes)
+    logp_t = torch.empty(z3.shape[:2], dtype=cdt, device=z3.device)
+    neg_smooth = torch.empty_like(logp_t) if opts.label_smoothing else None  # Σ_c w_c log p_c
+    w = shard_weight(class_weight, 0, num_classes, cdt)
+    for idx, x, _ in _chunks(z3, cdt, 0):
+        src = _capped(x, z3[idx], opts.softcap)
+        torch._log_softmax(src, -1, False, out=x)
+        logp_t[idx] = x.gather(-1, t_safe[idx].unsqueeze(-1)).squeeze(-1)
+        if neg_smooth is not None:
+            neg_smooth[idx] = weighted_sum(x, w)
+    z_t = z3.gather(-1, t_safe.unsqueeze(-1)).squeeze(-1).to(cdt)
+    if opts.softcap is not None:
+        z_t = opts.softcap * torch.tanh(z_t / opts.softcap)
+    lse = z_t.double() - logp_t.double()
+    dot = None
+    if neg_smooth is not None:  # index_loss takes Σ_c w_c x_c: W lse + Σ_c w_c log p_c
+        total_weight = num_classes if class_weight is None else class_weight.double().sum()
+        dot = total_weight * lse + neg_smooth.double()
+    loss = index_loss(lse, z_t, dot, t3, class_weight, opts, num_classes)
+    return loss.reshape(shape), lse.reshape(shape)
+
+
+def _whole_rows_backward(logits, target, class_weight, lse, grad_loss, opts, out):
+    """``g · ∂loss/∂z`` of whole rows into ``out``: ``p = softmax(x)`` per chunk, times the row scale, then the
+    target and smoothing terms (:func:`index_grad_factors`) and the softcap chain factor."""
+    z3, t3, _ = _as_3d(logits, target)
+    out3 = out.view(z3.shape)
+    cdt = compute_dtype(logits.dtype)
+    num_classes = z3.shape[-1]
+    lse2, g2 = _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape)
+    f = index_grad_factors(t3, class_weight, lse2, g2, opts, 0, num_classes, num_classes)
+    _, t_local = local_targets(t3, 0, num_classes)
+    scale, at_target = f.scale.to(cdt), (-f.target_coef).to(cdt)
+    smooth = None if f.smooth_coef is None else f.smooth_coef.to(cdt)
+    w = shard_weight(class_weight, 0, num_classes, cdt)
+    direct = out.dtype == cdt and out3.is_contiguous()  # softmax writes rows: straight into out when it can
+    softcap = opts.softcap
+    on_cpu = out.device.type == "cpu"
+    for idx, x, scratch in _chunks(z3, cdt, 1 if softcap else 0, scratch_for_x=not direct):
+        x = out3[idx] if direct else x
+        chain = scratch[0] if softcap else None
+        src = _capped(x, z3[idx], softcap, chain_out=chain)
+        torch._softmax(src, -1, False, out=x)
+        x.mul_(scale[idx].unsqueeze(-1))
+        if not on_cpu:  # no host sync: rows without gradient are zeroed here (see below for the CPU)
+            x.masked_fill_((scale[idx] == 0).unsqueeze(-1), 0.0)
+        _add_index_terms(x, idx, t_local, at_target, smooth, w, chain)
+        if not direct:
+            out3[idx].copy_(x)
+    # rows without gradient (ignored, zero upstream) are 0 even where softmax is NaN (an all −inf row)
+    if on_cpu and bool((f.scale == 0).any()):  # on the CPU the host check is free, and only those rows are written
+        zero_rows = (f.scale == 0).nonzero()
+        out3[zero_rows[:, 0], zero_rows[:, 1]] = 0
 
 
 class IndexGradFactors(NamedTuple):

@@ -1,0 +1,7 @@
+"""Collection rules for the whole tree (tests/ and the doctests of src/crossent)."""
+
+import importlib.util
+
+# crossent.transformers needs the optional transformers package: without it, its doctests are not collected
+# (tests/test_transformers.py skips itself with pytest.importorskip)
+collect_ignore = [] if importlib.util.find_spec("transformers") else ["src/crossent/transformers.py"]

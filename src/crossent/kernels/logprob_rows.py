@@ -1,0 +1,340 @@
+"""Per-token log-probability and entropy row kernels in plain torch ops: the CPU path and the CUDA fallback.
+
+Fused: softcap, temperature, row max, sum-exp, the entropy's Σ p·log p and the K id gathers, a chunk of rows at a time.
+Never materialized: the (N, C) log-probabilities, probabilities or any full-size temporary; chunk-sized scratch only.
+Written in place: only ``out`` of :func:`backward`.
+
+Notation (docs/math.md, "Per-token log-probabilities and entropy"): per row the logits the math sees are
+``x = κ tanh(z / κ) / T``, ``p = softmax(x)``, ``lse = log Σ_c exp(x_c)``; the ids ``t_k`` (K per row, class dim
+last: ``index`` is ``(..., K)``) give ``lp_k = x_{t_k} − lse`` and the entropy is ``H = −Σ_c p_c log p_c``.
+A shard (the whole row, one vocabulary piece of the fused loop, or one rank's slice) reports
+:class:`LogProbStats`: its max ``m``, ``s = Σ exp(x − m)``, ``d = Σ exp(x − m)(x − m)`` and its ids' ``x``;
+shards combine exactly (:func:`combine_stats`), and ``lse = M + log S``, ``H = log S − D / S``: the entropy is
+formed from sums relative to the max, never as ``lse − Σ p x`` (which would cancel at |lse| ≫ H).
+Per-row results come out in the compute dtype (fp32; fp64 for fp64 logits), the LSE in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from crossent._options import LogProbRowOptions
+from crossent._precision import compute_dtype
+from crossent.kernels.linear_step import FINISHED, GradFactors
+from crossent.kernels.shard import VocabShard
+from crossent.kernels.torch_rows import Shift, _capped, _chunks, _shape_3d, _views_as_3d, index_masks, local_targets
+
+
+class LogProbStats(NamedTuple):
+    """What one shard of columns contributes per row (compute dtype): ``max`` (all −inf rows clamped to the
+    lowest finite value, so ``sumexp`` is 0 there, not NaN), ``sumexp = Σ exp(x − max)``, ``plogp = Σ exp(x −
+    max)(x − max)`` (None without entropy) and ``target_logits`` (..., K): ``x`` at each id in the shard, else 0."""
+
+    max: Tensor
+    sumexp: Tensor
+    plogp: Optional[Tensor]
+    target_logits: Tensor
+
+    def lse(self) -> Tensor:
+        """``max + log sumexp`` in float64 (see torch_rows.RowStats.lse for why float64); the stats stay as they
+        are (``sumexp`` is read again for the entropy)."""
+        return torch.log(self.sumexp.double()).add_(self.max.double())
+
+
+LogProbStatsHook = Callable[[LogProbStats], LogProbStats]
+"""This process's row stats over its columns → the stats over all C columns (vocab-parallel:
+:func:`crossent.kernels.collectives.logprob_stats_hook`)."""
+
+
+class LogProbRows(NamedTuple):
+    """Per-row results: ``log_probs`` (..., K) and ``entropy`` (...) (None unless asked for) in the compute dtype,
+    ``lse`` (...) in float64."""
+
+    log_probs: Tensor
+    entropy: Optional[Tensor]
+    lse: Tensor
+
+
+def forward(
+    logits: Tensor,
+    index: Tensor,
+    opts: LogProbRowOptions,
+    shard: Optional[VocabShard] = None,
+    combine: Optional[LogProbStatsHook] = None,
+    *,
+    stats: Callable[..., LogProbStats] = None,
+) -> LogProbRows:
+    """Log-probabilities of ``index`` (..., K) under ``softmax(x)``, the entropy (``opts.entropy``) and the LSE.
+
+    ``shard`` (default: the whole row) says which columns ``logits`` (..., V_s) holds; ``combine`` turns this
+    shard's stats into the full rows' (vocab-parallel); ``stats`` computes a shard's (default
+    :func:`shard_stats`; Triton's is ``triton_logprobs.shard_stats``). Ignored ids give 0; a position whose ids
+    are all ignored has entropy 0; an id outside [0, C) gives NaN (and a NaN entropy for its position).
+    """
+    shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
+    if stats is None and combine is None and shard.is_whole(logits.shape[-1]):
+        rows = softmax_rows(logits, index, opts)
+        if rows is not None:
+            return rows
+    stats = (shard_stats if stats is None else stats)(logits, index, opts, shard.vocab_start)
+    return finish(stats if combine is None else combine(stats), index, opts, shard.num_classes)
+
+
+def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_start: int = 0) -> LogProbStats:
+    """:class:`LogProbStats` of the columns ``[vocab_start, vocab_start + V_s)`` held by ``logits`` (..., V_s)."""
+    z3, ids3 = _as_3d(logits, index)
+    cdt = compute_dtype(logits.dtype)
+    row_max, sumexp = (torch.empty(z3.shape[:2], dtype=cdt, device=z3.device) for _ in range(2))
+    plogp = torch.empty_like(row_max) if opts.entropy else None
+    lowest = torch.finfo(cdt).min
+    for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
+        src = scaled_logits(x, z3[idx], opts)
+        m = src.amax(-1).clamp_(min=lowest)
+        row_max[idx] = m
+        y = torch.sub(src, m.unsqueeze(-1), out=x)  # x − m ≤ 0
+        if plogp is None:
+            sumexp[idx] = y.exp_().sum(-1)
+            continue
+        y.clamp_(min=lowest)  # −inf → lowest: its term e·y is 0 · lowest = 0, not 0 · (−inf); NaN stays NaN
+        e = torch.exp(y, out=scratch[0])
+        sumexp[idx] = e.sum(-1)
+        plogp[idx] = e.mul_(y).sum(-1)
+    local, col = local_targets(ids3, vocab_start, z3.shape[-1])
+    picked = torch.gather(z3, -1, col).to(cdt)  # re-read and upcast, then the same ops as the chunks
+    picked = scaled_logits(picked, picked, opts)
+    shape = logits.shape[:-1]
+    return LogProbStats(
+        row_max.reshape(shape), sumexp.reshape(shape), None if plogp is None else plogp.reshape(shape),
+        torch.where(local, picked, 0.0).reshape(index.shape),
+    )  # fmt: skip
+
+
+# Below this a reference column's fp32 probability has lost bits (normal floats end at 2^-126): the softmax
+# path below then gives way to the max-first stats (as linear_step's CPU fast path does for the cross-entropy).
+_TINY_PROB = 2.0**-100
+
+
+def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
+    """CPU fast path for whole rows: per chunk one fused ``softmax`` (into scratch), then::
+
+        lse = x_j − log p_j   (j: the row's id with the largest p),   H = Σ_c entr(p_c) = −Σ_c p_c log p_c
+
+    ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); each entropy term has
+    p's relative rounding only (no ``lse − Σ p x`` cancellation). Returns None (nothing
+    written) off the CPU, or when some row's reference probability is below 2^-100: then the max-first stats.
+    """
+    if logits.device.type != "cpu" or index.shape[-1] == 0:
+        return None
+    z3, ids3 = _as_3d(logits, index)
+    cdt = compute_dtype(logits.dtype)
+    valid, ids_safe, bad = index_masks(ids3, opts.ignore_index, z3.shape[-1])
+    picked = torch.gather(z3, -1, ids_safe).to(cdt)
+    picked = scaled_logits(picked, picked, opts)
+    lse = torch.empty(z3.shape[:2], dtype=torch.float64)
+    entropy = torch.empty_like(lse) if opts.entropy else None
+    for idx, x, _ in _chunks(z3, cdt, 0):
+        p = torch._softmax(scaled_logits(x, z3[idx], opts), -1, False, out=x)
+        p_ref, ref = p.gather(-1, ids_safe[idx]).max(-1)
+        if bool((p_ref < _TINY_PROB).any()):  # CPU: a free host check
+            return None
+        lse[idx] = picked[idx].gather(-1, ref.unsqueeze(-1)).squeeze(-1).double() - p_ref.double().log()
+        if entropy is not None:
+            entropy[idx] = torch.special.entr(p, out=p).sum(-1)  # fp32 cascade sum (float64 costs more than entr)
+    log_probs = torch.where(valid, picked.double() - lse.unsqueeze(-1), 0.0).masked_fill_(bad, math.nan)
+    if entropy is not None:
+        entropy = torch.where(valid.any(-1), entropy, 0.0).masked_fill_(bad.any(-1), math.nan)
+        entropy = entropy.to(cdt).reshape(logits.shape[:-1])
+    return LogProbRows(log_probs.to(cdt).reshape(index.shape), entropy, lse.reshape(logits.shape[:-1]))
+
+
+def combine_stats(parts: Sequence[LogProbStats]) -> LogProbStats:
+    """Stats of the union of disjoint shards::
+
+        M = max_r m_r,   S = Σ_r a_r s_r,   D = Σ_r a_r (d_r + (m_r − M) s_r),   a_r = exp(m_r − M)
+
+    (``d`` is relative to each shard's own max, so it is re-referenced to ``M``); the id logits add up."""
+    row_max = torch.stack([p.max for p in parts]).amax(0)
+    scales = [torch.exp(p.max - row_max) for p in parts]
+    sumexp = sum(a * p.sumexp for a, p in zip(scales, parts))
+    plogp = None
+    if parts[0].plogp is not None:
+        plogp = sum(a * (p.plogp + (p.max - row_max) * p.sumexp) for a, p in zip(scales, parts))
+    return LogProbStats(row_max, sumexp, plogp, sum(p.target_logits for p in parts))
+
+
+def finish(stats: LogProbStats, index: Tensor, opts: LogProbRowOptions, num_classes: int) -> LogProbRows:
+    """The per-row results from the full rows' stats, in float64 per row (O(N·K)), returned in the compute dtype:
+    ``lp_k = x_{t_k} − lse``, ``H = log S − D / S``."""
+    cdt = stats.sumexp.dtype
+    lse = stats.lse()
+    valid, _, bad = index_masks(index, opts.ignore_index, num_classes)
+    log_probs = stats.target_logits.double() - lse.unsqueeze(-1)
+    log_probs = torch.where(valid, log_probs, 0.0).masked_fill_(bad, math.nan).to(cdt)
+    entropy = None
+    if opts.entropy:
+        s = stats.sumexp.double()
+        h = s.log() - stats.plogp.double() / s
+        entropy = torch.where(valid.any(-1), h, 0.0).masked_fill_(bad.any(-1), math.nan).to(cdt)
+    return LogProbRows(log_probs, entropy, lse)
+
+
+def backward(
+    logits: Tensor,
+    index: Tensor,
+    lse: Tensor,
+    entropy: Optional[Tensor],
+    grad_log_probs: Optional[Tensor],
+    grad_entropy: Optional[Tensor],
+    opts: LogProbRowOptions,
+    out: Tensor,
+    shard: Optional[VocabShard] = None,
+) -> None:
+    """Write ``Σ_k g_k ∂lp_k/∂z + g_H ∂H/∂z`` into ``out`` (``logits.shape``; may be ``logits``)::
+
+        ∂/∂x_c = Σ_k g_k [c = t_k] − p_c (G + g_H (log p_c + H)),   G = Σ_k g_k,   then · chain_c / T
+
+    ``lse`` and ``entropy`` are the full rows' (so a shard's columns need no communication); a None upstream
+    gradient is zero. Ignored ids (and, for ``g_H``, positions whose ids are all ignored) contribute nothing.
+    """
+    shard = VocabShard.whole(logits.shape[-1]) if shard is None else shard
+    if not _views_as_3d(out, logits):  # an in-place target whose strides don't flatten: via a buffer
+        buf = torch.empty(out.shape, dtype=out.dtype, device=out.device)
+        backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, opts, buf, shard)
+        out.copy_(buf)
+        return
+    z3, ids3 = _as_3d(logits, index)
+    out3 = out.view(z3.shape)
+    cdt = compute_dtype(logits.dtype)
+    rows = z3.shape[:2]
+    def as_rows(t, shape, like):  # a per-id or per-position tensor (maybe stride-0) in the (N, M, ...) layout
+        return None if t is None else t.expand(shape).reshape(like)
+
+    f = grad_factors(ids3, lse.reshape(rows), as_rows(entropy, lse.shape, rows),
+                     as_rows(grad_log_probs, index.shape, ids3.shape), as_rows(grad_entropy, lse.shape, rows), opts,
+                     shard, z3.shape[-1])  # fmt: skip
+    shift = Shift(f.shift, cdt)
+    scale, ent_scale = f.scale.to(cdt), None if f.entropy_scale is None else f.entropy_scale.to(cdt)
+    at_ids = f.at_ids.to(cdt)
+    lowest = torch.finfo(cdt).min
+    direct = out.dtype == cdt
+    n_scratch = (1 if opts.softcap else 0) + (1 if ent_scale is not None else 0)
+    # CPU, whole rows, no entropy gradient: p from one fused softmax (it recomputes the row's own lse); rows
+    # without gradient are zeroed afterwards (p is NaN on an all −inf row). Elsewhere p = exp(x − lse), and
+    # p log p from the same pass (cheaper than the softmax's exp plus entr's log).
+    softmax_path = z3.device.type == "cpu" and shard.is_whole(z3.shape[-1]) and ent_scale is None
+    dead = f.shift.isinf() if softmax_path else None
+    for idx, x, scratch in _chunks(z3, cdt, n_scratch, scratch_for_x=not direct):
+        x = out3[idx] if direct else x
+        chain = scratch.pop() if opts.softcap else None
+        src = _capped(x, z3[idx], opts.softcap, chain_out=chain)
+        if opts.temperature != 1.0:
+            src = torch.div(src, opts.temperature, out=x)
+        if softmax_path:
+            y = torch._softmax(src, -1, False, out=x).mul_(scale[idx].unsqueeze(-1))  # a p
+            if bool(dead[idx].any()):
+                y[dead[idx]] = 0.0
+        else:
+            y = shift.subtract_from(src, idx, out=x)  # log p (rows without gradient: −inf)
+            if ent_scale is None:  # a p
+                y.exp_().mul_(scale[idx].unsqueeze(-1))
+            else:  # a p + b p log p, with p log p = 0 where p = 0 (log p clamped: 0 · lowest, not 0 · −inf)
+                e = torch.exp(y.clamp_(min=lowest), out=scratch[0])
+                y.mul_(e).mul_(ent_scale[idx].unsqueeze(-1)).addcmul_(e, scale[idx].unsqueeze(-1))
+        y.scatter_add_(-1, f.columns[idx], at_ids[idx])
+        if chain is not None:
+            y.mul_(chain)
+        if not direct:
+            out3[idx].copy_(y)
+
+
+class LogProbGradFactors(NamedTuple):
+    """Per-row factors of the gradient over a shard (float64), with ``p = exp(x − lse)``::
+
+        ∂/∂z_c = (scale · p_c + entropy_scale · p_c log p_c + Σ_k at_ids_k [c = col_k]) · chain_c
+
+    ``scale = −(G + g_H H) / T``, ``entropy_scale = −g_H / T`` (None without an entropy gradient),
+    ``at_ids = g_k / T`` where the id lies in the shard (else 0), ``columns`` the ids' columns in the shard
+    (clamped), ``shift`` the row's lse, +inf on rows without gradient (p = 0 exactly there). Rows holding an
+    id outside [0, C) get a NaN scale."""
+
+    scale: Tensor
+    entropy_scale: Optional[Tensor]
+    at_ids: Tensor
+    columns: Tensor
+    shift: Tensor
+
+
+def grad_factors(index, lse, entropy, grad_log_probs, grad_entropy, opts: LogProbRowOptions, shard: VocabShard,
+                 shard_size: int) -> LogProbGradFactors:  # fmt: skip
+    """The :class:`LogProbGradFactors` of rows with global ids ``index`` (..., K): O(rows · K) work."""
+    valid, _, bad = index_masks(index, opts.ignore_index, shard.num_classes)
+    local, columns = local_targets(index, shard.vocab_start, shard_size)
+    inv_t = 1.0 / opts.temperature
+    lse = lse.double()
+    g = torch.zeros(index.shape, dtype=torch.float64, device=index.device)
+    if grad_log_probs is not None:
+        g = torch.where(valid, grad_log_probs.double().expand(index.shape), 0.0)
+    scale = -g.sum(-1)
+    entropy_scale = None
+    if grad_entropy is not None and opts.entropy:
+        g_h = torch.where(valid.any(-1), grad_entropy.double().expand(lse.shape), 0.0)
+        scale = scale - g_h * torch.where(g_h == 0, 0.0, entropy.double())  # ignored rows: 0, not 0 · NaN
+        entropy_scale = -g_h * inv_t
+    live = scale != 0 if entropy_scale is None else (scale != 0) | (entropy_scale != 0)
+    scale = (scale * inv_t).masked_fill_(bad.any(-1), math.nan)
+    shift = lse.masked_fill(~live, math.inf)
+    return LogProbGradFactors(scale, entropy_scale, torch.where(local, g * inv_t, 0.0), columns, shift)
+
+
+def scaled_logits(x: Tensor, z: Tensor, opts: LogProbRowOptions) -> Tensor:
+    """The logits the math sees, ``κ tanh(z / κ) / T``, in the compute-dtype buffer ``x`` (or ``z`` itself when
+    it is already in the compute dtype and neither transform applies: no copy)."""
+    src = _capped(x, z, opts.softcap)
+    if opts.temperature != 1.0:
+        src = torch.div(src, opts.temperature, out=x)
+    return src
+
+
+def _as_3d(logits: Tensor, index: Tensor):
+    """Logits (..., C) as (N, M, C) (a view where one exists) and the ids (..., K) as (N, M, K)."""
+    n, m, c = _shape_3d(logits.shape)
+    return logits.reshape(n, m, c), index.reshape(n, m, index.shape[-1])
+
+
+# --- the fused linear loops' chunk step (linear_loop.linear_log_probs / linear_log_probs_grads) -------------------
+
+
+def chunk_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, *, vocab_start: int = 0) -> LogProbStats:
+    """The stats of one (rows, V_p) logits block, the columns from ``vocab_start`` on; reads ``logits`` only."""
+    return shard_stats(logits, index, opts, vocab_start)
+
+
+def chunk_grad_(logits: Tensor, index: Tensor, lse: Tensor, entropy: Optional[Tensor], grad_log_probs: Optional[Tensor],
+                grad_entropy: Optional[Tensor], opts: LogProbRowOptions, *, vocab_start: int = 0,
+                num_classes: Optional[int] = None) -> GradFactors:  # fmt: skip
+    """The block's finished gradient written over the block (``logits``, ours), from the full rows' lse and entropy."""
+    shard = VocabShard(vocab_start, logits.shape[-1] if num_classes is None else num_classes)
+    backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, opts, logits, shard)
+    return FINISHED
+
+
+def chunk_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
+    """The finished rows of a block holding whole rows of the head (:func:`softmax_rows`), or None: then the loop
+    takes the stats path."""
+    return softmax_rows(logits, index, opts)
+
+
+class LogProbChunkKernels(NamedTuple):
+    """The elementwise work of the fused log-prob loops, swappable per backend: a block's stats, its gradient, and
+    a fast step for blocks of whole rows (may decline with None)."""
+
+    stats: Callable[..., LogProbStats]
+    grad_: Callable[..., GradFactors]
+    rows: Callable[..., Optional[LogProbRows]]
+
+
+TORCH_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_, chunk_rows)
