@@ -433,11 +433,3 @@ def test_custom_ops_fakes_match_eager(dtype, with_grads):
     scale = torch.full((), 0.2) if with_grads else None
     settings = flatten(opts, VocabShard.whole(7), LoopArgs(chunk_size=2), GradNeeds(True, True, False))
     fake_matches_real(distill_ops._linear_distill, [x, w, b, x_t, w_t, None, t, scale, *settings, "torch"])
-
-
-@pytest.mark.parametrize("case", [CASES[2], CASES[4], CASES[5], CASES[7]], ids=str)
-def test_fused_row_slices_of_the_elementwise_step(case, monkeypatch):
-    # sub-steps of 3 rows (the CPU default is 2^18 elements: one slice per block at these sizes)
-    monkeypatch.setitem(distill_loop.STEP_ELEMENTS, "cpu", 3 * 29)
-    test_fused_equals_materialized_recipe_float64(*case, "mean")
-    test_fused_equals_materialized_recipe_float64(*case, "none")

@@ -52,21 +52,13 @@ class DistillHooks(NamedTuple):
     sums: Optional[Callable[[Tensor], Tensor]] = None
 
 
-# Elements per elementwise sub-step. The step makes ~10 (KL) to ~16 (mixture) passes over its rows; run on row
-# slices of a block this size, the slices of both logits blocks and the step's scratch (at most 4 buffers of
-# this size: 4 MiB in fp32 at 2^18) stay in cache between passes instead of streaming the whole block from DRAM
-# each pass. CPU value from the (2048, 1024, 32768) benchmark on the 2-core VM (docs/benchmarks.md); CUDA runs
-# one slice per block (Triton's step keeps a row in registers and needs no scratch).
-STEP_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 62}
-
-
 def block_count(opts: DistillRowOptions, grads: bool) -> int:
-    """Block-sized buffers one block of rows holds: the two heads' logits (the step's scratch is slice-sized)."""
-    return 2
+    """Block-sized buffers one block of rows holds: the two heads' logits and the step's scratch."""
+    return 2 + scratch_blocks(opts, grads)
 
 
 def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, chunk_size, memory_budget) -> None:
-    """:func:`linear_plan.check_memory_budget` for the share of the budget each of the two logits blocks gets.
+    """:func:`linear_plan.check_memory_budget` for the share of the budget one of the ``block_count`` blocks gets.
 
     Raises:
         ValueError: a budget that cannot hold one full-vocabulary row of every block.
@@ -77,8 +69,8 @@ def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, c
     try:
         check_memory_budget(num_rows, dim, vocab, dtype, chunk_size, memory_budget // blocks)
     except ValueError as e:
-        raise ValueError(f"memory_budget={memory_budget} bytes is shared by the {blocks} heads' logits blocks, "
-                         f"{memory_budget // blocks} bytes each: {e}") from None
+        raise ValueError(f"memory_budget={memory_budget} bytes is shared by {blocks} block buffers here (both "
+                         f"heads' logits and the step's scratch), {memory_budget // blocks} bytes each: {e}") from None
 
 
 def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool) -> ChunkPlan:
@@ -135,7 +127,7 @@ def linear_distill(
     teacher = _Workspace(teacher_input, teacher_weight, teacher_bias, labels, None, 0.0, loop,
                          GradNeeds(False, False, False), shard, False, plan=block_plan)  # fmt: skip
     width = student.pieces[0][1] - student.pieces[0][0]
-    rows = min(max(1, min(block_plan.rows, n)), _slice_rows(width, input.device))
+    rows = max(1, min(block_plan.rows, n))
     bufs = [torch.empty(rows * width, dtype=student.cdt, device=input.device) for _ in range(scratch_blocks(opts, grads))]
     loss = torch.empty(n, dtype=compute_dtype(input.dtype), device=input.device)
     g_rows = None if grad_scale is None else grad_scale.to(student.cdt).expand(n)
@@ -145,29 +137,12 @@ def linear_distill(
         if len(student.pieces) == 1 and hooks.stats is None:
             piece = student.pieces[0]
             s, t = student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
-            for i, j in _slices(s):  # the step on cache-sized row slices, the gradient in place in s
-                loss[r0 + i : r0 + j] = step(s[i:j], t[i:j], _part(t_blk, i, j), _part(g, i, j), opts,
-                                             _scratch(bufs, (j - i, s.shape[1]), opts, grads))  # fmt: skip
+            loss[r0:r1] = step(s, t, t_blk, g, opts, _scratch(bufs, s.shape, opts, grads))
             if g is not None:
                 student.add_block_grad(s, FINISHED, r0, r1, piece, first=True)
             continue
         loss[r0:r1] = _pieces(student, teacher, r0, r1, t_blk, g, opts, bufs, hooks)
     return loss, student.finish()
-
-
-def _slice_rows(width: int, device: torch.device) -> int:
-    """Rows per elementwise sub-step (:data:`STEP_ELEMENTS`)."""
-    return max(1, STEP_ELEMENTS.get(device.type, STEP_ELEMENTS["cuda"]) // max(width, 1))
-
-
-def _slices(block: Tensor):
-    """(i, j) row ranges of ``block`` for the sub-steps."""
-    rows, step = block.shape[0], _slice_rows(block.shape[1], block.device)
-    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
-
-
-def _part(rows: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
-    return None if rows is None else rows[i:j]
 
 
 def _scratch(bufs, shape, opts, grads) -> Scratch:
@@ -182,20 +157,10 @@ def _pieces(student, teacher, r0, r1, target, g, opts: DistillRowOptions, bufs, 
     def blocks(piece):
         return student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
 
-    def sub_steps(s, t, piece, grad, sums=None):
-        """:func:`piece_step_` over the row slices of one piece: its row sums (the gradient in ``s``)."""
-        return torch.cat([piece_step_(s[i:j], t[i:j], _part(target, i, j), lse[:, i:j], opts,
-                                      _scratch(bufs, (j - i, s.shape[1]), opts, grad is not None),
-                                      student.vocab_start + piece[0], _part(grad, i, j),
-                                      None if sums is None else sums[:, i:j]) for i, j in _slices(s)], 1)  # fmt: skip
-
     parts = []
     for piece in student.pieces:
         s, t = blocks(piece)
-        rows = [piece_stats(s[i:j], t[i:j], _part(target, i, j), opts, student.vocab_start + piece[0],
-                            _scratch(bufs, (j - i, s.shape[1]), opts, False).term) for i, j in _slices(s)]  # fmt: skip
-        parts.append(DistillStats(torch.cat([p.max for p in rows], 1), torch.cat([p.sumexp for p in rows], 1),
-                                  torch.cat([p.target_logit for p in rows])))  # fmt: skip
+        parts.append(piece_stats(s, t, target, opts, student.vocab_start + piece[0], _scratch(bufs, s.shape, opts, False).term))
     stats = combine_pieces(parts)
     stats = stats if hooks.stats is None else hooks.stats(stats)
     lse = stats.lse()
@@ -203,13 +168,15 @@ def _pieces(student, teacher, r0, r1, target, g, opts: DistillRowOptions, bufs, 
     sums = 0
     for k, piece in enumerate(student.pieces):
         s, t = blocks(piece)
-        sums = sums + sub_steps(s, t, piece, g if grad_now else None)
+        scratch = _scratch(bufs, s.shape, opts, grad_now)
+        sums = sums + piece_step_(s, t, target, lse, opts, scratch, student.vocab_start + piece[0], g if grad_now else None)
         if grad_now:
             student.add_block_grad(s, FINISHED, r0, r1, piece, first=k == 0)
     sums = sums if hooks.sums is None else hooks.sums(sums)
     if g is not None and not grad_now:
         for k, piece in enumerate(student.pieces):
             s, t = blocks(piece)
-            sub_steps(s, t, piece, g, sums)
+            piece_step_(s, t, target, lse, opts, _scratch(bufs, s.shape, opts, True), student.vocab_start + piece[0],
+                        g, sums)  # fmt: skip
             student.add_block_grad(s, FINISHED, r0, r1, piece, first=k == 0)
     return piece_loss(stats, lse, sums, target, opts)
