@@ -636,3 +636,51 @@ def stats_job(rank, world):
 
 
 JOBS["stats"] = stats_job
+
+
+# --- vocab-parallel fused distillation (tests/test_distill_distributed.py) -------------------------------------
+
+DISTILL_OPTIONS = [
+    dict(beta=0.0),  # forward KL: 2 passes per block
+    dict(beta=1.0, temperature=2.0),  # reverse KL: 3 passes
+    dict(beta=0.4, hard_weight=0.3, softcap=5.0),  # the mixture with the hard loss (T = 1) and the cap
+    dict(beta=0.5, temperature=1.5, hard_weight=0.5),  # T ≠ 1: the untempered student's lse is the third
+]
+
+
+def distill_job(rank, world):
+    """Each rank's loss and gradients vs single-process linear_distill_loss on the full heads (float64)."""
+    out = {}
+    lo, hi = my_range(rank, world)
+    for k, options in enumerate(DISTILL_OPTIONS):
+        for reduction in ("mean", "none"):
+            g = torch.Generator().manual_seed(100 + k)
+            x = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
+            w, b = torch.randn(C, 6, generator=g, dtype=torch.float64), torch.randn(C, generator=g, dtype=torch.float64)
+            x_t, w_t = torch.randn(3, 7, 4, generator=g, dtype=torch.float64), torch.randn(C, 4, generator=g, dtype=torch.float64)
+            b_t = torch.randn(C, generator=g, dtype=torch.float64)
+            target = torch.randint(0, C, (3, 7), generator=g)
+            target[torch.rand(3, 7, generator=g) < 0.25] = -100
+            upstream = torch.randn(3, 7, generator=g, dtype=torch.float64)
+            kw = dict(target=target, reduction=reduction, chunk_size=5, **options)
+            full = [p.clone().requires_grad_() for p in (x, w, b)]
+            want = crossent.linear_distill_loss(full[0], full[1], x_t, w_t, linear_bias=full[2], teacher_bias=b_t, **kw)
+            _backward(want, upstream, reduction)
+            mine = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()]
+            got = cd.vocab_parallel_linear_distill_loss(mine[0], mine[1], x_t, w_t[lo:hi], linear_bias=mine[2],
+                                                         teacher_bias=b_t[lo:hi], **kw)  # fmt: skip
+            _backward(got, upstream, reduction)
+            name = f"{options} {reduction}"
+            problems = [check_same(got.detach(), want.detach(), torch.float64, "loss"),
+                        check_same(mine[0].grad, full[0].grad, torch.float64, "dX"),
+                        check_same(mine[1].grad, full[1].grad[lo:hi], torch.float64, "dW"),
+                        check_same(mine[2].grad, full[2].grad[lo:hi], torch.float64, "db")]  # fmt: skip
+            out[name] = "; ".join(p for p in problems if p) or None
+    bad_t = w_t[lo:hi] if rank == 0 else w_t[lo : hi - 1]  # the teacher's shard of another size on one rank
+    out["error: vocabulary"] = _capture(lambda: cd.vocab_parallel_linear_distill_loss(
+        torch.randn(4, 6, dtype=torch.float64), torch.randn(hi - lo, 6, dtype=torch.float64),
+        torch.randn(4, 4, dtype=torch.float64), bad_t))  # fmt: skip
+    return out
+
+
+JOBS["distill"] = distill_job

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Float64 agreement between two exact-in-float64 computations of the same formula (different summation
 # orders). A wrong term (a missing weight, a wrong denominator, a sign) is orders of magnitude larger.
@@ -114,3 +115,18 @@ def reference_expected(logits, target, grad_output=None, weight=None, **opts):
         reference.cross_entropy(z, t, weight=w, **opts),
         reference.cross_entropy_grad(z, t, weight=w, grad_output=g, **opts),
     )
+
+
+class LargestAllocation(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an op returns (every allocation is one)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest, self.op = 0, None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
+                self.largest, self.op = t.numel(), func
+        return out

@@ -12,6 +12,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import LargestAllocation as _LargestAllocation
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import crossent
@@ -186,21 +187,6 @@ def test_low_precision_error_at_most_naive(dtype, accumulate, chunks):
 
 
 # --- memory: the N×V logits never exist --------------------------------------------------------------
-
-
-class _LargestAllocation(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op returns (every allocation is one)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest, self.op = 0, None
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor) and t.numel() > self.largest:
-                self.largest, self.op = t.numel(), func
-        return out
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -400,7 +400,7 @@ def test_distributed_public_names():
 
     assert cd.__all__ == ["vocab_ranges", "check_vocab_layout", "vocab_parallel_cross_entropy",
                           "vocab_parallel_linear_cross_entropy", "vocab_parallel_token_log_probs",
-                          "vocab_parallel_linear_token_log_probs"]  # fmt: skip
+                          "vocab_parallel_linear_token_log_probs", "vocab_parallel_linear_distill_loss"]  # fmt: skip
     assert all(callable(getattr(cd, n)) for n in cd.__all__)
     for private in ("all_reduce_stats", "all_reduce_sum"):
         assert not hasattr(cd, private), f"crossent.distributed.{private} should not be public"

@@ -4,6 +4,7 @@ from crossent import reference
 from crossent._results import CrossEntropyStats, TokenLogProbs
 from crossent.functional import cross_entropy, linear_cross_entropy
 from crossent.functional_log_probs import linear_token_log_probs, token_log_probs
+from crossent.functional_distill import distill_loss, linear_distill_loss, sparse_distill_loss
 from crossent.modules import CrossEntropyLoss, LinearCrossEntropyLoss
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "token_log_probs",
     "linear_token_log_probs",
     "TokenLogProbs",
+    "distill_loss",
+    "linear_distill_loss",
+    "sparse_distill_loss",
 ]
 
 __version__ = "0.2.0"

@@ -14,9 +14,9 @@ from typing import NamedTuple
 
 import torch
 
-from crossent._options import LogProbRowOptions, RowOptions
+from crossent._options import DistillRowOptions, LogProbRowOptions, RowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels import composite, linear_ops, logprob_ops, ops
+from crossent.kernels import composite, distill_ops, linear_ops, logprob_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.shard import VocabShard
@@ -199,17 +199,24 @@ class LinearCrossEntropyFused(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
-        saved = ctx.saved_tensors
-        grads = [g if need else None for g, need in zip(saved[:3], ctx.call.needs)]
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
-            # traced, recorded or transformed: no host check, no in-place on our gradients
-            grads = _first_order_only([None if g is None else g * grad_out for g in grads], saved[3:])
-        else:
-            claim_forward_grads(ctx, "linear_cross_entropy")  # a second pass would scale (and all-reduce) again
-            if grad_out.device.type != "cpu" or bool(grad_out != 1):  # on CPU, skip a pass over dW for 1
-                grads = [None if g is None else g.mul_(grad_out) for g in grads]
-        dx, dw, db = grads
-        return sum_over_ranks_(dx, ctx.call.shard.group_name), dw, db, None, None, None, None
+        dx, dw, db = scale_forward_grads(ctx, grad_out, "linear_cross_entropy")
+        return dx, dw, db, None, None, None, None
+
+
+def scale_forward_grads(ctx, grad_out, name: str):
+    """(dX, dW, db) formed in forward (saved first, then the inputs they are tied to), times ``grad_out``; dX
+    summed over the ranks of a vocabulary shard. ``ctx.call`` has ``needs`` and ``shard``."""
+    saved = ctx.saved_tensors
+    grads = [g if need else None for g, need in zip(saved[:3], ctx.call.needs)]
+    if torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
+        # traced, recorded or transformed: no host check, no in-place on our gradients
+        grads = _first_order_only([None if g is None else g * grad_out for g in grads], saved[3:])
+    else:
+        claim_forward_grads(ctx, name)  # a second pass would scale (and all-reduce) again
+        if grad_out.device.type != "cpu" or bool(grad_out != 1):  # on CPU, skip a pass over dW for 1
+            grads = [None if g is None else g.mul_(grad_out) for g in grads]
+    dx, dw, db = grads
+    return sum_over_ranks_(dx, ctx.call.shard.group_name), dw, db
 
 
 class LinearCrossEntropyRecompute(torch.autograd.Function):
@@ -245,6 +252,105 @@ class LinearCrossEntropyRecompute(torch.autograd.Function):
             )  # fmt: skip
         dx, dw, db = _first_order_only((dx, dw, db), (input, linear_weight, linear_bias))
         return sum_over_ranks_(dx, c.shard.group_name), dw, db, None, None, None
+
+
+# --- distillation: the student's gradient only (the teacher's tensors come detached) -----------------------
+
+
+class DistillCall(NamedTuple):
+    """How :class:`DistillRows` runs: the row options and the backend."""
+
+    opts: DistillRowOptions
+    impl: str
+
+
+class LinearDistillCall(NamedTuple):
+    """How the fused linear distillation Functions run: row options, shard, block loop, gradients wanted, backend."""
+
+    opts: DistillRowOptions
+    shard: VocabShard
+    loop: LoopArgs
+    needs: GradNeeds
+    impl: str
+
+
+class DistillRows(torch.autograd.Function):
+    """Per-position distillation loss of student logits ``(N, V)`` against the teacher's (no gradient). Saves the
+    two inputs (no copy) and the target; backward recomputes the rows with the upstream gradient."""
+
+    @staticmethod
+    def forward(input, teacher, target, call: DistillCall):
+        return distill_ops.distill_forward(input, teacher, target, call.opts, call.impl)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, teacher, target, call = inputs
+        ctx.save_for_backward(input, teacher, target)
+        ctx.call = call
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        input, teacher, target = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = distill_ops.distill_backward(input, teacher, target, grad_loss, ctx.call.opts, ctx.call.impl)
+            grad = _first_order_only((grad,), (input,))[0]
+        return grad, None, None, None
+
+
+class LinearDistillFused(torch.autograd.Function):
+    """``"mean"``/``"sum"`` of the fused linear distillation: ``Σ_i row_scale · loss_i``, the student's gradients
+    formed in forward (as :class:`LinearCrossEntropyFused`) and scaled by grad_output in backward."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target, row_scale,
+                call: LinearDistillCall):  # fmt: skip
+        scale = row_scale if any(call.needs) else None
+        loss, grads = distill_ops.linear_distill(
+            input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target, scale, call.opts,
+            call.shard, call.loop, call.needs, call.impl,
+        )  # fmt: skip
+        return loss.sum() * row_scale, *(loss.new_empty(0) if g is None else g for g in grads)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*output[1:], *inputs[:3])
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.call = inputs[-1]
+
+    @staticmethod
+    def backward(ctx, grad_out, *_unused):
+        dx, dw, db = scale_forward_grads(ctx, grad_out, "linear_distill_loss")
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class LinearDistillRecompute(torch.autograd.Function):
+    """``"none"`` of the fused linear distillation: per-row loss; backward runs the loop again with the per-row
+    upstream gradient (2 products per block in forward, 4 in backward)."""
+
+    @staticmethod
+    def forward(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target,
+                call: LinearDistillCall):  # fmt: skip
+        loss, _ = distill_ops.linear_distill(
+            input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target, None, call.opts,
+            call.shard, call.loop, GradNeeds(False, False, False), call.impl,
+        )  # fmt: skip
+        return loss
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:7])
+        ctx.call = inputs[-1]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = ctx.saved_tensors
+        c, wanted = ctx.call, ctx.needs_input_grad
+        needs = GradNeeds(wanted[0], wanted[1], wanted[2] and saved[2] is not None)
+        with torch.no_grad():
+            _, grads = distill_ops.linear_distill(*saved, grad_loss, c.opts, c.shard, c.loop, needs, c.impl)
+        dx, dw, db = _first_order_only(tuple(grads), saved[:3])
+        return sum_over_ranks_(dx, c.shard.group_name), dw, db, None, None, None, None, None
 
 
 # --- the same Functions with the rules torch.func and forward-mode AD need --------------------------------------

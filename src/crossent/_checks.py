@@ -156,3 +156,78 @@ def check_linear(input, linear_weight, target, linear_bias, check_target=check_i
             raise TypeError(f"{name} has dtype {t.dtype} but input has {input.dtype}; they must match")
         if t.device != input.device:
             raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+
+def check_distill_logits(input, teacher, target) -> None:
+    """``distill_loss``'s tensors: floating student and teacher of one shape ``(..., V)`` (V ≥ 1) on one device,
+    and None or integer class indices ``input.shape[:-1]``."""
+    check_logits("input", input)
+    check_logits("teacher", teacher)
+    if teacher.shape[-1] != input.shape[-1]:
+        raise ValueError(
+            f"student and teacher must share the vocabulary: input has V={input.shape[-1]} (shape "
+            f"{tuple(input.shape)}), teacher has V={teacher.shape[-1]} (shape {tuple(teacher.shape)})"
+        )
+    if teacher.shape != input.shape:
+        raise ValueError(f"teacher must have the input's shape {tuple(input.shape)}, got {tuple(teacher.shape)}")
+    if input.shape[-1] == 0:
+        raise ValueError(f"input has no classes: its last dim has size 0 (shape {tuple(input.shape)})")
+    if teacher.device != input.device:
+        raise ValueError(f"teacher is on {teacher.device} but input is on {input.device}")
+    if target is not None:
+        check_index_target(target, input.shape[:-1], input.device)
+
+
+def check_distill_linear(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target,
+                         hard_weight: float) -> None:  # fmt: skip
+    """``linear_distill_loss``'s tensors: each head as :func:`check_linear` checks it (hidden sizes may differ),
+    one vocabulary V, the teacher's rows matching the student's, one dtype and device; a target for α > 0."""
+    if hard_weight and target is None:
+        raise ValueError(f"hard_weight={hard_weight} needs the labels: pass target (class indices)")
+    check_logits("input", input)
+    check_logits("teacher_input", teacher_input)
+    labels = target
+    if labels is None:  # the checks below want class indices of the batch shape: a stand-in without storage
+        labels = torch.zeros((), dtype=torch.int64, device=input.device).expand(input.shape[:-1])
+    check_linear(input, linear_weight, labels, linear_bias)
+    if teacher_input.shape[:-1] != input.shape[:-1]:
+        raise ValueError(
+            f"teacher_input must have the input's batch shape {tuple(input.shape[:-1])} (one teacher position per "
+            f"student position), got shape {tuple(teacher_input.shape)}"
+        )
+    if isinstance(teacher_weight, torch.Tensor) and teacher_weight.dim() == 2 and (
+        teacher_weight.shape[0] != linear_weight.shape[0]
+    ):
+        raise ValueError(
+            f"student and teacher must share the vocabulary: linear_weight has V={linear_weight.shape[0]} rows, "
+            f"teacher_weight has V={teacher_weight.shape[0]} (shape {tuple(teacher_weight.shape)})"
+        )
+    check_linear(teacher_input, teacher_weight, labels, teacher_bias)
+    if teacher_input.dtype != input.dtype:
+        raise TypeError(f"teacher_input has dtype {teacher_input.dtype} but input has {input.dtype}; they must match")
+    if teacher_input.device != input.device:
+        raise ValueError(f"teacher_input is on {teacher_input.device} but input is on {input.device}")
+
+
+def check_sparse_teacher(input, linear_weight, linear_bias, teacher_ids, teacher_log_probs, target) -> None:
+    """``sparse_distill_loss``'s tensors: the student's head as :func:`check_linear` checks it, integer
+    ``teacher_ids`` and floating ``teacher_log_probs`` of one shape ``input.shape[:-1] + (K,)``, K ≥ 1."""
+    check_logits("input", input)
+    labels = target if target is not None else torch.zeros((), dtype=torch.int64, device=input.device).expand(
+        input.shape[:-1])  # fmt: skip
+    check_linear(input, linear_weight, labels, linear_bias)
+    for name, t in (("teacher_ids", teacher_ids), ("teacher_log_probs", teacher_log_probs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != input.dim() or t.shape[:-1] != input.shape[:-1] or t.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape input.shape[:-1] + (K,) = {tuple(input.shape[:-1])} + (K,) "
+                             f"with K ≥ 1, got {tuple(t.shape)}")  # fmt: skip
+        if t.device != input.device:
+            raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+    if teacher_ids.is_floating_point() or teacher_ids.is_complex() or teacher_ids.dtype == torch.bool:
+        raise TypeError(f"teacher_ids must hold integer ids, got dtype {teacher_ids.dtype}")
+    if not teacher_log_probs.is_floating_point():
+        raise TypeError(f"teacher_log_probs must be floating, got dtype {teacher_log_probs.dtype}")
+    if teacher_log_probs.shape != teacher_ids.shape:
+        raise ValueError(f"teacher_log_probs {tuple(teacher_log_probs.shape)} and teacher_ids "
+                         f"{tuple(teacher_ids.shape)} must have the same shape")  # fmt: skip

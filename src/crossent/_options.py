@@ -11,6 +11,8 @@ Three layers of options, each a part of the next:
   fused loss's chunking, dW accumulation and ``logit_scale``).
 - :class:`LogProbRowOptions` ⊂ :class:`LogProbOptions` ⊂ :class:`LinearLogProbOptions` — the same layering for
   the per-token log-probability family (no reduction: it returns per-token values).
+- :class:`DistillRowOptions` ⊂ :class:`DistillOptions` — the distillation family (one options class for the
+  plain, fused and sparse forms; only the fused form reads the chunking).
 
 ``LossOptions.build(**keywords)`` sorts the public keyword arguments into these parts, so no list of
 option names is written out anywhere but in the dataclasses' fields (and in the public signatures).
@@ -200,6 +202,68 @@ class LinearLogProbOptions(LogProbOptions):
     def __post_init__(self):
         super().__post_init__()
         _check_chunking(self)
+
+
+@dataclass(frozen=True)
+class DistillRowOptions:
+    """The options of the per-row distillation math (docs/math.md, "Distillation"): the mixture ``beta`` β in
+    [0, 1], the ``temperature`` T > 0 dividing both logits, the weight α = ``hard_weight`` in [0, 1] of the
+    hard cross-entropy, ``softcap`` (both heads' logits, before T), whether the teacher comes as
+    log-probabilities, the ``ignore_index`` of the targets, and for the sparse (top-K) teacher whether the mass
+    outside its K ids is one more outcome (``tail``) or both sides are renormalized over the K ids."""
+
+    ignore_index: int = -100
+    beta: float = 0.0
+    temperature: float = 1.0
+    hard_weight: float = 0.0
+    softcap: Optional[float] = None
+    teacher_log_probs: bool = False
+    tail: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
+        _check_bool("tail", self.tail)
+        _check_real("beta", self.beta, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        _check_real("temperature", self.temperature, "a finite float > 0", lambda v: v > 0.0)
+        _check_real("hard_weight", self.hard_weight, "a float in [0, 1]", lambda v: 0.0 <= v <= 1.0)
+        if self.softcap is not None:
+            _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
+            object.__setattr__(self, "softcap", float(self.softcap))
+        _check_bool("teacher_is_log_probs", self.teacher_log_probs)
+        for name in ("beta", "temperature", "hard_weight"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+
+_FIELDS_OF[DistillRowOptions] = tuple(f.name for f in fields(DistillRowOptions))
+
+
+@dataclass(frozen=True)
+class DistillOptions(_BuiltFromKeywords):
+    """A distillation call's options: the row math's (``row``), the reduction, the backend and, for the fused
+    form, the loops' chunking and dW accumulation (as :class:`LinearOptions`)."""
+
+    ROW: ClassVar[type] = DistillRowOptions
+    row: DistillRowOptions = field(default_factory=DistillRowOptions)
+    reduction: Reduction = "mean"
+    impl: Impl = "auto"
+    chunk_size: Optional[int] = None
+    memory_budget: Optional[int] = None
+    accumulate_dtype: AccumulateDtype = "float32"
+
+    def __post_init__(self):
+        if not isinstance(self.row, DistillRowOptions):
+            raise TypeError(f"row must be a DistillRowOptions, got {type(self.row).__name__}")
+        _check_choice("reduction", self.reduction, _REDUCTIONS)
+        _check_choice("impl", self.impl, _IMPLS)
+        _check_chunking(self)
+
+    @classmethod
+    def build(cls, **keywords):
+        """As :meth:`_BuiltFromKeywords.build`; the public ``teacher_is_log_probs`` is the row's
+        ``teacher_log_probs``."""
+        if "teacher_is_log_probs" in keywords:
+            keywords["teacher_log_probs"] = keywords.pop("teacher_is_log_probs")
+        return super().build(**keywords)
 
 
 def _check_chunking(opts) -> None:

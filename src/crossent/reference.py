@@ -45,6 +45,10 @@ __all__ = [
     "token_log_probs",
     "token_entropy",
     "token_log_probs_grad",
+    "generalized_jsd",
+    "generalized_jsd_grad",
+    "sparse_distill",
+    "sparse_distill_grad",
 ]
 
 
@@ -338,3 +342,158 @@ def token_log_probs_grad(logits, index, grad_log_probs=None, grad_entropy=None, 
             plogp = np.where(p > 0, p * lp, 0.0)
         grad += -g_h[..., None] * (plogp + p * h[..., None])
     return grad * chain
+
+
+# --- distillation: the generalized Jensen-Shannon divergence between two softmaxes -------------------------
+
+
+def _distill_rows(student_logits, teacher_logits, beta, temperature, teacher_is_log_probs):
+    """Per position (class axis last): ``(log q, log p, divergence, ∂divergence/∂s)`` with ``s = z_s / T``."""
+    lq = log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature)
+    t = np.asarray(teacher_logits, dtype=np.float64)
+    lp = t if teacher_is_log_probs else log_softmax(t / temperature)
+    q, p = np.exp(lq), np.exp(lp)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if beta == 0.0:  # KL(p ‖ q); ∂/∂s = q − p
+            return lq, lp, np.sum(_xlogy(p, p) - np.where(p > 0, p * lq, 0.0), -1), q - p
+        if beta == 1.0:  # KL(q ‖ p); ∂/∂s = q (log q − log p − KL)
+            r = np.where(q > 0, lq - lp, 0.0)
+            kl = np.sum(q * r, -1)
+            return lq, lp, kl, q * (r - kl[..., None])
+        lm = np.logaddexp(lq + np.log1p(-beta), lp + np.log(beta))  # log m, m = β p + (1 − β) q
+        rq, rp = np.where(q > 0, lq - lm, 0.0), np.where(p > 0, lp - lm, 0.0)
+        kq, kp = np.sum(q * rq, -1), np.sum(p * rp, -1)
+        # ∂/∂s = (1 − β) q (log(q/m) − Σ q log(q/m)): the terms through ∂m/∂q cancel (docs/math.md)
+        return lq, lp, beta * kp + (1.0 - beta) * kq, (1.0 - beta) * q * (rq - kq[..., None])
+
+
+def _distill_mask_and_denominator(batch_shape, target, ignore_index):
+    if target is None:
+        return np.ones(batch_shape, dtype=bool), float(np.prod(batch_shape))
+    valid = np.asarray(target) != ignore_index
+    return valid, float(valid.sum())
+
+
+def generalized_jsd(
+    student_logits, teacher_logits, beta=0.0, temperature=1.0, target=None, ignore_index=-100, reduction="mean",
+    teacher_is_log_probs=False, hard_weight=0.0,
+):  # fmt: skip
+    """The generalized Jensen-Shannon divergence of TRL's ``generalized_jsd_loss`` (class axis last).
+
+    With ``q = softmax(z_s / T)``, ``p = softmax(z_t / T)`` (``p = exp(z_t)`` for ``teacher_is_log_probs``)::
+
+        β = 0:       KL(p ‖ q) = Σ p (log p − log q)
+        β = 1:       KL(q ‖ p)
+        0 < β < 1:   β KL(p ‖ m) + (1 − β) KL(q ‖ m),   m = β p + (1 − β) q
+
+    ``hard_weight = α`` gives ``(1 − α) · divergence + α · cross_entropy(z_s, target)`` (untempered logits).
+    Positions whose target is ``ignore_index`` give 0; ``"mean"`` divides by the number of the others (all
+    positions without a target; 0 when there are none).
+
+    >>> round(float(generalized_jsd(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]]))), 10)  # .25 log .5 + .75 log 1.5
+    0.1308120359
+    """
+    lq, lp, div, _ = _distill_rows(student_logits, teacher_logits, beta, temperature, teacher_is_log_probs)
+    loss = div
+    if hard_weight:
+        z = np.asarray(student_logits, dtype=np.float64)
+        t = np.where(np.asarray(target) == ignore_index, 0, np.asarray(target))
+        ce = logsumexp(z) - np.take_along_axis(z, t[..., None], -1)[..., 0]
+        loss = (1.0 - hard_weight) * div + hard_weight * ce
+    valid, denom = _distill_mask_and_denominator(loss.shape, target, ignore_index)
+    loss = np.where(valid, loss, 0.0)
+    if reduction == "none":
+        return loss
+    return float(loss.sum()) if reduction == "sum" else (float(loss.sum()) / denom if denom else 0.0)
+
+
+def generalized_jsd_grad(
+    student_logits, teacher_logits, beta=0.0, temperature=1.0, target=None, ignore_index=-100, reduction="mean",
+    teacher_is_log_probs=False, hard_weight=0.0, grad_output=1.0,
+):  # fmt: skip
+    """The gradient of :func:`generalized_jsd` w.r.t. the student logits (the divergence's ``∂/∂s`` over T).
+
+    >>> generalized_jsd_grad(np.log([[0.5, 0.5]]), np.log([[0.25, 0.75]])).round(12).tolist()  # (q − p) / N
+    [[0.25, -0.25]]
+    """
+    z = np.asarray(student_logits, dtype=np.float64)
+    _, _, div, grad = _distill_rows(z, teacher_logits, beta, temperature, teacher_is_log_probs)
+    grad = grad / temperature
+    if hard_weight:
+        t = np.where(np.asarray(target) == ignore_index, 0, np.asarray(target))
+        onehot = np.zeros_like(z)
+        np.put_along_axis(onehot, t[..., None], 1.0, -1)
+        grad = (1.0 - hard_weight) * grad + hard_weight * (softmax(z) - onehot)
+    valid, denom = _distill_mask_and_denominator(div.shape, target, ignore_index)
+    g = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), div.shape) if reduction == "none" else (
+        np.full(div.shape, float(grad_output) / (denom if reduction == "mean" and denom else 1.0)))  # fmt: skip
+    if reduction == "mean" and not denom:
+        g = np.zeros(div.shape)
+    return np.where(valid[..., None], grad * g[..., None], 0.0)
+
+
+def _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail):
+    """(log q̂, log p̂) over the K teacher ids (+ the tail bucket), and q = softmax(z / T) over all V."""
+    lq_full = log_softmax(np.asarray(student_logits, dtype=np.float64) / temperature)
+    ids = np.asarray(teacher_ids)
+    lp = np.asarray(teacher_log_probs, dtype=np.float64)
+    lq = np.take_along_axis(lq_full, ids, -1)
+    if tail:
+        with np.errstate(divide="ignore"):
+            lq_tail = np.log(np.maximum(1.0 - np.exp(lq).sum(-1), 0.0))
+            lp_tail = np.log(np.maximum(-np.expm1(logsumexp(lp)), 0.0))
+        return np.concatenate([lq, lq_tail[..., None]], -1), np.concatenate([lp, lp_tail[..., None]], -1), lq_full
+    return log_softmax(lq), log_softmax(lp), lq_full
+
+
+def sparse_distill(
+    student_logits, teacher_ids, teacher_log_probs, beta=0.0, temperature=1.0, target=None, ignore_index=-100,
+    reduction="mean", tail=True,
+):  # fmt: skip
+    """The divergence of :func:`generalized_jsd` against a top-K teacher, per position.
+
+    ``q = softmax(z / T)`` over all V classes, ``p_k = exp(teacher_log_probs_k)`` at the K ``teacher_ids``.
+    ``tail=True``: K + 1 outcomes, the K ids and one bucket ``p_tail = 1 − Σ p_k``, ``q_tail = 1 − Σ q_k``;
+    ``tail=False``: both renormalized over the K ids. Reduction as :func:`generalized_jsd`.
+
+    >>> z = np.log([[0.5, 0.25, 0.25]])  # q = (½, ¼, ¼); the teacher gives id 0 probability ¾
+    >>> round(float(sparse_distill(z, [[0]], np.log([[0.75]]))), 10)  # ¾ log(¾ / ½) + ¼ log(¼ / ½)
+    0.1308120359
+    """
+    lq, lp, _ = _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail)
+    return generalized_jsd(lq, lp, beta=beta, target=target, ignore_index=ignore_index, reduction=reduction,
+                           teacher_is_log_probs=True)  # fmt: skip
+
+
+def sparse_distill_grad(
+    student_logits, teacher_ids, teacher_log_probs, beta=0.0, temperature=1.0, target=None, ignore_index=-100,
+    reduction="mean", tail=True, grad_output=1.0,
+):  # fmt: skip
+    """The gradient of :func:`sparse_distill` w.r.t. the student logits (V per position), by the chain rule of
+    docs/math.md, "Sparse teacher": ``∂D/∂s_c = q_c (a_c − Σ_j q_j a_j)`` with ``a_c = ∂D/∂q̂_c − ∂D/∂q̂_tail``
+    on the K ids and 0 elsewhere (``tail=False``: the K-way softmax's gradient, 0 off the ids).
+
+    >>> z = np.log([[0.5, 0.25, 0.25]])
+    >>> sparse_distill_grad(z, [[0]], np.log([[0.75]])).round(12).tolist()  # (q̂ − p̂) spread by q: (−¼, ⅛, ⅛)
+    [[-0.25, 0.125, 0.125]]
+    """
+    lq, lp, lq_full = _sparse_outcomes(student_logits, teacher_ids, teacher_log_probs, temperature, tail)
+    ids = np.asarray(teacher_ids)
+    # ∂D/∂(log q̂) of the divergence over the outcomes: generalized_jsd_grad w.r.t. logits whose log-softmax is lq̂
+    d_outcomes = generalized_jsd_grad(lq, lp, beta=beta, teacher_is_log_probs=True, reduction="sum")
+    q_full, q_hat = np.exp(lq_full), np.exp(lq)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        g_hat = np.where(q_hat > 0, d_outcomes / q_hat, 0.0)  # ∂D/∂q̂ up to a per-row constant
+    if tail:
+        a_k = g_hat[..., :-1] - g_hat[..., -1:]
+        a = np.zeros_like(q_full)
+        np.put_along_axis(a, ids, a_k, -1)
+        grad = q_full * (a - np.sum(q_full * a, -1, keepdims=True))
+    else:
+        grad = np.zeros_like(q_full)
+        np.put_along_axis(grad, ids, d_outcomes, -1)
+    _, denom = _distill_mask_and_denominator(grad.shape[:-1], target, ignore_index)
+    valid, _ = _distill_mask_and_denominator(grad.shape[:-1], target, ignore_index)
+    scale = np.broadcast_to(np.asarray(grad_output, dtype=np.float64), grad.shape[:-1]) if reduction == "none" else (
+        np.full(grad.shape[:-1], float(grad_output) / (denom if reduction == "mean" and denom else 1.0)))  # fmt: skip
+    return np.where(valid[..., None], grad * scale[..., None] / temperature, 0.0)

@@ -7,6 +7,7 @@ check a call together, ``api`` the two public functions. See docs/distributed.md
 from crossent.distributed.api import (
     vocab_parallel_cross_entropy,
     vocab_parallel_linear_cross_entropy,
+    vocab_parallel_linear_distill_loss,
     vocab_parallel_linear_token_log_probs,
     vocab_parallel_token_log_probs,
 )
@@ -19,4 +20,5 @@ __all__ = [
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_token_log_probs",
     "vocab_parallel_linear_token_log_probs",
+    "vocab_parallel_linear_distill_loss",
 ]

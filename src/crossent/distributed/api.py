@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from crossent._checks import (
+    check_distill_linear,
     check_index_target,
     check_linear,
     check_logits,
@@ -51,6 +52,7 @@ from crossent._checks import (
 from crossent._options import (
     AccumulateDtype,
     CrossEntropyOptions,
+    DistillOptions,
     Impl,
     LinearLogProbOptions,
     LinearOptions,
@@ -60,6 +62,7 @@ from crossent._options import (
 from crossent._results import TokenLogProbs
 from crossent.distributed.agreement import agree, check_vocab_start, device_of
 from crossent.functional import LossOrStats, autocast_operands, classes_last_cross_entropy, rows_linear_cross_entropy
+from crossent.functional_distill import rows_linear_distill
 from crossent.functional_log_probs import rows_linear_token_log_probs, rows_token_log_probs
 from crossent.kernels.shard import VocabShard
 
@@ -68,6 +71,7 @@ __all__ = [
     "vocab_parallel_linear_cross_entropy",
     "vocab_parallel_token_log_probs",
     "vocab_parallel_linear_token_log_probs",
+    "vocab_parallel_linear_distill_loss",
 ]
 
 
@@ -364,6 +368,84 @@ def vocab_parallel_linear_token_log_probs(
     input, linear_weight, linear_bias = operands
     return rows_linear_token_log_probs(input, linear_weight, index, linear_bias, opts_box[0], shard,
                                        plan_vocab=agreed.widest)  # fmt: skip
+
+
+def vocab_parallel_linear_distill_loss(
+    input: Tensor,
+    linear_weight: Tensor,
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    *,
+    linear_bias: Optional[Tensor] = None,
+    teacher_bias: Optional[Tensor] = None,
+    group: Optional[dist.ProcessGroup] = None,
+    vocab_start: Optional[int] = None,
+    beta: float = 0.0,
+    temperature: float = 1.0,
+    target: Optional[Tensor] = None,
+    ignore_index: int = -100,
+    reduction: Reduction = "mean",
+    hard_weight: float = 0.0,
+    softcap: Optional[float] = None,
+    chunk_size: Optional[int] = None,
+    memory_budget: Optional[int] = None,
+    accumulate_dtype: AccumulateDtype = "float32",
+    impl: Impl = "auto",
+) -> Tensor:
+    r"""Fused distillation (:func:`crossent.linear_distill_loss`) with both heads' vocabulary rows split over the
+    ranks of ``group`` the same way: rank r holds rows ``[v_r, v_r + V_r)`` of the student's ``linear_weight``
+    and of the teacher's ``teacher_weight`` (and biases).
+
+    Equals single-process :func:`crossent.linear_distill_loss` with the full heads. Per block of token rows the
+    ranks combine O(rows) numbers (docs/distillation.md, "Vocab-parallel"): one all-reduce MAX of the 2–3 row
+    maxima, one SUM of the rescaled sums of exponentials and the hard loss's target logit, one SUM of the 1–2
+    divergence row sums; each rank computes its columns' logits, divergence terms and gradient columns. The
+    blocks take 2 passes over this rank's columns (β = 0) or 3 (β > 0: the gradient needs the row's divergence).
+
+    Gradients: ``input`` gets the FULL gradient on every rank (the ranks' shares summed by one all-reduce);
+    ``linear_weight`` and ``linear_bias`` this rank's rows; the teacher's tensors none.
+
+    Args:
+        input, teacher_input: ``(..., D_s)``, ``(..., D_t)``, the same on every rank (replicated hidden states).
+        linear_weight, teacher_weight: this rank's ``(V_local, D_s)`` and ``(V_local, D_t)`` rows.
+        linear_bias, teacher_bias: this rank's ``(V_local,)`` rows, or None (on every rank alike).
+        group, vocab_start: as in :func:`vocab_parallel_linear_cross_entropy`.
+        beta, temperature, target, ignore_index, reduction, hard_weight, softcap, chunk_size, memory_budget,
+            accumulate_dtype, impl: as in :func:`crossent.linear_distill_loss` (the same on every rank).
+
+    Returns:
+        Tensor: as :func:`crossent.linear_distill_loss`, identical on every rank. Every rank must call backward.
+
+    Raises:
+        ValueError/TypeError on every rank (never a hang) for a bad argument on any rank, shards that do not
+        tile the vocabulary, ranks that disagree on shapes, dtypes or options.
+    """
+    fn = "vocab_parallel_linear_distill_loss"
+    opts_box, operands = [], []
+
+    def check_and_describe():
+        opts = DistillOptions.build(
+            beta=beta, temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+            hard_weight=hard_weight, softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget,
+            accumulate_dtype=accumulate_dtype, impl=impl,
+        )  # fmt: skip
+        opts_box.append(opts)
+        operands.extend(autocast_operands(input, linear_weight, linear_bias))
+        operands.extend(autocast_operands(teacher_input, teacher_weight, teacher_bias))
+        check_distill_linear(*operands, target, opts.row.hard_weight)
+        check_vocab_start(vocab_start)
+        needs = tuple(torch.is_grad_enabled() and t is not None and t.requires_grad
+                      for t in (input, linear_weight, linear_bias))  # fmt: skip
+        labels = target if target is not None else torch.zeros(0, dtype=torch.int64, device=input.device)
+        return dict(vocab_size=linear_weight.shape[0], vocab_start=vocab_start, rows=input.shape[:-1].numel(),
+                    shapes=(tuple(input.shape), tuple(teacher_input.shape), target is None),
+                    dtypes=(str(operands[0].dtype), None if target is None else str(target.dtype)),
+                    options=(opts, linear_bias is None, teacher_bias is None, needs), weight=None,
+                    target=labels)  # fmt: skip
+
+    agreed = agree(fn, group, device_of(input), ignore_index, check_and_describe)
+    shard = VocabShard(agreed.vocab_start, agreed.num_classes, _group_name(group))
+    return rows_linear_distill(*operands, target, opts_box[0], shard, plan_vocab=agreed.widest)
 
 
 def _group_name(group: Optional[dist.ProcessGroup]) -> str:

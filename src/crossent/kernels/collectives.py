@@ -17,6 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from crossent.kernels.distill_loop import DistillHooks
+from crossent.kernels.distill_rows import DistillStats
 from crossent.kernels.logprob_rows import LogProbStats, LogProbStatsHook
 from crossent.kernels.torch_rows import RowStats, StatsHook
 
@@ -76,3 +78,27 @@ def sum_over_ranks_(tensor: Optional[Tensor], group_name: Optional[str]) -> Opti
     dist, group = _group(group_name)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
+
+
+def distill_hooks(group_name: Optional[str]):
+    """Distillation's cross-rank combines over the named group (:class:`distill_loop.DistillHooks`; empty for
+    one process): per block of rows, one all-reduce MAX of the k row maxima and one all-reduce SUM of the
+    rescaled sums of exponentials with the hard loss's target logit — (2k + 1)·rows numbers — then one
+    all-reduce SUM of the divergence's 1 or 2 row sums."""
+    if group_name is None:
+        return DistillHooks()
+    dist, group = _group(group_name)
+
+    def stats(local: DistillStats) -> DistillStats:
+        row_max = local.max.clone()
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        packed = torch.cat([local.sumexp * torch.exp(local.max - row_max), local.target_logit.unsqueeze(0)])
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        return DistillStats(row_max, packed[:-1], packed[-1])
+
+    def sums(local: Tensor) -> Tensor:
+        total = local.contiguous().clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total
+
+    return DistillHooks(stats, sums)

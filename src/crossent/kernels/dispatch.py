@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from crossent.kernels import linear_step, logprob_rows, torch_rows
+from crossent.kernels import distill_rows, linear_step, logprob_rows, torch_rows
 
 
 def triton_available() -> bool:
@@ -78,3 +78,13 @@ def logprob_chunk_kernels(impl: str) -> logprob_rows.LogProbChunkKernels:
 def no_autocast(device: torch.device):
     """A context in which ``torch.autocast`` is off for ``device``'s type: the kernels keep their own precision."""
     return torch.autocast(device.type, enabled=False)
+
+
+def distill_step(impl: str):
+    """Distillation's whole-row block step for a resolved ``impl``: :func:`distill_rows.block_step_` or its
+    Triton version (:mod:`triton_distill`, same contract; it runs the torch step for what it does not cover)."""
+    if impl == "triton":
+        from crossent.kernels.triton_distill import block_step_
+
+        return block_step_
+    return distill_rows.block_step_

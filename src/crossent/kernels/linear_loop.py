@@ -322,8 +322,9 @@ def _scattered(values: Optional[Tensor], keep: Tensor, num_rows: int, fill: floa
 class _Workspace:
     """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
 
-    def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads):
-        w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight)
+    def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads,
+                 plan=None):  # fmt: skip
+        w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight) if plan is None else plan
         self.x, self.linear_weight, self.linear_bias, self.class_weight = x, w, b, class_weight
         self.target = target
         self.n, self.dim = x.shape

@@ -1,0 +1,215 @@
+"""The fused linear distillation's loop: student and teacher logits block by block, the student's gradients.
+
+Fused: per block of token rows (and of vocabulary columns), both heads' logits products, the divergence and the
+student's gradient (``distill_rows``), then the student's dX/dW/db products.
+Never materialized: the (N, V) logits of either head, p, q, m or their gradient; one block of each at a time.
+Written in place: only the block buffers (ours): the student's becomes the block's finished gradient G.
+
+With X (N, D_s), W (V, D_s), b the student's head, X_t (N, D_t), W_t (V, D_t), b_t the teacher's:
+``Z = X Wᵀ + b``, ``Z_t = X_t W_tᵀ + b_t``, and per block ``dX_blk = G W``, ``dW += Gᵀ X_blk``, ``db += Σ_i G_i``
+(the teacher gets no gradient). The buffers, products and epilogues are the fused linear CE's
+(``linear_loop._Workspace``, one for each head, sharing one block plan); the distillation step writes the
+finished G (``GradFactors(None, None, None)``). Passes per block:
+
+- whole rows, one process: both logits products, :func:`distill_rows.block_step_`, the dX and dW products —
+  4 products per block (the floor: teacher forward, student forward and its two gradient products);
+- vocabulary pieces or vocab-parallel ranks: (1) per piece the logits and :func:`distill_rows.piece_stats`,
+  combined over the pieces and the ranks (the stats hook: O(rows) numbers); (2) per piece the logits again
+  and the divergence's row sums (and for β = 0 the gradient), summed over pieces and ranks (the sums hook);
+  (3) for β > 0 the logits once more and the gradient, which needs the global row sums.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crossent._options import DistillRowOptions
+from crossent._precision import compute_dtype
+from crossent.kernels.distill_rows import (
+    DistillStats,
+    Scratch,
+    block_step_,
+    combine_pieces,
+    piece_loss,
+    piece_stats,
+    piece_step_,
+    scratch_blocks,
+)
+from crossent.kernels.linear_loop import GradNeeds, LinearGrads, LoopArgs, _kept_rows, _rows_of, _scattered, _Workspace
+from crossent.kernels.linear_plan import ChunkPlan, check_memory_budget, default_memory_budget, plan_chunks
+from crossent.kernels.linear_step import FINISHED
+from crossent.kernels.shard import VocabShard
+
+
+class DistillHooks(NamedTuple):
+    """Vocab-parallel combines, called once per block of rows on every rank: this rank's :class:`DistillStats`
+    → the global ones, and this rank's divergence row sums → their sum over the ranks (None: one process)."""
+
+    stats: Optional[Callable[[DistillStats], DistillStats]] = None
+    sums: Optional[Callable[[Tensor], Tensor]] = None
+
+
+# Elements per elementwise sub-step. The step makes ~10 (KL) to ~16 (mixture) passes over its rows; run on row
+# slices of a block this size, the slices of both logits blocks and the step's scratch (at most 4 buffers of
+# this size: 4 MiB in fp32 at 2^18) stay in cache between passes instead of streaming the whole block from DRAM
+# each pass. CPU value from the (2048, 1024, 32768) benchmark on the 2-core VM (docs/benchmarks.md); CUDA runs
+# one slice per block (Triton's step keeps a row in registers and needs no scratch).
+STEP_ELEMENTS = {"cpu": 1 << 18, "cuda": 1 << 62}
+
+
+def block_count(opts: DistillRowOptions, grads: bool) -> int:
+    """Block-sized buffers one block of rows holds: the two heads' logits (the step's scratch is slice-sized)."""
+    return 2
+
+
+def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, chunk_size, memory_budget) -> None:
+    """:func:`linear_plan.check_memory_budget` for the share of the budget each of the two logits blocks gets.
+
+    Raises:
+        ValueError: a budget that cannot hold one full-vocabulary row of every block.
+    """
+    if memory_budget is None:
+        return
+    blocks = block_count(opts, True)
+    try:
+        check_memory_budget(num_rows, dim, vocab, dtype, chunk_size, memory_budget // blocks)
+    except ValueError as e:
+        raise ValueError(f"memory_budget={memory_budget} bytes is shared by the {blocks} heads' logits blocks, "
+                         f"{memory_budget // blocks} bytes each: {e}") from None
+
+
+def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool) -> ChunkPlan:
+    """The block shape: :func:`linear_plan.plan_chunks` for one block with 1 / ``block_count`` of the budget
+    (default: the fused CE's, ``default_memory_budget``), ``dim`` the larger hidden size of the two heads."""
+    budget = default_memory_budget(x.device, vocab, dim) if loop.memory_budget is None else loop.memory_budget
+    share = budget // block_count(opts, grads)
+    if loop.chunk_size is not None and loop.memory_budget is None:
+        share = None  # as the fused CE: chunk_size alone fixes the rows and keeps the vocabulary whole
+    return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share)
+
+
+def linear_distill(
+    input: Tensor,
+    linear_weight: Tensor,
+    linear_bias: Optional[Tensor],
+    teacher_input: Tensor,
+    teacher_weight: Tensor,
+    teacher_bias: Optional[Tensor],
+    target: Optional[Tensor],
+    opts: DistillRowOptions,
+    loop: LoopArgs,
+    *,
+    grad_scale: Optional[Tensor] = None,
+    needs: GradNeeds = GradNeeds(),
+    shard: Optional[VocabShard] = None,
+    hooks: DistillHooks = DistillHooks(),
+    step: Callable[..., Tensor] = block_step_,
+) -> Tuple[Tensor, LinearGrads]:
+    """Per-row loss (N,) in the compute dtype and, with ``grad_scale`` (() or (N,): the upstream gradient per
+    row), the student's gradients (those ``needs`` asks for; None elsewhere).
+
+    ``input`` (N, D_s), ``linear_weight`` (V_local, D_s), ``teacher_input`` (N, D_t), ``teacher_weight``
+    (V_local, D_t), biases None or (V_local,), ``target`` None or (N,) int64 (rows equal to ``ignore_index`` are
+    dropped before the products). With a vocabulary ``shard`` and ``hooks`` (vocab-parallel), dX is this rank's
+    share (sum it over the ranks) and dW, db this rank's rows. ``step``: the whole-row block step
+    (:func:`distill_rows.block_step_`, or Triton's with the same contract); pieces always run the torch passes.
+    """
+    n = input.shape[0]
+    keep = None if target is None else _kept_rows(target, opts.ignore_index, loop.skip_ignored)
+    if keep is not None:  # the rows that count, then their results put back in place
+        loss, grads = linear_distill(
+            input[keep], linear_weight, linear_bias, teacher_input[keep], teacher_weight, teacher_bias, target[keep],
+            opts, loop._replace(skip_ignored=False), grad_scale=_rows_of(grad_scale, keep, n), needs=needs,
+            shard=shard, hooks=hooks, step=step,
+        )  # fmt: skip
+        return _scattered(loss, keep, n, 0.0), grads._replace(input=_scattered(grads.input, keep, n, 0.0))
+    grads = grad_scale is not None
+    vocab = loop.plan_vocab or linear_weight.shape[0]
+    block_plan = plan(input, max(input.shape[1], teacher_input.shape[1]), vocab, opts, loop, grads)
+    labels = target if target is not None else torch.zeros(n, dtype=torch.int64, device=input.device)
+    student = _Workspace(input, linear_weight, linear_bias, labels, None, 0.0, loop, needs, shard, grads,
+                         plan=block_plan)  # fmt: skip
+    teacher = _Workspace(teacher_input, teacher_weight, teacher_bias, labels, None, 0.0, loop,
+                         GradNeeds(False, False, False), shard, False, plan=block_plan)  # fmt: skip
+    width = student.pieces[0][1] - student.pieces[0][0]
+    rows = min(max(1, min(block_plan.rows, n)), _slice_rows(width, input.device))
+    bufs = [torch.empty(rows * width, dtype=student.cdt, device=input.device) for _ in range(scratch_blocks(opts, grads))]
+    loss = torch.empty(n, dtype=compute_dtype(input.dtype), device=input.device)
+    g_rows = None if grad_scale is None else grad_scale.to(student.cdt).expand(n)
+    for r0, r1 in student.row_blocks():
+        t_blk = None if target is None else target[r0:r1]
+        g = None if g_rows is None else g_rows[r0:r1]
+        if len(student.pieces) == 1 and hooks.stats is None:
+            piece = student.pieces[0]
+            s, t = student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
+            for i, j in _slices(s):  # the step on cache-sized row slices, the gradient in place in s
+                loss[r0 + i : r0 + j] = step(s[i:j], t[i:j], _part(t_blk, i, j), _part(g, i, j), opts,
+                                             _scratch(bufs, (j - i, s.shape[1]), opts, grads))  # fmt: skip
+            if g is not None:
+                student.add_block_grad(s, FINISHED, r0, r1, piece, first=True)
+            continue
+        loss[r0:r1] = _pieces(student, teacher, r0, r1, t_blk, g, opts, bufs, hooks)
+    return loss, student.finish()
+
+
+def _slice_rows(width: int, device: torch.device) -> int:
+    """Rows per elementwise sub-step (:data:`STEP_ELEMENTS`)."""
+    return max(1, STEP_ELEMENTS.get(device.type, STEP_ELEMENTS["cuda"]) // max(width, 1))
+
+
+def _slices(block: Tensor):
+    """(i, j) row ranges of ``block`` for the sub-steps."""
+    rows, step = block.shape[0], _slice_rows(block.shape[1], block.device)
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+def _part(rows: Optional[Tensor], i: int, j: int) -> Optional[Tensor]:
+    return None if rows is None else rows[i:j]
+
+
+def _scratch(bufs, shape, opts, grads) -> Scratch:
+    """The scratch blocks as views of ``shape``."""
+    numel = shape[0] * shape[1]
+    return Scratch.of([b[:numel].view(shape) for b in bufs], opts, grads)
+
+
+def _pieces(student, teacher, r0, r1, target, g, opts: DistillRowOptions, bufs, hooks: DistillHooks) -> Tensor:
+    """Rows [r0, r1) over vocabulary pieces (or a vocab-parallel rank's columns): the passes of the module doc."""
+
+    def blocks(piece):
+        return student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
+
+    def sub_steps(s, t, piece, grad, sums=None):
+        """:func:`piece_step_` over the row slices of one piece: its row sums (the gradient in ``s``)."""
+        return torch.cat([piece_step_(s[i:j], t[i:j], _part(target, i, j), lse[:, i:j], opts,
+                                      _scratch(bufs, (j - i, s.shape[1]), opts, grad is not None),
+                                      student.vocab_start + piece[0], _part(grad, i, j),
+                                      None if sums is None else sums[:, i:j]) for i, j in _slices(s)], 1)  # fmt: skip
+
+    parts = []
+    for piece in student.pieces:
+        s, t = blocks(piece)
+        rows = [piece_stats(s[i:j], t[i:j], _part(target, i, j), opts, student.vocab_start + piece[0],
+                            _scratch(bufs, (j - i, s.shape[1]), opts, False).term) for i, j in _slices(s)]  # fmt: skip
+        parts.append(DistillStats(torch.cat([p.max for p in rows], 1), torch.cat([p.sumexp for p in rows], 1),
+                                  torch.cat([p.target_logit for p in rows])))  # fmt: skip
+    stats = combine_pieces(parts)
+    stats = stats if hooks.stats is None else hooks.stats(stats)
+    lse = stats.lse()
+    grad_now = g is not None and opts.beta == 0.0  # KL(p ‖ q)'s gradient needs only the log-sum-exps
+    sums = 0
+    for k, piece in enumerate(student.pieces):
+        s, t = blocks(piece)
+        sums = sums + sub_steps(s, t, piece, g if grad_now else None)
+        if grad_now:
+            student.add_block_grad(s, FINISHED, r0, r1, piece, first=k == 0)
+    sums = sums if hooks.sums is None else hooks.sums(sums)
+    if g is not None and not grad_now:
+        for k, piece in enumerate(student.pieces):
+            s, t = blocks(piece)
+            sub_steps(s, t, piece, g, sums)
+            student.add_block_grad(s, FINISHED, r0, r1, piece, first=k == 0)
+    return piece_loss(stats, lse, sums, target, opts)
