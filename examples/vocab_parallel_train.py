@@ -78,6 +78,7 @@ def main() -> None:
     dist.all_reduce(drift, op=dist.ReduceOp.MAX)
     if rank == 0:
         print(f"ranks {world}, shard sizes {sizes}, loss {first:.4f} -> {last:.4f}, trunk drift {drift.item():.1e}")
+    dist.barrier()  # every rank done with its collectives before any tears its gloo connections down
     dist.destroy_process_group()
 
 

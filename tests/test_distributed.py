@@ -183,7 +183,14 @@ def test_example_under_torchrun():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "examples" / "vocab_parallel_train.py"), "--steps", "12"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    for _attempt in range(2):
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+        # One retry, only for gloo's teardown abort after the script finished (about 1 run in 6 on the loaded
+        # 2-core VM: "terminate called without an active exception" in a rank's exit, after its last line).
+        finished_then_aborted = "trunk drift" in run.stdout and "terminate called without an active exception" in (
+            run.stdout + run.stderr)  # fmt: skip
+        if run.returncode == 0 or not finished_then_aborted:
+            break
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     m = re.search(r"loss (\S+) -> (\S+), trunk drift (\S+)", run.stdout)
     assert m, run.stdout

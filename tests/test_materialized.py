@@ -106,9 +106,10 @@ def test_ignored_all_minus_inf_rows_get_a_zero_gradient():
     assert torch.isfinite(loss) and torch.equal(x.grad[1], torch.zeros(C)) and torch.isfinite(x.grad).all()
 
 
-def test_out_of_range_is_a_value_error():
+@pytest.mark.parametrize("target", [[0, C, 1], [0, -100, -5, 2], [-100, -100, C]], ids=["above", "below-with-ignored", "above-with-ignored"])
+def test_out_of_range_is_a_value_error(target):
     with pytest.raises(ValueError, match="outside"):
-        crossent.cross_entropy(torch.randn(3, C), torch.tensor([0, C, 1]))
+        crossent.cross_entropy(torch.randn(len(target), C), torch.tensor(target))
 
 
 @pytest.mark.parametrize("option", ["plain", "all"])

@@ -468,3 +468,17 @@ def test_bool_ignore_index_is_a_type_error(value):
         crossent.linear_cross_entropy(x, w, target, ignore_index=value)
     with pytest.raises(TypeError, match="ignore_index"):
         crossent.LinearCrossEntropyLoss(ignore_index=value)
+
+
+def test_options_are_cached_by_value_and_type():
+    # The same keyword values give the same validated object back; a value equal in Python but of another
+    # type (2.0 == 2 == True) is validated on its own, so a float or bool ignore_index is still refused.
+    from crossent._options import CrossEntropyOptions
+
+    a = CrossEntropyOptions.build(ignore_index=2, label_smoothing=0.1)
+    assert CrossEntropyOptions.build(ignore_index=2, label_smoothing=0.1) is a
+    for bad in (2.0, True):
+        with pytest.raises(TypeError, match="ignore_index"):
+            CrossEntropyOptions.build(ignore_index=bad, label_smoothing=0.1)
+    with pytest.raises(TypeError, match="ignore_index"):
+        CrossEntropyOptions.build(ignore_index=[2])  # unhashable: validated, not cached

@@ -11,6 +11,7 @@ class index out of range (CPU), ignored all −inf rows get a zero gradient (suc
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,14 +44,18 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     some_ignored, any_valid = True, target.numel() > 0  # known without reading the target (CUDA: no host sync)
     if on_cpu and target.numel():
         lo, hi = (int(v) for v in torch.aminmax(target))  # one pass answers the common case
-        if not (0 <= lo and hi < num_classes):
+        if lo == row.ignore_index and 0 <= hi < num_classes:  # ignored ids below the classes: the rest in range?
+            lo_valid = int(torch.where(target == lo, hi, target).min())
+            if lo_valid < 0:
+                check_target_range(target, num_classes, row.ignore_index)
+        elif not (0 <= lo and hi < num_classes):
             check_target_range(target, num_classes, row.ignore_index)
         some_ignored = lo <= row.ignore_index <= hi
         any_valid = not (lo == hi == row.ignore_index)
     cdt = compute_dtype(input.dtype)
     if row.softcap is not None:
         x = row.softcap * torch.tanh(input.to(cdt) / row.softcap)
-    elif on_cpu and some_ignored and bool(torch.isneginf(input).any()):
+    elif on_cpu and some_ignored and input.numel() and float(input.detach().min()) == -math.inf:  # one reduction
         return None  # an ignored row may be all −inf: PyTorch's backward gives it NaN, crossent 0
     else:
         x = input

@@ -20,6 +20,7 @@ option names is written out anywhere but in the dataclasses' fields (and in the 
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from dataclasses import dataclass, field, fields
@@ -92,12 +93,34 @@ class _BuiltFromKeywords:
     def build(cls, **keywords):
         """The options from a public function's keyword arguments: the row options' names go to ``row``.
 
+        Validated options are frozen, so a call with the same keyword values as a recent one gets the same
+        object back (:func:`_built`; a training loop pays the validation once). Values that are tensors are
+        never cached, and neither is anything while ``torch.compile`` traces.
+
         Raises:
             TypeError/ValueError naming the argument, for a bad value or an unknown name.
         """
+        if torch.compiler.is_compiling() or any(isinstance(v, torch.Tensor) for v in keywords.values()):
+            return cls._validated(keywords)
+        try:
+            # the type is part of the key: 2 == 2.0 == True hash alike, and only an int is a valid ignore_index
+            return _built(cls, tuple((k, type(v), v) for k, v in keywords.items()))
+        except TypeError as error:  # an unhashable value: validation decides what to say about it
+            if "unhashable" not in str(error):
+                raise
+            return cls._validated(keywords)
+
+    @classmethod
+    def _validated(cls, keywords):
         names = _FIELDS_OF[cls.ROW]
         row = cls.ROW(**{k: v for k, v in keywords.items() if k in names})
         return cls(row=row, **{k: v for k, v in keywords.items() if k not in names})
+
+
+@functools.lru_cache(maxsize=256)
+def _built(cls, items):
+    """``cls`` built from the keyword ``items`` (hashable, in call order), cached: see ``build``."""
+    return cls._validated({k: v for k, _, v in items})
 
 
 @dataclass(frozen=True)
