@@ -348,6 +348,12 @@ def linear_job(rank, world):
         out[f"f32 vs single-process linear_cross_entropy, {red}"] = compare_linear(
             rank, world, *data, chunk_size=None, fused_oracle=True, reduction=red, z_loss=0.01
         )
+    data = make_linear(210, (17,), torch.float64, True, weighted=True)
+    for red in ("mean", "none"):  # logit_scale (Cohere/Granite) before softcap, folded into the rows and bias
+        out[f"f64 logit_scale softcap vs single-process, {red}"] = compare_linear(
+            rank, world, *data, chunk_size=5, fused_oracle=True, reduction=red, logit_scale=0.5, softcap=4.0,
+            label_smoothing=0.1,
+        )  # fmt: skip
     data = make_linear(201, (16,), torch.float64, True)
     out["default chunk_size"] = compare_linear(rank, world, *data, chunk_size=None, reduction="sum")
     out["only W requires grad"] = compare_linear(rank, world, *data, grads=(False, True, False))

@@ -150,10 +150,11 @@ def test_linear_parity_and_errors(world):
     """Fused linear version vs cross_entropy(F.linear(x, W, b)) in float64 (1e-10): 3 reductions × bias ×
     4 option sets on 2-D and 3-D input in chunks of 5 rows, float32, default chunking (one and several
     blocks with unequal shards), vocabulary pieces, bf16/f32 vs single-process linear_cross_entropy, partial
-    requires_grad, no target on a rank, all ignored; dX full on every rank, dW/db this rank's rows."""
+    requires_grad, no target on a rank, all ignored, logit_scale with softcap; dX full on every rank, dW/db this
+    rank's rows."""
     res = {r: results(world)[r]["linear"] for r in range(world)}
     names = [n for n in res[0] if not n.startswith("error:")]
-    assert len(names) == 37
+    assert len(names) == 39  # with the two logit_scale cases
     failures = [f"rank {r} {n}: {res[r][n]}" for n in names for r in res if res[r][n]]
     assert not failures, "\n".join(failures[:10])
     last = "13, 6" if world == 2 else "5, 6"
