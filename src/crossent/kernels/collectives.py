@@ -29,6 +29,19 @@ def _group(group_name: str):
     return dist, dist.distributed_c10d._resolve_process_group(group_name)
 
 
+def _max_over_ranks(local_max: Tensor, dist, group) -> Tensor:
+    """The row maxima over every rank (a new tensor: the local ones stay for the rescaling)."""
+    row_max = local_max.clone()
+    dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+    return row_max
+
+
+def _sum_over_ranks(tensor: Tensor, dist, group) -> Tensor:
+    """``tensor`` summed over every rank, in place (one collective for all the packed sums)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
 def stats_hook(group_name: Optional[str]) -> Optional[StatsHook]:
     """The cross-rank combine of :class:`RowStats` over the named group, or None for one process."""
     if group_name is None:
@@ -36,13 +49,11 @@ def stats_hook(group_name: Optional[str]) -> Optional[StatsHook]:
     dist, group = _group(group_name)
 
     def combine(local: RowStats) -> RowStats:
-        row_max = local.max.clone()
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = _max_over_ranks(local.max, dist, group)
         parts = [local.sumexp * torch.exp(local.max - row_max), local.target_logit]
         if local.dot is not None:
             parts.append(local.dot)
-        packed = torch.stack(parts)  # (2 or 3, ...): one collective for all the sums
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        packed = _sum_over_ranks(torch.stack(parts), dist, group)  # (2 or 3, ...)
         return RowStats(row_max, packed[0], packed[1], None if local.dot is None else packed[2])
 
     return combine
@@ -57,14 +68,13 @@ def logprob_stats_hook(group_name: Optional[str]) -> Optional[LogProbStatsHook]:
     dist, group = _group(group_name)
 
     def combine(local: LogProbStats) -> LogProbStats:
-        row_max = local.max.clone()
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = _max_over_ranks(local.max, dist, group)
         scale = torch.exp(local.max - row_max)
         parts = [scale * local.sumexp]
         if local.plogp is not None:
             parts.append(scale * (local.plogp + (local.max - row_max) * local.sumexp))
-        packed = torch.cat([torch.stack(parts, -1), local.target_logits.to(row_max.dtype)], -1)
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        packed = _sum_over_ranks(torch.cat([torch.stack(parts, -1), local.target_logits.to(row_max.dtype)], -1),
+                                 dist, group)  # fmt: skip
         plogp = None if local.plogp is None else packed[..., 1]
         return LogProbStats(row_max, packed[..., 0], plogp, packed[..., len(parts):])
 
@@ -75,9 +85,7 @@ def sum_over_ranks_(tensor: Optional[Tensor], group_name: Optional[str]) -> Opti
     """Sum ``tensor`` over the named group's ranks, in place (each rank's share of dX); identity for None."""
     if tensor is None or group_name is None:
         return tensor
-    dist, group = _group(group_name)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    return _sum_over_ranks(tensor, *_group(group_name))
 
 
 def distill_hooks(group_name: Optional[str]):
@@ -90,15 +98,12 @@ def distill_hooks(group_name: Optional[str]):
     dist, group = _group(group_name)
 
     def stats(local: DistillStats) -> DistillStats:
-        row_max = local.max.clone()
-        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        row_max = _max_over_ranks(local.max, dist, group)
         packed = torch.cat([local.sumexp * torch.exp(local.max - row_max), local.target_logit.unsqueeze(0)])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        packed = _sum_over_ranks(packed, dist, group)
         return DistillStats(row_max, packed[:-1], packed[-1])
 
     def sums(local: Tensor) -> Tensor:
-        total = local.contiguous().clone()
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
-        return total
+        return _sum_over_ranks(local.contiguous().clone(), dist, group)
 
     return DistillHooks(stats, sums)
