@@ -154,7 +154,8 @@ def linear_distill_loss(
     :func:`crossent.linear_cross_entropy`; per block both logits products, one elementwise step, the student's
     dX and dW products — 4 products per block with ``"mean"``/``"sum"`` (gradients formed in forward, scaled in
     backward); ``"none"`` runs 2 in forward and 4 in backward. Memory: the block scratch is 2 to 6 block buffers
-    (both heads' logits and the step's temporaries) sharing ``memory_budget`` (default as the fused CE's).
+    (both heads' logits and the step's temporaries) sharing ``memory_budget``; by default each of them gets
+    the fused CE's default budget (larger blocks keep the products at their full-size speed).
 
     Args:
         input: student hidden states ``(..., D)``, floating. linear_weight: ``(V, D)``. linear_bias: None or (V,).

@@ -74,10 +74,15 @@ def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, c
 
 
 def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool) -> ChunkPlan:
-    """The block shape: :func:`linear_plan.plan_chunks` for one block with 1 / ``block_count`` of the budget
-    (default: the fused CE's, ``default_memory_budget``), ``dim`` the larger hidden size of the two heads."""
-    budget = default_memory_budget(x.device, vocab, dim) if loop.memory_budget is None else loop.memory_budget
-    share = budget // block_count(opts, grads)
+    """The block shape: :func:`linear_plan.plan_chunks` for one block with 1 / ``block_count`` of an explicit
+    ``memory_budget``, or by default the fused CE's default budget (``default_memory_budget``) for each block,
+    ``dim`` the larger hidden size of the two heads. Why not share the default: blocks of a third the rows run
+    the four products ~10% slower on the CPU (measured at (4096, 1024, 32768): 1.22× the floor at ~330 rows,
+    1.11× at ~1000; docs/benchmarks.md, "Distillation"), and the scratch stays far below the recipe's."""
+    if loop.memory_budget is None:
+        share = default_memory_budget(x.device, vocab, dim)
+    else:
+        share = loop.memory_budget // block_count(opts, grads)
     if loop.chunk_size is not None and loop.memory_budget is None:
         share = None  # as the fused CE: chunk_size alone fixes the rows and keeps the vocabulary whole
     return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share)
