@@ -30,11 +30,11 @@ import torch
 
 Reduction = Literal["none", "mean", "sum"]
 Impl = Literal["auto", "torch", "triton"]
-AccumulateDtype = Literal["float32", "weight"]
+AccumulateDtype = Literal["float32", "float32_products", "weight"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 _IMPLS = ("auto", "torch", "triton")
-_ACCUMULATE = ("float32", "weight")
+_ACCUMULATE = ("float32", "float32_products", "weight")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,27 @@ docs/math.md, "Precision") and handed to users (``return_stats``) in the compute
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp64 stays fp64 (the oracle's precision); every other dtype is accumulated in fp32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
+
+
+@functools.lru_cache(maxsize=None)
+def fast_half_products(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether products of 16-bit ``dtype`` operands run at the 16-bit rate on this kind of device: always on
+    CUDA (tensor cores, fp32 accumulation inside); on the CPU only bfloat16 with bf16 matrix instructions
+    (AVX512-BF16 / AMX, as oneDNN reports them). Elsewhere the 16-bit product is emulated and slower than fp32
+    (float16 on x86 CPUs without AVX512-FP16 / AMX-FP16: slower than float32, docs/benchmarks.md, "16-bit")."""
+    if dtype not in HALF_DTYPES:
+        return False
+    if device_type != "cpu":
+        return True
+    return dtype == torch.bfloat16 and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from crossent._options import LogProbRowOptions, RowOptions
-from crossent._precision import compute_dtype
+from crossent._precision import HALF_DTYPES, compute_dtype, fast_half_products
 from crossent.kernels.linear_plan import ChunkPlan, plan_chunks
 from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
 from crossent.kernels.logprob_rows import TORCH_LOGPROB_KERNELS, LogProbChunkKernels, LogProbRows
@@ -41,6 +41,8 @@ from crossent.kernels.logprob_rows import combine_stats as combine_logprob_stats
 from crossent.kernels.logprob_rows import finish as finish_log_probs
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
+
+HALF_DW_SLICE_BYTES = 4 << 20
 
 
 class LinearGrads(NamedTuple):
@@ -325,13 +327,18 @@ class _Workspace:
     def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads,
                  plan=None):  # fmt: skip
         w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight) if plan is None else plan
+        self.cdt = compute_dtype(x.dtype)
+        self.grad_dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
+        if x.dtype in HALF_DTYPES and not fast_half_products(x.device.type, x.dtype):
+            # emulated 16-bit products are slower than the compute dtype's (float16 on most CPUs: ~100× slower
+            # than float32): every product runs in the compute dtype, on one copy of each operand
+            x, w, b = (None if t is None else t.to(self.cdt) for t in (x, w, b))
         self.x, self.linear_weight, self.linear_bias, self.class_weight = x, w, b, class_weight
         self.target = target
         self.n, self.dim = x.shape
         self.vocab = w.shape[0]
         shard = VocabShard.whole(self.vocab) if shard is None else shard
         self.vocab_start, self.num_classes = shard.vocab_start, shard.num_classes
-        self.cdt = compute_dtype(x.dtype)
         self.plan = plan
         cols = max(1, min(plan.cols, self.vocab))
         self.pieces = [(p, min(p + cols, self.vocab)) for p in range(0, max(self.vocab, 1), cols)]
@@ -343,9 +350,14 @@ class _Workspace:
         self.buf_in = None if x.dtype == self.cdt else torch.empty(rows * width, dtype=x.dtype, device=dev)
         need_x, need_w, need_b = (bool(v) for v in needs)
         self.need_x, self.need_w, self.need_b = grads and need_x, grads and need_w, grads and need_b and b is not None
-        acc_w = self.cdt if loop.accumulate == "float32" else w.dtype
-        self.dx = torch.empty(x.shape, dtype=x.dtype, device=dev) if self.need_x else None
-        direct = len(self.pieces) == 1 and x.dtype == self.cdt
+        acc_w = w.dtype if loop.accumulate == "weight" else self.cdt
+        # dW's block products in the 16-bit input dtype (the device's fast rate), each summed into the fp32 dW
+        # through a slice-sized 16-bit partial; else in the compute dtype from the unrounded block gradient
+        self.half_dw = self.need_w and loop.accumulate == "float32" and fast_half_products(dev.type, x.dtype)
+        self.dw_slice = max(1, min(width, HALF_DW_SLICE_BYTES // (2 * max(self.dim, 1))))
+        self.dw_part = torch.empty(self.dw_slice, self.dim, dtype=x.dtype, device=dev) if self.half_dw else None
+        self.dx = torch.empty(x.shape, dtype=self.grad_dtypes[0], device=dev) if self.need_x else None
+        direct = len(self.pieces) == 1 and self.grad_dtypes[0] == self.cdt
         self.dx_blk = torch.empty(rows, self.dim, dtype=self.cdt, device=dev) if self.need_x and not direct else None
         # the first row block writes dW (no zero fill: one pass over V×D saved); nothing to write when N = 0
         new_dw = torch.empty if self.n else torch.zeros
@@ -391,18 +403,24 @@ class _Workspace:
         p0, p1 = piece
         _, t_col = local_targets(self.target[r0:r1], self.vocab_start + p0, p1 - p0)
         x_blk = self.x[r0:r1]
-        q_in = q if self.buf_in is None else self.buf_in[: q.numel()].view(q.shape).copy_(q)
+        q_in = q
+        if self.buf_in is not None:  # 16-bit input: diag(scale) Q, then rounded once for the 16-bit products
+            if f.scale is not None:  # (an fp32 multiply in place and a cast: a mixed-dtype mul is ~5× slower)
+                q.mul_(f.scale.unsqueeze(-1))
+                f = f._replace(scale=None)
+            q_in = self.buf_in[: q.numel()].view(q.shape).copy_(q)
         if self.need_x:
             self._add_dx(q_in, f, r0, r1, piece, t_col, first)
         if self.need_w:
             x_c = x_blk.to(self.cdt)
             dw = self.dw[p0:p1]
-            xs = x_c if f.scale is None else x_c * f.scale.unsqueeze(-1)  # dW += Qᵀ (diag(scale) X)
-            q_w = (q if dw.dtype == self.cdt else q_in).T
-            if r0 == 0:
-                torch.mm(q_w, xs.to(dw.dtype), out=dw)
-            else:
-                dw.addmm_(q_w, xs.to(dw.dtype))
+            if self.half_dw:
+                self._add_half_dw(q_in, x_blk, dw, r0 == 0)
+            elif dw.dtype == self.cdt:  # the product in the compute dtype, from the unrounded Q
+                xs = x_c if f.scale is None else x_c * f.scale.unsqueeze(-1)  # dW += Qᵀ (diag(scale) X)
+                self._add_product(dw, q.T, xs, r0 == 0)
+            else:  # "weight": 16-bit products summed in the weight's dtype
+                self._add_product(dw, q_in.T, x_blk, r0 == 0)
             if f.target_coef is not None:  # dW[t_i] −= target_coef_i x_i
                 dw.index_add_(0, t_col, (x_c * f.target_coef.unsqueeze(-1)).to(dw.dtype), alpha=-1)
             if f.smooth_coef is not None and first:  # the same γ for every piece: count each row once
@@ -419,6 +437,25 @@ class _Workspace:
                 self.smooth_sum.add_(f.smooth_coef.sum())
         if self.need_x and p1 == self.vocab and self.dx_blk is not None:  # the block's dX rows are complete
             self.dx[r0:r1].copy_(self.dx_blk[: r1 - r0])
+
+    @staticmethod
+    def _add_product(out, a, b, first):
+        """``out = a b`` for the first row block, else ``out += a b``."""
+        if first:
+            torch.mm(a, b, out=out)
+        else:
+            out.addmm_(a, b)
+
+    def _add_half_dw(self, q_in, x_blk, dw, first):
+        """``dW (+)= Q_16ᵀ X_16`` with 16-bit products (fp32 accumulation inside the GEMM, the result rounded to
+        16 bits once per block and slice) summed into the fp32 ``dw``, ``dw_slice`` vocabulary rows at a time."""
+        for s0 in range(0, dw.shape[0], self.dw_slice):
+            s1 = min(s0 + self.dw_slice, dw.shape[0])
+            part = torch.mm(q_in[:, s0:s1].T, x_blk, out=self.dw_part[: s1 - s0])
+            if first:
+                dw[s0:s1].copy_(part)
+            else:
+                dw[s0:s1].add_(part)
 
     def _add_dx(self, q_in, f, r0, r1, piece, t_col, first):
         """dX_blk (+)= diag(scale) (Q W) − target_coef ⊙ W[t] − smooth_coef ⊗ (wᵀ W)."""
@@ -457,10 +494,10 @@ class _Workspace:
         if self.need_w:
             if self.smooth_x is not None:  # dW −= w ⊗ Σ_i γ_i x_i
                 self.dw.addr_(self.class_weight_local.to(self.dw.dtype), self.smooth_x.to(self.dw.dtype), alpha=-1)
-            dw = self.dw if self.dw.dtype == self.linear_weight.dtype else self.dw.to(self.linear_weight.dtype)
+            dw = self.dw if self.dw.dtype == self.grad_dtypes[1] else self.dw.to(self.grad_dtypes[1])
             self.dw = None
         if self.need_b:
             if self.smooth_sum is not None:
                 self.db.sub_(self.class_weight_local * self.smooth_sum)
-            db = self.db.to(self.linear_bias.dtype)
+            db = self.db.to(self.grad_dtypes[2])
         return LinearGrads(self.dx, dw, db)
