@@ -147,27 +147,35 @@ def test_huge_logits_take_the_recompute_fallback():
         torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
-# --- precision: float32 / bfloat16 against the float64 oracle ---------------------------------------------
+# --- precision: float32 / 16-bit against the float64 oracle -----------------------------------------------
 # Passing rule (as in tests/test_cross_entropy_precision.py): error ≤ error of the naive same-dtype path
 # (cross_entropy(F.linear(...)) with everything in that dtype) + slack · max|reference|.
 # Slack: the fused path forms the block gradient in fp32 and rounds it to the input dtype once for the
-# products, like the naive path; it sums dW over blocks (fp32 by default), rounding once at the end.
-# bf16: 1 bf16 ulp (2^-8) of max|reference| for that final rounding (measured ≤ 0.45, also with
-# accumulate_dtype="weight", where each block's dW product is rounded as it is added: 5 blocks here);
-# fp32: 16 fp32 ulps for the different summation order of the products (measured ≤ 1).
-SLACK = {torch.float32: 16 * 2.0**-23, torch.bfloat16: 2.0**-8}
+# products, like the naive path. dW: by default each block's 16-bit product (where the device multiplies
+# 16 bits fast: "fast" below; elsewhere fp32 products, "emulated") is rounded once and summed in fp32;
+# "float32_products" multiplies the unrounded block gradient in fp32; "weight" sums in the weight's dtype.
+# 16-bit: 1 ulp at 1.0 (bf16 2^-8, fp16 2^-10) of max|reference| for the per-block roundings (measured ≤ 0.45
+# for bf16 with "weight", 5 blocks here); fp32: 16 fp32 ulps for the summation order (measured ≤ 1).
+SLACK = {torch.float32: 16 * 2.0**-23, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
+HALF = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
 
+@pytest.mark.parametrize("products", ["fast", "emulated"])
 @pytest.mark.parametrize("chunks", ["several", "vocab-split"])
-@pytest.mark.parametrize("accumulate", ["float32", "weight"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
-def test_low_precision_error_at_most_naive(dtype, accumulate, chunks):
-    x64, w64, b64, t, cw, kw = _problem(options={"label_smoothing": 0.1, "z_loss": 1e-3})
+@pytest.mark.parametrize("accumulate", ["float32", "float32_products", "weight"])
+@pytest.mark.parametrize("dtype", list(HALF.values()), ids=list(HALF))
+def test_low_precision_error_at_most_naive(dtype, accumulate, chunks, products, monkeypatch):
+    if dtype == torch.float32 and products == "emulated":
+        pytest.skip("float32 products are never emulated")
+    # both kinds of device on any machine, and dW's 16-bit partial products in slices of 100 vocabulary rows
+    monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt: products == "fast" and dt != torch.float32)
+    monkeypatch.setattr(linear_loop, "HALF_DW_SLICE_BYTES", 100 * D * 2)
+    x, w, b, t, cw, kw = _problem(dtype=dtype, options={"label_smoothing": 0.1, "z_loss": 1e-3})
     kw.update(CHUNKS[chunks])
     go = torch.tensor(1.0)
+    x64, w64, b64 = (p.double() for p in (x, w, b))  # the oracle on the rounded inputs: errors of the computation
     _, ref = _run(_materialized, x64, w64, b64, t, cw, kw, go.double())
     ref_loss = _materialized(x64, w64, t, b64, cw, kw)
-    x, w, b = (p.to(dtype) for p in (x64, w64, b64))
     naive_loss, naive = _run(_materialized, x, w, b, t, cw, kw, go)
     if "memory_budget" in kw:  # the same pieces at the 16-bit scratch size
         kw["memory_budget"] = scratch_bytes(100, 300, D, dtype)
@@ -184,6 +192,22 @@ def test_low_precision_error_at_most_naive(dtype, accumulate, chunks):
             f"{name}: error {err.max():.3e} at flat index {worst} (got {g.reshape(-1)[worst]}, "
             f"reference {r.reshape(-1)[worst]}) > naive {naive_err:.3e} + slack"
         )
+
+
+def test_16bit_dw_paths_are_the_ones_claimed(monkeypatch):
+    """On a device with fast 16-bit products the default multiplies dW's blocks in 16 bits (so its dW differs
+    from "float32_products" by their rounding); without, every product runs in fp32 (the two agree exactly)."""
+    x64, w64, b64, t, cw, kw = _problem()
+    x, w, b = (p.to(torch.bfloat16) for p in (x64, w64, b64))
+    kw["chunk_size"] = 64
+    go = torch.tensor(1.0)
+    grads = {}
+    for fast in (True, False):
+        monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt, fast=fast: fast)
+        for accumulate in ("float32", "float32_products"):
+            grads[fast, accumulate] = _run(_fused, x, w, b, t, cw, {**kw, "accumulate_dtype": accumulate}, go)[1][1]
+    assert not torch.equal(grads[True, "float32"], grads[True, "float32_products"])
+    torch.testing.assert_close(grads[False, "float32"], grads[False, "float32_products"], rtol=0, atol=0)
 
 
 # --- memory: the N×V logits never exist --------------------------------------------------------------
