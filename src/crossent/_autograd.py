@@ -195,6 +195,7 @@ class LinearCrossEntropyFused(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:], *inputs[:3])  # the inputs: only to tie a recorded gradient to them
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # no zero "gradients" of dX, dW, db: a pass over V×D per backward
         ctx.call = inputs[-1]
 
     @staticmethod
@@ -206,6 +207,8 @@ class LinearCrossEntropyFused(torch.autograd.Function):
 def scale_forward_grads(ctx, grad_out, name: str):
     """(dX, dW, db) formed in forward (saved first, then the inputs they are tied to), times ``grad_out``; dX
     summed over the ranks of a vocabulary shard. ``ctx.call`` has ``needs`` and ``shard``."""
+    if grad_out is None:  # no gradient reached the loss (grads are not materialized)
+        return None, None, None
     saved = ctx.saved_tensors
     grads = [g if need else None for g, need in zip(saved[:3], ctx.call.needs)]
     if torch.compiler.is_compiling() or torch.is_grad_enabled() or transforms_active():
@@ -316,6 +319,7 @@ class LinearDistillFused(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[1:], *inputs[:3])
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # as LinearCrossEntropyFused
         ctx.call = inputs[-1]
 
     @staticmethod

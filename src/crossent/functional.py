@@ -222,8 +222,10 @@ def linear_cross_entropy(
 
     Memory: peak extra (beyond the inputs, the loss and the returned gradients dX (N, D), dW (V, D),
     db (V,)) is the block scratch ``rows · cols · (s_c + s_16) + 3 · rows · D · s_c`` (s_c = 4 bytes, 8 for
-    float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``,
-    the fp32 sum of dW (V · D · 4 bytes), plus O(N + V). ``memory_budget`` bounds the block scratch; the
+    float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``
+    (or ``"float32_products"``), the fp32 sum of dW (V · D · 4 bytes) and a 4 MiB slice of its 16-bit block
+    product, plus O(N + V); 16-bit input on a device without fast 16-bit products (float16 on most CPUs)
+    multiplies fp32 copies of the input and weight ((N + V) · D · 4 bytes). ``memory_budget`` bounds the block scratch; the
     default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on CUDA
     (half the fp32 dW sum, at least the device's floor: ``linear_plan.default_memory_budget``).
 
@@ -245,8 +247,12 @@ def linear_cross_entropy(
         chunk_size: token rows per block (default: from the budget); with ``memory_budget`` as well,
             the budget then sets the vocabulary pieces.
         memory_budget: bytes of block scratch (default above); below one row's scratch is an error.
-        accumulate_dtype: ``"float32"`` sums dW across blocks in fp32 (fp64 for fp64) and casts once;
-            ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
+        accumulate_dtype: ``"float32"`` sums dW across blocks in fp32 (fp64 for fp64) and casts once; for
+            16-bit input each block's dW product runs in 16 bits where the device multiplies them fast (CUDA;
+            bf16 on CPUs with bf16 matrix instructions), rounded once per block. ``"float32_products"``: the
+            same fp32 sum of fp32 products of the unrounded block gradient (slower, dW free of those
+            roundings). ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
+            docs/linear_cross_entropy.md, "Precision", states the contract and the measured errors.
         impl: ``"auto"`` (Triton for CUDA tensors when installed), ``"torch"`` or ``"triton"``: the block's
             elementwise step; the products are cuBLAS/CPU BLAS either way.
         return_stats: also return the per-position log-sum-exp and the z-loss part, as in :func:`cross_entropy`.

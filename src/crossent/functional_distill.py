@@ -273,6 +273,7 @@ def sparse_distill_loss(
             None.
         accumulate_dtype: ``"float32"`` or ``"weight"``: the dtype of the cross-chunk dW and db sums for a 16-bit
             weight (the gradients come back in the weight's dtype either way); no effect for fp32/fp64.
+            ``"float32_products"`` is ``"float32"`` here (each chunk's products are autograd's, in the input dtype).
 
     Returns:
         Tensor: () for ``"mean"``/``"sum"``, ``input.shape[:-1]`` for ``"none"``; float32 (float64 for float64).
@@ -310,7 +311,7 @@ def sparse_distill_loss(
         check_teacher_log_probs(lp)
         if ids.numel() and bool(((ids < 0) | (ids >= vocab)).any()):
             raise ValueError(f"teacher_ids must lie in [0, {vocab}) (the vocabulary); got {int(ids.min())}..{int(ids.max())}")
-    totals_in_float32 = opts.accumulate_dtype == "float32" and linear_weight.dtype.itemsize == 2
+    totals_in_float32 = opts.accumulate_dtype != "weight" and linear_weight.dtype.itemsize == 2
     weight, bias = (_float32_total(p) if totals_in_float32 else p for p in (linear_weight, linear_bias))
 
     def chunk_loss(x_c, w, b, ids_c, lp_c):

@@ -330,7 +330,7 @@ class _Workspace:
         self.cdt = compute_dtype(x.dtype)
         self.grad_dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
         if x.dtype in HALF_DTYPES and not fast_half_products(x.device.type, x.dtype):
-            # emulated 16-bit products are slower than the compute dtype's (float16 on most CPUs: ~100× slower
+            # emulated 16-bit products are slower than the compute dtype's (float16 on most CPUs: ~150× slower
             # than float32): every product runs in the compute dtype, on one copy of each operand
             x, w, b = (None if t is None else t.to(self.cdt) for t in (x, w, b))
         self.x, self.linear_weight, self.linear_bias, self.class_weight = x, w, b, class_weight
