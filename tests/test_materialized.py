@@ -123,3 +123,25 @@ def test_return_stats_on_the_small_path(option):
         _materialized.MATERIALIZED_MAX_ELEMENTS = 1 << 20
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("option", ["plain", "all"])
+def test_compiled_and_vmapped_small_calls_work_and_match_eager(option):
+    """The small path reads the target and total weight on the host: under torch.compile(fullgraph=True) and
+    vmap the call takes the O(N) custom ops instead (it used to fail with a data-dependent guard / .item())."""
+    z, t, kw = _case((16, C), option, torch.float32)
+    eager = crossent.cross_entropy(z, t, **kw)
+    compiled = torch.compile(lambda a, b: crossent.cross_entropy(a, b, **kw), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(z, t), eager, rtol=2e-6, atol=2e-6)
+    batch = torch.stack([z, 2 * z])
+    vmapped = torch.func.vmap(lambda a: crossent.cross_entropy(a, t, **kw))(batch)
+    torch.testing.assert_close(vmapped, torch.stack([eager, crossent.cross_entropy(2 * z, t, **kw)]), rtol=2e-6, atol=2e-6)
+
+
+def test_a_mean_over_zero_total_class_weight_is_zero_with_zero_gradient():
+    z = torch.randn(6, C, requires_grad=True)
+    weight = torch.ones(C)
+    weight[:3] = 0.0
+    loss = crossent.cross_entropy(z, torch.tensor([0, 1, 2, -100, 0, 1]), weight, label_smoothing=0.1)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))

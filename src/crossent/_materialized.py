@@ -2,8 +2,9 @@
 
 Below ``MATERIALIZED_MAX_ELEMENTS`` logits the fixed cost of the O(N) path (options, custom ops, a few dozen
 per-row torch ops) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
-``torch.nn.functional.cross_entropy`` on the fp32 (fp64) logits instead, which saves the N×C log-probabilities
-for backward — at most a few MiB at this size. Everything crossent promises still holds: a float32 loss for
+PyTorch's fused ``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the
+N×C log-probabilities for backward — at most a few MiB at this size. Not while compiling or under a
+``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent promises still holds: a float32 loss for
 16-bit input, z-loss and softcap, a mean over zero total weight is 0 with a zero gradient, a ValueError for a
 class index out of range (CPU), ignored all −inf rows get a zero gradient (such calls take the O(N) path), and
 ``return_stats``. tests/test_materialized.py holds the two paths equal over the option grid.
@@ -18,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from crossent._autograd import transforms_active
 from crossent._checks import check_target_range
 from crossent._options import CrossEntropyOptions
 from crossent._precision import compute_dtype
@@ -31,31 +33,22 @@ MATERIALIZED_MAX_ELEMENTS = 1 << 20
 
 
 def applies(input: Tensor, kind: str, opts: CrossEntropyOptions) -> bool:
-    """Whether a checked ``cross_entropy`` call takes this path."""
-    return kind == "index" and opts.impl == "auto" and input.numel() <= MATERIALIZED_MAX_ELEMENTS
+    """Whether a checked ``cross_entropy`` call takes this path: small class-index inputs, eager mode (it reads
+    the target and the total weight on the host, which a compiled graph or a vmap cannot)."""
+    return (kind == "index" and opts.impl == "auto" and input.numel() <= MATERIALIZED_MAX_ELEMENTS
+            and not torch.compiler.is_compiling() and not transforms_active())  # fmt: skip
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):
     """The loss (or :class:`~crossent.CrossEntropyStats`) of checked inputs in PyTorch's layout (class dim 1),
     int64 class indices; None when the call must take the O(N) path instead (ignored all −inf rows)."""
     row = opts.row
-    num_classes = input.shape[0 if input.dim() == 1 else 1]
     on_cpu = input.device.type == "cpu"
-    some_ignored, any_valid = True, target.numel() > 0  # known without reading the target (CUDA: no host sync)
-    if on_cpu and target.numel():
-        lo, hi = (int(v) for v in torch.aminmax(target))  # one pass answers the common case
-        if lo == row.ignore_index and 0 <= hi < num_classes:  # ignored ids below the classes: the rest in range?
-            lo_valid = int(torch.where(target == lo, hi, target).min())
-            if lo_valid < 0:
-                check_target_range(target, num_classes, row.ignore_index)
-        elif not (0 <= lo and hi < num_classes):
-            check_target_range(target, num_classes, row.ignore_index)
-        some_ignored = lo <= row.ignore_index <= hi
-        any_valid = not (lo == hi == row.ignore_index)
     cdt = compute_dtype(input.dtype)
+    some_ignored = on_cpu and _some_ignored(target, row.ignore_index)
     if row.softcap is not None:
         x = row.softcap * torch.tanh(input.to(cdt) / row.softcap)
-    elif on_cpu and some_ignored and input.numel() and float(input.detach().min()) == -math.inf:  # one reduction
+    elif some_ignored and float(input.detach().min()) == -math.inf:
         return None  # an ignored row may be all −inf: PyTorch's backward gives it NaN, crossent 0
     else:
         x = input
@@ -64,12 +57,44 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     lse = None
     if opts.return_stats or row.z_loss:
         lse = torch.logsumexp(x.to(cdt) if row.z_loss else x.detach().to(cdt), class_dim)
-    if opts.reduction == "none" or weight is not None or row.z_loss or row.label_smoothing or not on_cpu:
-        loss = reduce_rows(_rows(logp, target, weight, lse, row, class_dim), target, weight, "index", opts)
-    else:  # the common case in one fused call; a mean over no valid target is the (zero) sum instead of NaN
-        empty_mean = opts.reduction == "mean" and not any_valid
-        loss = F.nll_loss(logp, target, ignore_index=row.ignore_index, reduction="sum" if empty_mean else opts.reduction)
+    try:  # on the CPU, nll_loss checks every class index: the range check costs nothing when it passes
+        if on_cpu and logp.dim() == 2 and opts.reduction != "none" and not row.z_loss:
+            loss = _reduced_rows(logp, target, weight, row, opts.reduction, some_ignored)
+        else:
+            loss = reduce_rows(_rows(logp, target, weight, lse, row, class_dim), target, weight, "index", opts)
+    except IndexError:
+        if on_cpu:
+            check_target_range(target, logp.shape[class_dim], row.ignore_index)  # raises the ValueError
+        raise
     return loss_result(loss, lse, target, weight, "index", opts, input.dtype) if opts.return_stats else loss
+
+
+def _some_ignored(target: Tensor, ignore_index: int) -> bool:
+    """Whether some target may be ``ignore_index`` (CPU, one reduction; a negative id below it, out of range,
+    also answers yes: nll_loss then raises)."""
+    if target.numel() == 0:
+        return False
+    if ignore_index < 0:
+        return int(target.min()) <= ignore_index
+    return bool((target == ignore_index).any())
+
+
+def _reduced_rows(logp: Tensor, target: Tensor, weight: Optional[Tensor], row, reduction: str, some_ignored: bool) -> Tensor:
+    """``"sum"`` / ``"mean"`` of (N, C) log-probabilities in a few fused ops (CPU): one ``nll_loss`` gives
+    ``Σ_i w_t (−log p_t)`` and the mean's denominator ``Σ_i w_t`` over non-ignored rows; smoothing adds
+    ``(ε / C) Σ_i Σ_c w_c (−log p_ic)`` over the same rows. A mean over zero total weight is 0 (zero gradient)."""
+    w = None if weight is None else weight.to(logp.dtype)
+    total, total_weight = torch.ops.aten.nll_loss_forward(logp, target, w, 2, row.ignore_index)  # 2: "sum"
+    if row.label_smoothing:
+        eps, num_classes = row.label_smoothing, logp.shape[1]
+        smooth = -(logp.sum(1) if w is None else logp @ w)
+        if some_ignored:
+            smooth = smooth.masked_fill(target == row.ignore_index, 0.0)
+        total = (1.0 - eps) * total + (eps / num_classes) * smooth.sum()
+    if reduction == "sum":
+        return total
+    denominator = float(total_weight)  # CPU: a free host read
+    return total * 0.0 if denominator == 0.0 else total / denominator
 
 
 def _rows(logp, target, weight, lse, row, class_dim):
