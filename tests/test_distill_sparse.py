@@ -203,7 +203,7 @@ def test_accumulate_dtype_has_no_effect_for_float32_weights():
         (dict(memory_budget=100), ValueError, r"memory_budget=100 bytes is too small for even one row"),
         (dict(memory_budget=V * 4 * 5 * 3, chunk_size=4), ValueError,
          r"memory_budget=2220 bytes is too small for a chunk of 4 rows \(chunk_size\)"),
-        (dict(accumulate_dtype="bfloat16"), ValueError, r"accumulate_dtype must be one of 'float32', 'weight'; "
+        (dict(accumulate_dtype="bfloat16"), ValueError, r"accumulate_dtype must be one of 'float32', 'float32_products', 'weight'; "
                                                         r"got 'bfloat16'"),
         (dict(chunk_size=0), ValueError, r"chunk_size must be None or an int > 0, got 0"),
     ],
