@@ -121,10 +121,11 @@ _TINY_PROB = 2.0**-100
 def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
     """CPU fast path for whole rows: per chunk one fused ``softmax`` (into scratch), then::
 
-        lse = x_j − log p_j   (j: the row's id with the largest p),   H = Σ_c entr(p_c) = −Σ_c p_c log p_c
+        lse = x_j − log p_j   (j: the row's id with the largest p),   H = (lse − m) + Σ_c p_c (m − x_c)
 
-    ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); each entropy term has
-    p's relative rounding only (no ``lse − Σ p x`` cancellation). Returns None (nothing
+    ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); the entropy is the
+    sum of two terms ≥ 0 (``log Σ exp(x − m)`` and a dot product of p with the shifted logits, one BLAS pass
+    that writes nothing, in place of ``entr`` and a sum), so no ``lse − Σ p x`` cancellation. Returns None (nothing
     written) off the CPU, or when some row's reference probability is below 2^-100: then the max-first stats.
     """
     if logits.device.type != "cpu" or index.shape[-1] == 0:
@@ -136,14 +137,22 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
     picked = scaled_logits(picked, picked, opts)
     lse = torch.empty(z3.shape[:2], dtype=torch.float64)
     entropy = torch.empty_like(lse) if opts.entropy else None
-    for idx, x, _ in _chunks(z3, cdt, 0):
-        p = torch._softmax(scaled_logits(x, z3[idx], opts), -1, False, out=x)
+    lowest = torch.finfo(cdt).min
+    for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
+        src = scaled_logits(x, z3[idx], opts)
+        if entropy is None:
+            p = torch._softmax(src, -1, False, out=x)
+        else:  # y = x − m (−inf → lowest: its term p·y is 0, not 0·(−inf)); p from y, the same softmax
+            row_max = src.amax(-1, keepdim=True).clamp_(min=lowest)
+            y = torch.sub(src, row_max, out=x).clamp_(min=lowest)
+            p = torch._softmax(y, -1, False, out=scratch[0])
         p_ref, ref = p.gather(-1, ids_safe[idx]).max(-1)
         if bool((p_ref < _TINY_PROB).any()):  # CPU: a free host check
             return None
         lse[idx] = picked[idx].gather(-1, ref.unsqueeze(-1)).squeeze(-1).double() - p_ref.double().log()
-        if entropy is not None:
-            entropy[idx] = torch.special.entr(p, out=p).sum(-1)  # fp32 cascade sum (float64 costs more than entr)
+        if entropy is not None:  # H = (lse − m) + Σ p (m − x): two terms ≥ 0, no cancellation; the dot reads
+            p_y = torch.bmm(p.reshape(-1, 1, p.shape[-1]), y.reshape(-1, y.shape[-1], 1)).reshape(p.shape[:-1])
+            entropy[idx] = (lse[idx] - row_max.squeeze(-1).double()) - p_y.double()  # p and y, writes nothing
     log_probs = torch.where(valid, picked.double() - lse.unsqueeze(-1), 0.0).masked_fill_(bad, math.nan)
     if entropy is not None:
         entropy = torch.where(valid.any(-1), entropy, 0.0).masked_fill_(bad.any(-1), math.nan)
