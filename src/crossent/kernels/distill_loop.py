@@ -41,6 +41,7 @@ from crossent.kernels.distill_rows import (
 from crossent.kernels.linear_loop import GradNeeds, LinearGrads, LoopArgs, _kept_rows, _rows_of, _scattered, _Workspace
 from crossent.kernels.linear_plan import ChunkPlan, check_memory_budget, default_memory_budget, plan_chunks
 from crossent.kernels.linear_step import FINISHED
+from crossent.kernels import scratch
 from crossent.kernels.shard import VocabShard
 
 
@@ -88,6 +89,7 @@ def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArg
     return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share)
 
 
+@scratch.reused
 def linear_distill(
     input: Tensor,
     linear_weight: Tensor,

@@ -39,6 +39,7 @@ from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactor
 from crossent.kernels.logprob_rows import TORCH_LOGPROB_KERNELS, LogProbChunkKernels, LogProbRows
 from crossent.kernels.logprob_rows import combine_stats as combine_logprob_stats
 from crossent.kernels.logprob_rows import finish as finish_log_probs
+from crossent.kernels import scratch
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
 
@@ -91,6 +92,7 @@ class LoopArgs(NamedTuple):
         return plan_chunks(x.shape[0], x.shape[1], vocab, x.dtype, x.device, self.chunk_size, self.memory_budget)
 
 
+@scratch.reused
 def linear_loss_and_grads(
     input: Tensor,
     linear_weight: Tensor,
@@ -168,6 +170,7 @@ def linear_loss_and_grads(
     return LinearForward(loss, lse, ws.finish())
 
 
+@scratch.reused
 def linear_grads(
     input: Tensor,
     linear_weight: Tensor,
@@ -214,6 +217,7 @@ def _ce_block_grad(ws, kernels: ChunkKernels, target, class_weight, lse, g, opts
 # --- per-token log-probabilities and entropy (docs/log_probs.md): the same workspace, their own chunk step -----
 
 
+@scratch.reused
 def linear_log_probs(
     input: Tensor,
     linear_weight: Tensor,
@@ -257,6 +261,7 @@ def linear_log_probs(
     return LogProbRows(log_probs, entropy, lse)
 
 
+@scratch.reused
 def linear_log_probs_grads(
     input: Tensor,
     linear_weight: Tensor,

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
+from crossent.kernels import scratch
 from crossent.kernels.shard import VocabShard
 
 StatsHook = Callable[["RowStats"], "RowStats"]
@@ -553,12 +554,15 @@ def _chunks(z3: Tensor, cdt, n_scratch: int, scratch_for_x: bool = True) -> Iter
     n, m, num_classes = z3.shape
     rows = max(1, CHUNK_ELEMENTS.get(z3.device.type, CHUNK_ELEMENTS["cuda"]) // max(num_classes, 1))
     cap = max(1, min(rows, n * m)) * num_classes
-    bufs = [torch.empty(cap, dtype=cdt, device=z3.device) for _ in range(n_scratch + scratch_for_x)]
-    for idx in _blocks(n, m, rows):
-        shape = (idx[0].stop - idx[0].start, idx[1].stop - idx[1].start, num_classes)
-        views = [b[: math.prod(shape)].view(shape) for b in bufs]
-        x = views.pop(0) if scratch_for_x else None
-        yield idx, x, views
+    bufs = [scratch.take(cap, cdt, z3.device) for _ in range(n_scratch + scratch_for_x)]
+    try:
+        for idx in _blocks(n, m, rows):
+            shape = (idx[0].stop - idx[0].start, idx[1].stop - idx[1].start, num_classes)
+            views = [b[: math.prod(shape)].view(shape) for b in bufs]
+            x = views.pop(0) if scratch_for_x else None
+            yield idx, x, views
+    finally:  # also when the caller stops early: the next block's call takes them again (kernels.scratch)
+        scratch.give_back(*bufs)
 
 
 def _blocks(n, m, rows):
