@@ -11,9 +11,20 @@ Fused linear cross-entropy (``bench_linear_ce``: ``crossent.linear_cross_entropy
 TF/s on 6·N·D·V, peak memory vs the dX + dW floor; vs PyTorch eager, F.linear_cross_entropy (if present),
 Liger FLCE, CCE when importable.
 
+Fused per-token log-probs + entropy (``bench_log_probs``: ``crossent.linear_token_log_probs(entropy=True)``,
+impl="triton") at the same (N, D, V), bf16, forward+backward with random upstream gradients on both outputs: time
+vs the 4-GEMM floor (X Wᵀ twice, G W, Gᵀ X), TF/s on 8·N·D·V, peak memory, max |Δ| vs fp32; vs the materializing
+recipe (F.linear → float → log_softmax → gather, −Σ p log p, autograd). The no-grad forward of each against one
+X Wᵀ product.
+
+Fused distillation (``bench_distill``: ``crossent.linear_distill_loss``, impl="triton", beta 0 and 0.5) at the
+same (N, D, V) with D_t = D, bf16, forward+backward of the student: the loss value, time vs the 4-GEMM floor
+(teacher logits, student logits, dX, dW), TF/s on 8·N·D·V, peak memory; vs the materializing recipe (both heads'
+fp32 log-softmax, TRL's generalized JSD, mean over positions) and Liger's LigerFusedLinearJSDLoss when importable.
+
 Run on a GPU (finishes in a few minutes on an H100; compiles dominate):
-    python benchmarks/gpu.py                      # both sections, bf16 and fp32
-    python benchmarks/gpu.py --only ce --reps 50  # plain CE only
+    python benchmarks/gpu.py                      # every section, bf16 and fp32
+    python benchmarks/gpu.py --only ce --reps 50  # plain CE only (or lce, lp, distill)
     python benchmarks/gpu.py --sweep              # time (BLOCK, num_warps) candidates for triton_rows.ROW_LAUNCH
 Check on a CPU (tiny shapes, Triton's interpreter; the numbers mean nothing, the code paths all run):
     python benchmarks/gpu.py --smoke
@@ -91,6 +102,13 @@ def peak_extra_bytes(step: Callable[[], object], device: torch.device) -> Option
     return torch.cuda.max_memory_allocated() - base
 
 
+def _release(device: torch.device) -> None:
+    """Hand the allocator's cached blocks back between methods: one method's cached N×V temporaries would crowd
+    out the next's (fragmentation, or out of memory at V = 128256)."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def lookup(table, name: str) -> Optional[float]:
     return next((value for key, value in table if key in name), None)
 
@@ -161,7 +179,8 @@ class Row:
     ratio: Optional[float] = None  # time / the baseline's time (F.cross_entropy, or the cuBLAS floor)
     mem: Optional[int] = None  # peak bytes beyond the inputs
     mem_floor: Optional[int] = None
-    error: Optional[float] = None  # |loss − reference loss|
+    error: Optional[float] = None  # |loss − reference loss| (log-probs: max |Δ| over log_probs and entropy)
+    value: Optional[float] = None  # the loss itself, where methods are compared by value (distillation)
     note: str = ""
 
 
@@ -304,6 +323,263 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     return rows
 
 
+# --- fused per-token log-probs + entropy --------------------------------------------------------------------------
+# crossent.linear_token_log_probs(entropy=True) forward+backward, both outputs given a random upstream gradient
+# (the RL / policy-gradient case). The floor is the four GEMMs every method must run: logits = X Wᵀ in forward,
+# again in backward (or kept: then N×V of memory), dX = G W, dW = Gᵀ X (8·N·D·V FLOPs), on preallocated buffers;
+# the memory floor is dX + dW. Under torch.no_grad() only the first product is needed: the no-grad rows are
+# timed against that one GEMM, their TF/s on 2·N·D·V.
+
+
+def materialized_log_probs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The usual recipe, (N, V) tensors and all: fp32 log-softmax of the head's logits, the ids' entries, and
+    the entropy −Σ_c p_c log p_c; autograd for the gradients."""
+    log_p = F.linear(x, w).float().log_softmax(-1)
+    return log_p.gather(-1, ids[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+
+
+def log_prob_methods(smoke: bool) -> Dict[str, Union[Callable, str]]:
+    """name -> (log_probs, entropy) of (x, w, ids), both (N,) fp32, or the reason the method is unavailable.
+    No third-party fused op returns both per-token outputs with gradients, so there is none to list here."""
+    methods: Dict[str, Union[Callable, str]] = {"materialized": materialized_log_probs}
+    if hasattr(crossent, "linear_token_log_probs"):
+        methods["crossent"] = lambda x, w, ids: tuple(crossent.linear_token_log_probs(x, w, ids, entropy=True,
+                                                                                      impl="triton"))  # fmt: skip
+    else:
+        methods["crossent"] = "skipped: crossent.linear_token_log_probs does not exist in this crossent"
+    return methods
+
+
+@torch.no_grad()
+def _chunked_reference(rows_fn: Callable, n: int, rows: int = 1024) -> List[torch.Tensor]:
+    """``rows_fn(r0, r1)`` (a tuple of per-row tensors) over blocks of rows, each output concatenated: an fp32
+    reference whose (rows, V) temporaries stay small at V = 128256."""
+    parts = [rows_fn(r0, min(r0 + rows, n)) for r0 in range(0, n, rows)]
+    return [torch.cat(column) for column in zip(*parts)]
+
+
+def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
+    """Forward+backward of the fused per-token log-probs and entropy (grads for X and W) against the GEMM floor,
+    and the no-grad forward against one GEMM. ``error``: max |Δ| over log_probs and entropy vs an fp32 reference
+    computed from the same (rounded) inputs."""
+    n, d, v = shape
+    dtype = DTYPES[dtype_name]
+    peak = lookup(BF16_PEAK_TFS, device_name(device)) if dtype == torch.bfloat16 else None
+    flops, fwd_flops = 8.0 * n * d * v, 2.0 * n * d * v
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
+    ids = torch.randint(0, v, (n,), generator=gen).to(device)
+    grads = (torch.randn(n, generator=gen).to(device), torch.randn(n, generator=gen).to(device))  # fp32 upstream
+    mem_floor = (n * d + v * d) * dtype.itemsize  # dX + dW in the inputs' dtype
+
+    logits = torch.empty(n, v, device=device, dtype=dtype)
+    dx, dw = torch.empty_like(x), torch.empty_like(w)
+
+    def gemms():
+        torch.mm(x, w.T, out=logits)  # forward
+        torch.mm(x, w.T, out=logits)  # backward's recompute
+        torch.mm(logits, w, out=dx)
+        torch.mm(logits.T, x, out=dw)
+
+    def one_gemm():
+        torch.mm(x, w.T, out=logits)
+
+    floors = []
+    for method, fn, work in (("4-GEMM floor", gemms, flops), ("1-GEMM floor (no grad)", one_gemm, fwd_flops)):
+        log(f"lp {n}x{d}x{v} {dtype_name} {method}")
+        ms = median_ms(fn, reps, device)
+        floors.append(Row("lp", shape, dtype_name, method, ms=ms, rate=work / (ms * 1e-3) / 1e12, ratio=1.0,
+                          mem_floor=mem_floor if work == flops else None))  # fmt: skip
+        floors[-1].peak_pct = None if peak is None else 100.0 * floors[-1].rate / peak
+    rows, fwd_rows = [floors[0]], [floors[1]]  # printed as two blocks: forward+backward, then the no-grad forward
+    floor_ms, fwd_floor_ms = floors[0].ms, floors[1].ms
+    logits = dx = dw = None  # free the N×V floor buffer before the methods run
+    w32 = w.float()
+    ref_lp, ref_ent = _chunked_reference(lambda r0, r1: materialized_log_probs(x[r0:r1].float(), w32, ids[r0:r1]), n)
+    w32 = None
+    timed = []
+    for method, fn in log_prob_methods(smoke).items():
+        row = Row("lp", shape, dtype_name, method, mem_floor=mem_floor)
+        rows.append(row)
+        if isinstance(fn, str):
+            row.note = fn
+            continue
+        log(f"lp {n}x{d}x{v} {dtype_name} {method}")
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        try:
+            lp, ent = fn(xg, wg, ids)
+            row.error = max((lp.detach().float() - ref_lp).abs().max().item(),
+                            (ent.detach().float() - ref_ent).abs().max().item())  # fmt: skip
+            lp = ent = None
+
+            def step(fn=fn):
+                return torch.autograd.grad(fn(xg, wg, ids), (xg, wg), grads)
+
+            row.ms = median_ms(step, reps, device)
+            row.mem = peak_extra_bytes(step, device)
+        except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
+            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            continue
+        finally:
+            xg = wg = None
+            _release(device)
+        row.rate = flops / (row.ms * 1e-3) / 1e12
+        row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+        row.ratio = row.ms / floor_ms
+        timed.append((method, fn))
+    for method, fn in timed:  # the forward alone, as for sampling or the reference policy's log-probs
+        row = Row("lp", shape, dtype_name, f"{method} (no grad)")
+        fwd_rows.append(row)
+        log(f"lp {n}x{d}x{v} {dtype_name} {row.method}")
+
+        def forward(fn=fn):
+            with torch.no_grad():
+                return fn(x, w, ids)
+
+        try:
+            row.ms = median_ms(forward, reps, device)
+            row.mem = peak_extra_bytes(forward, device)
+        except Exception as err:
+            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+            continue
+        finally:
+            _release(device)
+        row.rate = fwd_flops / (row.ms * 1e-3) / 1e12
+        row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+        row.ratio = row.ms / fwd_floor_ms
+    return rows + fwd_rows
+
+
+# --- fused distillation (generalized JSD between two LM heads) ----------------------------------------------------
+# crossent.linear_distill_loss, forward+backward of the student (grads for X and W; the teacher's head gets
+# none). The floor is the four GEMMs every method must run: the teacher's logits X_t W_tᵀ, the student's X Wᵀ,
+# dX = G W, dW = Gᵀ X (8·N·D·V FLOPs with D_t = D), on preallocated buffers; the memory floor is dX + dW.
+# ``beta`` convention, everywhere in this section: crossent's, which is TRL's generalized_jsd_loss's — with the
+# teacher's p and the student's q, beta = 0 is KL(p ‖ q), beta = 1 is KL(q ‖ p), and in between
+# β KL(p ‖ m) + (1 − β) KL(q ‖ m) with m = β p + (1 − β) q. Liger's LigerFusedLinearJSDLoss uses the same
+# convention since its JSD fixes of March 2025 (liger-kernel #609), so it gets the same beta. Older Liger
+# releases mixed m = β q + (1 − β) p with the same KL weights and had no endpoint cases: equal at β = 0.5, the two
+# KL directions swapped at β = 0 and 1. The value column shows which one an installed version computes.
+DISTILL_BETAS = (0.0, 0.5)
+
+
+def generalized_jsd_rows(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-row generalized JSD of student log-probs ``log_q`` and teacher log-probs ``log_p`` (N, V), the way TRL's
+    ``generalized_jsd_loss`` forms it: ``F.kl_div`` (log targets) for the KL terms, and for 0 < β < 1 the mixture's
+    log as a logsumexp over the stacked, weighted log-probs. Sums over the vocabulary; (N,)."""
+    if beta == 0.0:
+        return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)  # KL(p ‖ q)
+    if beta == 1.0:
+        return F.kl_div(log_p, log_q, reduction="none", log_target=True).sum(-1)  # KL(q ‖ p)
+    log_m = torch.logsumexp(torch.stack((log_p + math.log(beta), log_q + math.log1p(-beta))), dim=0)
+    kl_p = F.kl_div(log_m, log_p, reduction="none", log_target=True).sum(-1)
+    kl_q = F.kl_div(log_m, log_q, reduction="none", log_target=True).sum(-1)
+    return beta * kl_p + (1.0 - beta) * kl_q
+
+
+def materialized_distill_rows(x, w, x_t, w_t, beta: float) -> torch.Tensor:
+    """The usual recipe's per-position divergence: both heads' (N, V) logits, fp32 log-softmax of each."""
+    log_q = F.linear(x, w).float().log_softmax(-1)
+    log_p = F.linear(x_t, w_t).float().log_softmax(-1)
+    return generalized_jsd_rows(log_q, log_p, beta)
+
+
+def distill_methods(beta: float, smoke: bool) -> Dict[str, Union[Callable, str]]:
+    """name -> loss(x, w, x_t, w_t, labels) (the mean over positions; no label is ignored), or the reason the
+    method is unavailable."""
+    methods: Dict[str, Union[Callable, str]] = {
+        "materialized": lambda x, w, x_t, w_t, labels: materialized_distill_rows(x, w, x_t, w_t, beta).mean(),
+    }
+    if hasattr(crossent, "linear_distill_loss"):
+        methods["crossent"] = lambda x, w, x_t, w_t, labels: crossent.linear_distill_loss(x, w, x_t, w_t, beta=beta,
+                                                                                          impl="triton")  # fmt: skip
+    else:
+        methods["crossent"] = "skipped: crossent.linear_distill_loss does not exist in this crossent"
+    if smoke:
+        return methods
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        # soft loss only (its default adds 0.5 × hard CE; the CE on the labels is still computed, weighted 0); it
+        # divides the summed divergence by the number of labels != ignore_index, all N here. Biases passed as None:
+        # older releases have no defaults for them.
+        liger = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=beta)
+        methods["liger JSDLoss"] = lambda x, w, x_t, w_t, labels: _mean_of(liger(x, w, x_t, w_t, labels, None, None))
+    except (ImportError, TypeError) as err:  # not installed, or a release whose constructor differs
+        methods["liger JSDLoss"] = f"skipped: {err}"
+    return methods
+
+
+def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
+    """Forward+backward of the student's fused distillation loss, per beta in DISTILL_BETAS, against the GEMM
+    floor. ``value``: each method's loss; ``error``: |loss − an fp32 reference from the same (rounded) inputs|."""
+    n, d, v = shape
+    dtype = DTYPES[dtype_name]
+    peak = lookup(BF16_PEAK_TFS, device_name(device)) if dtype == torch.bfloat16 else None
+    flops = 8.0 * n * d * v
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
+    w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
+    # the teacher: a perturbed copy of the student (hidden states and head), which agrees with it in part
+    x_t = (x.float() + 0.5 * torch.randn(n, d, generator=gen).to(device)).to(dtype)
+    w_t = (w.float() + 0.5 * torch.randn(v, d, generator=gen).to(device) / math.sqrt(d)).to(dtype)
+    labels = torch.randint(0, v, (n,), generator=gen).to(device)
+    mem_floor = (n * d + v * d) * dtype.itemsize  # dX + dW in the inputs' dtype
+
+    logits = torch.empty(n, v, device=device, dtype=dtype)
+    dx, dw = torch.empty_like(x), torch.empty_like(w)
+
+    def gemms():
+        torch.mm(x_t, w_t.T, out=logits)  # the teacher's logits
+        torch.mm(x, w.T, out=logits)  # the student's
+        torch.mm(logits, w, out=dx)
+        torch.mm(logits.T, x, out=dw)
+
+    log(f"distill {n}x{d}x{v} {dtype_name} GEMM floor")
+    floor_ms = median_ms(gemms, reps, device)
+    rows = [Row("distill", shape, dtype_name, "4-GEMM floor", ms=floor_ms, rate=flops / (floor_ms * 1e-3) / 1e12,
+                ratio=1.0, mem_floor=mem_floor)]  # fmt: skip
+    rows[0].peak_pct = None if peak is None else 100.0 * rows[0].rate / peak
+    logits = dx = dw = None
+    w32, w_t32 = w.float(), w_t.float()
+    refs = {}
+    for beta in DISTILL_BETAS:
+        (ref_rows,) = _chunked_reference(
+            lambda r0, r1: (materialized_distill_rows(x[r0:r1].float(), w32, x_t[r0:r1].float(), w_t32, beta),), n
+        )
+        refs[beta] = ref_rows.double().mean().item()
+    w32 = w_t32 = None  # the fp32 weights (2 GiB each at full size) are not held while the methods run
+    for beta, ref in refs.items():
+        for method, fn in distill_methods(beta, smoke).items():
+            row = Row("distill", shape, dtype_name, f"{method} β={beta:g}", mem_floor=mem_floor)
+            rows.append(row)
+            if isinstance(fn, str):
+                row.note = fn
+                continue
+            log(f"distill {n}x{d}x{v} {dtype_name} {row.method}")
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+            try:
+                row.value = _mean_of(fn(xg, wg, x_t, w_t, labels)).item()
+                row.error = abs(row.value - ref)
+
+                def step(fn=fn):
+                    return torch.autograd.grad(_mean_of(fn(xg, wg, x_t, w_t, labels)), (xg, wg))
+
+                row.ms = median_ms(step, reps, device)
+                row.mem = peak_extra_bytes(step, device)
+            except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
+                row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+                continue
+            finally:
+                xg = wg = None
+                _release(device)
+            row.rate = flops / (row.ms * 1e-3) / 1e12
+            row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+            row.ratio = row.ms / floor_ms
+    return rows
+
+
 # --- launch-table sweep -------------------------------------------------------------------------------------------
 
 
@@ -344,8 +620,12 @@ def sweep(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
 
 
 def format_rows(rows: List[Row], unit: str) -> str:
-    """One table; times in ms, rate in ``unit``, memory in MiB."""
-    head = f"{'shape':>20} {'dtype':>5} {'method':<22} {'ms':>9} {unit:>7} {'%peak':>6} {'ratio':>6} {'peak MiB':>9} {'floor MiB':>9} {'|Δloss|':>8}"
+    """One table; times in ms, rate in ``unit``, memory in MiB; a ``value`` column (the loss, next to the time)
+    when any row carries one."""
+    with_value = any(r.value is not None for r in rows)
+    value_head = f" {'value':>10}" if with_value else ""
+    head = (f"{'shape':>20} {'dtype':>5} {'method':<22}{value_head} {'ms':>9} {unit:>7} {'%peak':>6} {'ratio':>6} "
+            f"{'peak MiB':>9} {'floor MiB':>9} {'|Δloss|':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
 
     def f(value, spec, scale=1.0):
@@ -357,9 +637,11 @@ def format_rows(rows: List[Row], unit: str) -> str:
         if r.note and r.ms is None:
             lines.append(f"{shape:>20} {r.dtype:>5} {r.method:<22} {r.note}")
             continue
+        value = f" {f(r.value, '10.6f')}" if with_value else ""
         lines.append(
-            f"{shape:>20} {r.dtype:>5} {r.method:<22} {f(r.ms, '9.3f')} {f(r.rate, '7.1f')} {f(r.peak_pct, '6.1f')} "
-            f"{f(r.ratio, '6.2f')} {f(r.mem, '9.0f', 2**20)} {f(r.mem_floor, '9.0f', 2**20)} {f(r.error, '8.1e')}"
+            f"{shape:>20} {r.dtype:>5} {r.method:<22}{value} {f(r.ms, '9.3f')} {f(r.rate, '7.1f')} "
+            f"{f(r.peak_pct, '6.1f')} {f(r.ratio, '6.2f')} {f(r.mem, '9.0f', 2**20)} {f(r.mem_floor, '9.0f', 2**20)} "
+            f"{f(r.error, '8.1e')}"
         )
     return "\n".join(lines)
 
@@ -367,7 +649,7 @@ def format_rows(rows: List[Row], unit: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    parser.add_argument("--only", choices=("ce", "lce"), help="run one section")
+    parser.add_argument("--only", choices=("ce", "lce", "lp", "distill"), help="run one section")
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="repeatable; default both")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; smoke 1)")
     parser.add_argument("--sweep", action="store_true", help="time launch-table candidates instead")
@@ -399,6 +681,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.only in (None, "lce"):
         print("\nfused linear cross-entropy, forward+backward; TF/s on 6·N·D·V; ratio = time / the GEMM floor's")
         rows = bench_linear_ce(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
+        print(format_rows(rows, "TF/s"))
+    if args.only in (None, "lp"):
+        print("\nfused per-token log-probs + entropy, forward+backward (random upstream gradients on both); TF/s on "
+              "8·N·D·V, ratio = time / the 4-GEMM floor's; no-grad rows: forward only, TF/s on 2·N·D·V, ratio = time / "
+              "one GEMM's; |Δloss| = max |Δ| of log_probs and entropy vs fp32")  # fmt: skip
+        rows = bench_log_probs(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
+        print(format_rows(rows, "TF/s"))
+    if args.only in (None, "distill"):
+        print("\nfused distillation (generalized JSD, student fwd+bwd), per beta; value = the mean loss; TF/s on "
+              "8·N·D·V; ratio = time / the 4-GEMM floor's; |Δloss| vs fp32")  # fmt: skip
+        rows = bench_distill(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
         print(format_rows(rows, "TF/s"))
     log("done")
     return 0
