@@ -236,6 +236,21 @@ def bench_plain(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
 # dX = G W, dW = Gᵀ X (6·N·D·V FLOPs), on preallocated buffers; the memory floor is dX + dW.
 
 
+def _time_into(row: Row, step: Callable[[], object], reps: int, device: torch.device, flops: float,
+               peak: Optional[float], floor_ms: float) -> None:  # fmt: skip
+    """``row`` gets ``step``'s median time, peak extra memory, TF/s on ``flops``, % of the peak and ratio to the floor."""
+    row.ms = median_ms(step, reps, device)
+    row.mem = peak_extra_bytes(step, device)
+    row.rate = flops / (row.ms * 1e-3) / 1e12
+    row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+    row.ratio = row.ms / floor_ms
+
+
+def _failure(err: Exception) -> str:
+    """The note of a method that raised (reported in its row, not fatal)."""
+    return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
+
+
 def linear_methods(smoke: bool) -> Dict[str, Union[Callable, str]]:
     """name -> loss(x, w, target), or the reason the method is unavailable."""
     methods: Dict[str, Union[Callable, str]] = {
@@ -312,14 +327,9 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
             def step(fn=fn):
                 return torch.autograd.grad(_mean_of(fn(xg, wg, target)), (xg, wg))
 
-            row.ms = median_ms(step, reps, device)
-            row.mem = peak_extra_bytes(step, device)
+            _time_into(row, step, reps, device, flops, peak, floor_ms)
         except Exception as err:
-            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            continue
-        row.rate = flops / (row.ms * 1e-3) / 1e12
-        row.peak_pct = None if peak is None else 100.0 * row.rate / peak
-        row.ratio = row.ms / floor_ms
+            row.note = _failure(err)
     return rows
 
 
@@ -416,18 +426,13 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
             def step(fn=fn):
                 return torch.autograd.grad(fn(xg, wg, ids), (xg, wg), grads)
 
-            row.ms = median_ms(step, reps, device)
-            row.mem = peak_extra_bytes(step, device)
+            _time_into(row, step, reps, device, flops, peak, floor_ms)
+            timed.append((method, fn))
         except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
-            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            continue
+            row.note = _failure(err)
         finally:
             xg = wg = None
             _release(device)
-        row.rate = flops / (row.ms * 1e-3) / 1e12
-        row.peak_pct = None if peak is None else 100.0 * row.rate / peak
-        row.ratio = row.ms / floor_ms
-        timed.append((method, fn))
     for method, fn in timed:  # the forward alone, as for sampling or the reference policy's log-probs
         row = Row("lp", shape, dtype_name, f"{method} (no grad)")
         fwd_rows.append(row)
@@ -438,16 +443,11 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
                 return fn(x, w, ids)
 
         try:
-            row.ms = median_ms(forward, reps, device)
-            row.mem = peak_extra_bytes(forward, device)
+            _time_into(row, forward, reps, device, fwd_flops, peak, fwd_floor_ms)
         except Exception as err:
-            row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-            continue
+            row.note = _failure(err)
         finally:
             _release(device)
-        row.rate = fwd_flops / (row.ms * 1e-3) / 1e12
-        row.peak_pct = None if peak is None else 100.0 * row.rate / peak
-        row.ratio = row.ms / fwd_floor_ms
     return rows + fwd_rows
 
 
@@ -566,17 +566,12 @@ def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
                 def step(fn=fn):
                     return torch.autograd.grad(_mean_of(fn(xg, wg, x_t, w_t, labels)), (xg, wg))
 
-                row.ms = median_ms(step, reps, device)
-                row.mem = peak_extra_bytes(step, device)
+                _time_into(row, step, reps, device, flops, peak, floor_ms)
             except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
-                row.note = f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
-                continue
+                row.note = _failure(err)
             finally:
                 xg = wg = None
                 _release(device)
-            row.rate = flops / (row.ms * 1e-3) / 1e12
-            row.peak_pct = None if peak is None else 100.0 * row.rate / peak
-            row.ratio = row.ms / floor_ms
     return rows
 
 
