@@ -12,7 +12,6 @@ class index out of range (CPU), ignored all −inf rows get a zero gradient (suc
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -46,14 +45,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     on_cpu = input.device.type == "cpu"
     cdt = compute_dtype(input.dtype)
     some_ignored = on_cpu and _some_ignored(target, row.ignore_index)
-    if row.softcap is not None:
-        x = row.softcap * torch.tanh(input.to(cdt) / row.softcap)
-    elif some_ignored and float(input.detach().min()) == -math.inf:
-        return None  # an ignored row may be all −inf: PyTorch's backward gives it NaN, crossent 0
-    else:
-        x = input
+    x = input if row.softcap is None else row.softcap * torch.tanh(input.to(cdt) / row.softcap)
     class_dim = 0 if x.dim() == 1 else 1
     logp = torch.log_softmax(x, class_dim, dtype=cdt)  # 16-bit logits: upcast inside the kernel, no copy
+    if some_ignored and row.softcap is None and bool(logp.detach().select(class_dim, 0).isnan().any()):
+        # an all −inf row has NaN log-probabilities; if it is ignored, PyTorch's backward gives it a NaN gradient,
+        # crossent 0 (one column read, not a pass over the logits; NaN input rows take that path too, alike)
+        return None
     lse = None
     if opts.return_stats or row.z_loss:
         lse = torch.logsumexp(x.to(cdt) if row.z_loss else x.detach().to(cdt), class_dim)
