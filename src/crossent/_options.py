@@ -100,15 +100,12 @@ class _BuiltFromKeywords:
         Raises:
             TypeError/ValueError naming the argument, for a bad value or an unknown name.
         """
-        if torch.compiler.is_compiling() or any(isinstance(v, torch.Tensor) for v in keywords.values()):
+        values = tuple(keywords.values())
+        types = tuple(map(type, values))  # part of the key: 2 == 2.0 == True hash alike; only an int is an index
+        plain = _PLAIN_TYPES.issuperset(types)  # the usual call: no tensor, everything hashable (checked in C)
+        if torch.compiler.is_compiling() or not (plain or _cacheable(values)):
             return cls._validated(keywords)
-        try:
-            # the type is part of the key: 2 == 2.0 == True hash alike, and only an int is a valid ignore_index
-            return _built(cls, tuple((k, type(v), v) for k, v in keywords.items()))
-        except TypeError as error:  # an unhashable value: validation decides what to say about it
-            if "unhashable" not in str(error):
-                raise
-            return cls._validated(keywords)
+        return _built(cls, tuple(keywords), values, types)
 
     @classmethod
     def _validated(cls, keywords):
@@ -117,10 +114,24 @@ class _BuiltFromKeywords:
         return cls(row=row, **{k: v for k, v in keywords.items() if k not in names})
 
 
+_PLAIN_TYPES = frozenset({int, float, bool, str, type(None)})
+
+
+def _cacheable(values) -> bool:
+    """No tensor among the values, and every value hashable (else validation decides what to say)."""
+    if any(isinstance(v, torch.Tensor) for v in values):
+        return False
+    try:
+        hash(values)
+    except TypeError:
+        return False
+    return True
+
+
 @functools.lru_cache(maxsize=256)
-def _built(cls, items):
-    """``cls`` built from the keyword ``items`` (hashable, in call order), cached: see ``build``."""
-    return cls._validated({k: v for k, _, v in items})
+def _built(cls, names, values, types):
+    """``cls`` built from the keywords ``names`` = ``values`` (of ``types``), cached: see ``build``."""
+    return cls._validated(dict(zip(names, values)))
 
 
 @dataclass(frozen=True)
