@@ -82,6 +82,10 @@ def _reduced_rows(logp: Tensor, target: Tensor, weight: Optional[Tensor], row, r
     ``Σ_i w_t (−log p_t)`` and the mean's denominator ``Σ_i w_t`` over non-ignored rows; smoothing adds
     ``(ε / C) Σ_i Σ_c w_c (−log p_ic)`` over the same rows. A mean over zero total weight is 0 (zero gradient)."""
     w = None if weight is None else weight.to(logp.dtype)
+    if reduction == "mean" and not row.label_smoothing:  # PyTorch's own mean, unless its denominator is 0
+        mean, total_weight = torch.ops.aten.nll_loss_forward(logp, target, w, 1, row.ignore_index)  # 1: "mean"
+        if float(total_weight) != 0.0:  # CPU: a free host read
+            return mean
     total, total_weight = torch.ops.aten.nll_loss_forward(logp, target, w, 2, row.ignore_index)  # 2: "sum"
     if row.label_smoothing:
         eps, num_classes = row.label_smoothing, logp.shape[1]
