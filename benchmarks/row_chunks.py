@@ -41,13 +41,14 @@ def main(argv=None) -> None:
         F.cross_entropy(z, t).backward()
         z.grad = None
 
-    saved = torch_rows.CHUNK_ELEMENTS["cpu"]
+    key = "cpu16" if z.dtype.itemsize == 2 else "cpu"  # the entry this dtype's chunks are sized by
+    saved = torch_rows.CHUNK_ELEMENTS[key]
     times = {k: [] for k in [*args.log2, "torch"]}
     try:
         for _ in range(args.turns):
             for k in times:
                 if k != "torch":
-                    torch_rows.CHUNK_ELEMENTS["cpu"] = 1 << k
+                    torch_rows.CHUNK_ELEMENTS[key] = 1 << k
                 fn = theirs if k == "torch" else ours
                 fn()
                 best = []
@@ -57,7 +58,7 @@ def main(argv=None) -> None:
                     best.append(time.perf_counter() - start)
                 times[k].append(min(best))
     finally:
-        torch_rows.CHUNK_ELEMENTS["cpu"] = saved
+        torch_rows.CHUNK_ELEMENTS[key] = saved
     base = statistics.median(times["torch"])
     print(f"{n}x{c} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for k, v in times.items():

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels.torch_rows import CHUNK_ELEMENTS, Shift
+from crossent.kernels.torch_rows import Shift, chunk_elements
 
 
 def scratch_blocks(opts: DistillRowOptions, grads: bool) -> int:
@@ -336,7 +336,7 @@ def backward(student: Tensor, teacher: Tensor, target: Optional[Tensor], grad_lo
 def _rows(student, teacher, target, grad_loss, opts, out, step):
     n, vocab = student.shape
     cdt = compute_dtype(student.dtype)
-    rows = max(1, min(n, CHUNK_ELEMENTS.get(student.device.type, CHUNK_ELEMENTS["cuda"]) // max(vocab, 1)))
+    rows = max(1, min(n, chunk_elements(student.device.type, student.dtype) // max(vocab, 1)))
     grads = grad_loss is not None
     bufs = [torch.empty(rows * vocab, dtype=cdt, device=student.device)
             for _ in range(2 + scratch_blocks(opts, grads))]  # fmt: skip

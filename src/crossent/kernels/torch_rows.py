@@ -39,7 +39,17 @@ StatsHook = Callable[["RowStats"], "RowStats"]
 # 2^23 gave 1.06 / 0.76 / 0.55× at 4096×32768 and 1.90 / 1.01 / 0.73× at 1024×131072 (the earlier
 # max/sub/exp/sum passes took 2.0× at 2^21 there). Shards and probability targets use the same chunks. On
 # CUDA launch overhead dominates small chunks, and this path is only the fallback for Triton.
-CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+# 16-bit logits ("cpu16") are upcast chunk by chunk, and that fp32 copy is read again by the softmax: at 2^22
+# (16 MiB) it stays in the VM's 32 MiB L3. bf16 forward+backward, quiet: 0.60× / 0.80× (2^22 / 2^23) at
+# 4096×32768, 0.62× / 0.80× at 1024×131072; with a busy process 1.26× / 1.08× and 1.15× / 1.28×.
+CHUNK_ELEMENTS = {"cpu": 1 << 23, "cpu16": 1 << 22, "cuda": 1 << 27}
+
+
+def chunk_elements(device_type: str, dtype: torch.dtype) -> int:
+    """Positions × classes per chunk for logits of ``dtype`` on ``device_type`` (:data:`CHUNK_ELEMENTS`)."""
+    if device_type == "cpu" and dtype.itemsize == 2:
+        return CHUNK_ELEMENTS["cpu16"]
+    return CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"])
 
 
 def forward(
@@ -552,7 +562,7 @@ def _chunks(z3: Tensor, cdt, n_scratch: int, scratch_for_x: bool = True) -> Iter
     """Yield (index, x, scratch) per chunk: ``index`` selects (n, m) positions of ``z3``; ``x`` and
     each of ``scratch`` are compute-dtype buffers of the chunk's shape, reused across chunks."""
     n, m, num_classes = z3.shape
-    rows = max(1, CHUNK_ELEMENTS.get(z3.device.type, CHUNK_ELEMENTS["cuda"]) // max(num_classes, 1))
+    rows = max(1, chunk_elements(z3.device.type, z3.dtype) // max(num_classes, 1))
     cap = max(1, min(rows, n * m)) * num_classes
     bufs = [scratch.take(cap, cdt, z3.device) for _ in range(n_scratch + scratch_for_x)]
     try:
