@@ -225,9 +225,10 @@ def linear_cross_entropy(
     float64; s_16 = 2 for 16-bit input, else 0), plus, for a 16-bit weight with ``accumulate_dtype="float32"``
     (or ``"float32_products"``), the fp32 sum of dW (V · D · 4 bytes) and a 4 MiB slice of its 16-bit block
     product, plus O(N + V); 16-bit input on a device without fast 16-bit products (float16 on most CPUs)
-    multiplies fp32 copies of the input and weight ((N + V) · D · 4 bytes). ``memory_budget`` bounds the block scratch; the
-    default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on CUDA
-    (half the fp32 dW sum, at least the device's floor: ``linear_plan.default_memory_budget``).
+    multiplies fp32 copies of the input and weight ((N + V) · D · 4 bytes). ``memory_budget`` bounds the block
+    scratch; the default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on
+    CUDA (half the fp32 dW sum, at least the device's floor), × 1.5 for 16-bit input (as many rows per block as
+    for fp32): ``linear_plan.default_memory_budget``.
 
     Under ``torch.autocast`` the products run in the autocast dtype where ``F.linear`` would (mixed input and
     weight dtypes are cast as ``F.linear`` casts them), the loss is float32 and each parameter's gradient comes

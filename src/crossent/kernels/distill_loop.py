@@ -81,7 +81,7 @@ def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArg
     the four products ~10% slower on the CPU (measured at (4096, 1024, 32768): 1.22× the floor at ~330 rows,
     1.11× at ~1000; docs/benchmarks.md, "Distillation"), and the scratch stays far below the recipe's."""
     if loop.memory_budget is None:
-        share = default_memory_budget(x.device, vocab, dim)
+        share = default_memory_budget(x.device, vocab, dim, x.dtype)
     else:
         share = loop.memory_budget // block_count(opts, grads)
     if loop.chunk_size is not None and loop.memory_budget is None:

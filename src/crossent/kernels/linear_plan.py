@@ -43,14 +43,24 @@ def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype) -> int:
     block's dX rows, scaled input rows and their cast, where ``s_c`` = 4 (8 for float64).
     """
     s_c = torch.finfo(compute_dtype(dtype)).bits // 8
-    s_16 = 0 if compute_dtype(dtype) == dtype else torch.finfo(dtype).bits // 8
-    return rows * cols * (s_c + s_16) + rows * dim * 3 * s_c
+    return rows * cols * (s_c + _bytes_16(dtype)) + rows * dim * 3 * s_c
 
 
-def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0) -> int:
-    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or half the fp32 dW sum if that is larger."""
+def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0, dtype: torch.dtype = torch.float32) -> int:
+    """The device's floor (``DEFAULT_MEMORY_BUDGET``), or half the fp32 dW sum if that is larger; for 16-bit
+    input times ``(s_c + s_16) / s_c`` = 1.5, so that its blocks hold as many rows as fp32 input's (the
+    16-bit copy of the block only feeds the 16-bit products, and each block of rows costs one pass over
+    the fp32 dW sum: bf16 at (2048, 1024, 32768) took 1.41× the bf16 floor in blocks of 512 rows, 1.33× in
+    blocks of 1024; docs/benchmarks.md, "16-bit inputs")."""
     floor = DEFAULT_MEMORY_BUDGET.get(device.type, DEFAULT_MEMORY_BUDGET["cuda"])
-    return max(floor, vocab * dim * 4 // DW_SHARE)
+    budget = max(floor, vocab * dim * 4 // DW_SHARE)
+    s_c = torch.finfo(compute_dtype(dtype)).bits // 8
+    return budget * (s_c + _bytes_16(dtype)) // s_c
+
+
+def _bytes_16(dtype: torch.dtype) -> int:
+    """Bytes of the block's 16-bit copy per element: 2 for 16-bit input, else 0."""
+    return 0 if compute_dtype(dtype) == dtype else torch.finfo(dtype).bits // 8
 
 
 def plan_chunks(
@@ -76,7 +86,7 @@ def plan_chunks(
         if memory_budget is None:
             return ChunkPlan(rows, vocab)
         return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget))
-    budget = default_memory_budget(device, vocab, dim) if memory_budget is None else memory_budget
+    budget = default_memory_budget(device, vocab, dim, dtype) if memory_budget is None else memory_budget
     full_rows = max(1, _rows_that_fit(vocab, dim, dtype, budget))
     min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
     if full_rows >= min_rows:
