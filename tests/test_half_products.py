@@ -77,3 +77,12 @@ def test_fused_gradients_no_worse_than_the_naive_recipe(dtype, family, products,
         assert g.dtype == dtype
         err, naive_err = (g.double() - r).abs().max(), (n.double() - r).abs().max()
         assert err <= naive_err + ULP[dtype] * r.abs().max(), f"{name}: {err:.3e} > naive {naive_err:.3e} + 1 ulp"
+
+
+def test_fast_half_products_rule():
+    from crossent._precision import fast_half_products
+
+    assert not fast_half_products("cpu", torch.float32) and not fast_half_products("cuda", torch.float64)
+    assert fast_half_products("cuda", torch.bfloat16) and fast_half_products("cuda", torch.float16)
+    assert not fast_half_products("cpu", torch.float16)  # no x86 CPU this library targets multiplies fp16 fast
+    assert fast_half_products("cpu", torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
