@@ -84,5 +84,5 @@ def test_fast_half_products_rule():
 
     assert not fast_half_products("cpu", torch.float32) and not fast_half_products("cuda", torch.float64)
     assert fast_half_products("cuda", torch.bfloat16) and fast_half_products("cuda", torch.float16)
-    assert not fast_half_products("cpu", torch.float16)  # no x86 CPU this library targets multiplies fp16 fast
     assert fast_half_products("cpu", torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    assert fast_half_products("cpu", torch.float16) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())

@@ -250,7 +250,7 @@ def linear_cross_entropy(
         memory_budget: bytes of block scratch (default above); below one row's scratch is an error.
         accumulate_dtype: ``"float32"`` sums dW across blocks in fp32 (fp64 for fp64) and casts once; for
             16-bit input each block's dW product runs in 16 bits where the device multiplies them fast (CUDA;
-            bf16 on CPUs with bf16 matrix instructions), rounded once per block. ``"float32_products"``: the
+            on CPUs with matrix instructions for the dtype), rounded once per block. ``"float32_products"``: the
             same fp32 sum of fp32 products of the unrounded block gradient (slower, dW free of those
             roundings). ``"weight"`` sums in the weight's dtype, saving the fp32 copy for 16-bit weights.
             docs/linear_cross_entropy.md, "Precision", states the contract and the measured errors.
