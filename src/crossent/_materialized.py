@@ -1,13 +1,13 @@
 """Small inputs: PyTorch's own fused ``log_softmax`` + ``nll_loss``, with crossent's semantics layered on.
 
-Below ``MATERIALIZED_MAX_ELEMENTS`` logits the fixed cost of the O(N) path (options, custom ops, a few dozen
-per-row torch ops) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
+Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU the fixed cost of the O(N) path (options, custom ops, a few
+dozen per-row torch ops) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
 PyTorch's fused ``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the
-N×C log-probabilities for backward — at most a few MiB at this size. Not while compiling or under a
-``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent promises still holds: a float32 loss for
-16-bit input, z-loss and softcap, a mean over zero total weight is 0 with a zero gradient, a ValueError for a
-class index out of range (CPU), ignored all −inf rows get a zero gradient (such calls take the O(N) path), and
-``return_stats``. tests/test_materialized.py holds the two paths equal over the option grid.
+N×C log-probabilities for backward — at most a few MiB at this size. Not on CUDA, not while compiling or under
+a ``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent
+promises still holds: a float32 loss for 16-bit input, z-loss and softcap, a mean over zero total weight is 0
+with a zero gradient, a ValueError for a class index out of range, ignored all −inf rows get a zero gradient
+(such calls take the O(N) path), and ``return_stats``. tests/test_materialized.py holds the two paths equal over the option grid.
 """
 
 from __future__ import annotations
@@ -32,22 +32,23 @@ MATERIALIZED_MAX_ELEMENTS = 1 << 20
 
 
 def applies(input: Tensor, kind: str, opts: CrossEntropyOptions) -> bool:
-    """Whether a checked ``cross_entropy`` call takes this path: small class-index inputs, eager mode (it reads
-    the target and the total weight on the host, which a compiled graph or a vmap cannot)."""
-    return (kind == "index" and opts.impl == "auto" and input.numel() <= MATERIALIZED_MAX_ELEMENTS
-            and not torch.compiler.is_compiling() and not transforms_active())  # fmt: skip
+    """Whether a checked ``cross_entropy`` call takes this path: small class-index inputs on the CPU (on CUDA
+    PyTorch's nll_loss would assert on an out-of-range class instead of crossent's NaN row, and the host reads
+    below would be syncs), eager mode (a compiled graph or a vmap cannot read values on the host)."""
+    return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu"
+            and input.numel() <= MATERIALIZED_MAX_ELEMENTS and not torch.compiler.is_compiling()
+            and not transforms_active())  # fmt: skip
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):
     """The loss (or :class:`~crossent.CrossEntropyStats`) of checked inputs in PyTorch's layout (class dim 1),
     int64 class indices; None when the call must take the O(N) path instead (ignored all −inf rows)."""
     row = opts.row
-    on_cpu = input.device.type == "cpu"
     cdt = compute_dtype(input.dtype)
-    some_ignored = on_cpu and _some_ignored(target, row.ignore_index)
+    some_ignored = _some_ignored(target, row.ignore_index)
     x = input if row.softcap is None else row.softcap * torch.tanh(input.to(cdt) / row.softcap)
     class_dim = 0 if x.dim() == 1 else 1
-    logp = torch.log_softmax(x, class_dim, dtype=cdt)  # 16-bit logits: upcast inside the kernel, no copy
+    logp = torch.log_softmax(x, class_dim, dtype=cdt)  # 16-bit logits: cast to the compute dtype first
     if some_ignored and row.softcap is None and bool(logp.detach().select(class_dim, 0).isnan().any()):
         # an all −inf row has NaN log-probabilities; if it is ignored, PyTorch's backward gives it a NaN gradient,
         # crossent 0 (one column read, not a pass over the logits; NaN input rows take that path too, alike)
@@ -55,14 +56,13 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     lse = None
     if opts.return_stats or row.z_loss:
         lse = torch.logsumexp(x.to(cdt) if row.z_loss else x.detach().to(cdt), class_dim)
-    try:  # on the CPU, nll_loss checks every class index: the range check costs nothing when it passes
-        if on_cpu and logp.dim() == 2 and opts.reduction != "none" and not row.z_loss:
+    try:  # nll_loss checks every class index on the CPU: the range check costs nothing when it passes
+        if logp.dim() == 2 and opts.reduction != "none" and not row.z_loss:
             loss = _reduced_rows(logp, target, weight, row, opts.reduction, some_ignored)
         else:
             loss = reduce_rows(_rows(logp, target, weight, lse, row, class_dim), target, weight, "index", opts)
     except IndexError:
-        if on_cpu:
-            check_target_range(target, logp.shape[class_dim], row.ignore_index)  # raises the ValueError
+        check_target_range(target, logp.shape[class_dim], row.ignore_index)  # raises the ValueError
         raise
     return loss_result(loss, lse, target, weight, "index", opts, input.dtype) if opts.return_stats else loss
 

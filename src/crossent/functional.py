@@ -219,6 +219,9 @@ def linear_cross_entropy(
     With ``"mean"``/``"sum"`` the gradients are formed during forward (3 products per block: the
     6·N·D·V FLOP floor) and scaled by grad_output in backward; with ``"none"`` forward keeps the per-row
     lse and backward recomputes the logits (4 products). A vocabulary split adds one logits product.
+    Positions whose target is ``ignore_index`` are dropped before the products (their loss and gradient rows
+    are 0): the cost follows the positions that count. Counting them reads one number on the host per call —
+    free on the CPU, one device sync on CUDA (so a CUDA-graph capture of the call is not possible).
 
     Memory: peak extra (beyond the inputs, the loss and the returned gradients dX (N, D), dW (V, D),
     db (V,)) is the block scratch ``rows · cols · (s_c + s_16) + 3 · rows · D · s_c`` (s_c = 4 bytes, 8 for

@@ -104,6 +104,6 @@ def distill_hooks(group_name: Optional[str]):
         return DistillStats(row_max, packed[:-1], packed[-1])
 
     def sums(local: Tensor) -> Tensor:
-        return _sum_over_ranks(local.contiguous().clone(), dist, group)
+        return _sum_over_ranks(local.contiguous(), dist, group)
 
     return DistillHooks(stats, sums)

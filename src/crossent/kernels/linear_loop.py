@@ -17,6 +17,12 @@ over the (rows, cols) block:
     dX_blk = diag(scale) (Q W) − target_coef ⊙ W[t] − smooth_coef ⊗ (wᵀ W)
     dW    += Qᵀ (diag(scale) X_blk) − Σ_i target_coef_i e_{t_i} x_iᵀ − w ⊗ Σ_i smooth_coef_i x_i
 
+For 16-bit input the scale is applied to Q in fp32 first and the block rounded to the input dtype once for the
+16-bit products; dW's block product then runs in 16 bits where the device multiplies them fast (summed into
+the fp32 dW through slices of ``HALF_DW_SLICE_BYTES``), else in the compute dtype from the unrounded Q
+(``accumulate_dtype="float32_products"`` asks for that everywhere); where 16-bit products are emulated,
+every product runs on fp32 copies of X and W (docs/linear_cross_entropy.md, "Precision").
+
 Two loops: :func:`linear_loss_and_grads` (loss, and with a per-row upstream gradient also dX/dW/db: 3 products
 per block) and :func:`linear_grads` (the gradients from a saved per-row lse: 3 products + the logits again).
 Both work on a vocabulary *slice* (``VocabShard``) of a C-class head, with a hook that turns the slice's per-row
@@ -73,8 +79,9 @@ class GradNeeds(NamedTuple):
 class LoopArgs(NamedTuple):
     """The fused loops' settings besides the row options: what the block plan is made from (``chunk_size``,
     ``memory_budget``; ``plan_vocab`` vocabulary rows, 0: the weight's own — vocab-parallel ranks plan from the
-    widest shard) and where dW is summed (``"float32"``: the compute dtype, cast once at the end;
-    ``"weight"``: the weight's own dtype). The plan is made here, from the tensors' shapes, not by the caller:
+    widest shard) and where dW is summed (``"float32"`` / ``"float32_products"``: the compute dtype, cast once at
+    the end — the latter also keeps each block's dW product in the compute dtype; ``"weight"``: the weight's own
+    dtype). The plan is made here, from the tensors' shapes, not by the caller:
     inside the custom ops, a compiled graph does not depend on N. ``skip_ignored``: rows whose target is
     ``ignore_index`` are dropped before the products (their loss and gradients are 0); their lse reads NaN,
     unless ``ignored_lse`` asks for it (``return_stats``: one more product over those rows, loss only)."""
@@ -117,8 +124,9 @@ def linear_loss_and_grads(
         grad_scale: None (loss only: one product per block), or the upstream gradient per row, () or (N,):
             then dX, dW, db (those ``needs`` asks for) come out with it (3 products per block; a vocabulary
             split adds the logits product again).
-        loop.accumulate: ``"float32"`` (dW summed over row blocks in the compute dtype, cast once at the end)
-            or ``"weight"`` (in ``linear_weight``'s dtype: no fp32 copy for 16-bit weights). dX rows are summed
+        loop.accumulate: ``"float32"`` / ``"float32_products"`` (dW summed over row blocks in the compute dtype,
+            cast once at the end; see the module doc for the block products) or ``"weight"`` (in
+            ``linear_weight``'s dtype: no fp32 copy for 16-bit weights). dX rows are summed
             over vocabulary pieces in the compute dtype, db in the compute dtype.
         combine: per block of rows, the stats of this process's columns → global stats (vocab-parallel).
             Then dX is this slice's part (sum it over ranks); dW and db are this slice's. The hook is a

@@ -331,12 +331,6 @@ def chunk_grad_(logits: Tensor, index: Tensor, lse: Tensor, entropy: Optional[Te
     return FINISHED
 
 
-def chunk_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Optional[LogProbRows]:
-    """The finished rows of a block holding whole rows of the head (:func:`softmax_rows`), or None: then the loop
-    takes the stats path."""
-    return softmax_rows(logits, index, opts)
-
-
 class LogProbChunkKernels(NamedTuple):
     """The elementwise work of the fused log-prob loops, swappable per backend: a block's stats, its gradient, and
     a fast step for blocks of whole rows (may decline with None)."""
@@ -346,4 +340,4 @@ class LogProbChunkKernels(NamedTuple):
     rows: Callable[..., Optional[LogProbRows]]
 
 
-TORCH_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_, chunk_rows)
+TORCH_LOGPROB_KERNELS = LogProbChunkKernels(chunk_stats, chunk_grad_, softmax_rows)
