@@ -8,7 +8,9 @@ and leaves it alone where there is one (there the kernels run compiled, on the G
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import Iterator
 
 import pytest
 import torch
@@ -36,3 +38,22 @@ def kernel_device() -> torch.device:
             "run with TRITON_INTERPRET=1 in the environment"
         )
     return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def launches(*modules) -> Iterator[list]:
+    """``[n]``: how many times the jitted kernels of ``modules`` ran within the block (Triton's pre-run hooks),
+    so a test can tell ``impl="triton"`` from a silent fallback to the torch kernels."""
+    counter = [0]
+
+    def hook(*args, **kwargs):
+        counter[0] += 1
+
+    kernels = [k for m in modules for k in vars(m).values() if isinstance(getattr(k, "pre_run_hooks", None), list)]
+    for kernel in kernels:
+        kernel.add_pre_run_hook(hook)
+    try:
+        yield counter
+    finally:
+        for kernel in kernels:
+            kernel.pre_run_hooks.remove(hook)

@@ -79,10 +79,18 @@ def test_fused_gradients_no_worse_than_the_naive_recipe(dtype, family, products,
         assert err <= naive_err + ULP[dtype] * r.abs().max(), f"{name}: {err:.3e} > naive {naive_err:.3e} + 1 ulp"
 
 
-def test_fast_half_products_rule():
+@pytest.mark.parametrize("bf16_units, fp16_units", [(True, False), (False, True), (False, False)])
+def test_fast_half_products_rule(bf16_units, fp16_units, monkeypatch):
+    """CUDA always; the CPU per dtype as oneDNN reports its matrix instructions (both kinds of CPU forced)."""
     from crossent._precision import fast_half_products
 
-    assert not fast_half_products("cpu", torch.float32) and not fast_half_products("cuda", torch.float64)
-    assert fast_half_products("cuda", torch.bfloat16) and fast_half_products("cuda", torch.float16)
-    assert fast_half_products("cpu", torch.bfloat16) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    assert fast_half_products("cpu", torch.float16) == bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_units)
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16_units)
+    fast_half_products.cache_clear()
+    try:
+        assert not fast_half_products("cpu", torch.float32) and not fast_half_products("cuda", torch.float64)
+        assert fast_half_products("cuda", torch.bfloat16) and fast_half_products("cuda", torch.float16)
+        assert fast_half_products("cpu", torch.bfloat16) is bf16_units
+        assert fast_half_products("cpu", torch.float16) is fp16_units
+    finally:
+        fast_half_products.cache_clear()  # the next call asks the real oneDNN again

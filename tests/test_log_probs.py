@@ -18,7 +18,7 @@ from torch.func import grad, jacrev, jvp, vmap
 
 import crossent
 from crossent import reference
-from test_linear_cross_entropy import _LargestAllocation  # the allocation detector, shared
+from _helpers import LargestAllocation as _LargestAllocation
 from crossent._options import LogProbRowOptions
 from crossent.kernels import linear_loop, logprob_ops, logprob_rows
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
@@ -593,11 +593,14 @@ def test_softmax_path_and_max_first_path_agree():
     ref_lp, ref_h, _ = _ref(z, ids, {"temperature": 0.9})
     torch.testing.assert_close(rows.log_probs, ref_lp, **F64)
     torch.testing.assert_close(rows.entropy, ref_h, **F64)
-    out, want = torch.empty_like(z), torch.empty_like(z)  # backward: whole rows (softmax) vs a one-shard split
-    g = torch.randn(6, 2, dtype=torch.float64)
-    logprob_rows.backward(z, ids, rows.lse, rows.entropy, g, torch.ones(6, dtype=torch.float64), opts, out)
-    _, _, ref_dz = _ref(z, ids, {"temperature": 0.9}, g, torch.ones(6, dtype=torch.float64))
+    out, want = torch.empty_like(z), torch.empty_like(z)  # backward: whole rows (softmax) vs two shards (exp path)
+    g, g_h = torch.randn(6, 2, dtype=torch.float64), torch.ones(6, dtype=torch.float64)
+    logprob_rows.backward(z, ids, rows.lse, rows.entropy, g, g_h, opts, out)
+    for v0, v1 in ((0, 20), (20, 50)):
+        logprob_rows.backward(z[:, v0:v1], ids, rows.lse, rows.entropy, g, g_h, opts, want[:, v0:v1], VocabShard(v0, 50))
+    _, _, ref_dz = _ref(z, ids, {"temperature": 0.9}, g, g_h)
     torch.testing.assert_close(out, ref_dz, **F64)
+    torch.testing.assert_close(want, ref_dz, **F64)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9])

@@ -134,11 +134,14 @@ def test_public_impl_triton_equals_torch(device, fused):
     for impl in ("torch", "triton"):
         leaves = [t.clone().requires_grad_() for t in (x, w)]
         kw = dict(entropy=True, temperature=0.8, softcap=5.0, impl=impl)
-        if fused:  # blocks of 4 rows and 20 columns: vocabulary pieces in both loops
-            out = crossent.linear_token_log_probs(*leaves, ids, chunk_size=4, memory_budget=4 * 20 * 4 + 4 * 6 * 12, **kw)
-        else:
-            out = crossent.token_log_probs(leaves[0] @ leaves[1].T, ids, **kw)
-        grads = torch.autograd.grad([out.log_probs.sum(), (out.entropy * 3).sum()], leaves)
+        with _triton_mode.launches(triton_logprobs) as ran:
+            if fused:  # blocks of 4 rows and 20 columns: vocabulary pieces in both loops
+                out = crossent.linear_token_log_probs(*leaves, ids, chunk_size=4,
+                                                      memory_budget=4 * 20 * 4 + 4 * 6 * 12, **kw)  # fmt: skip
+            else:
+                out = crossent.token_log_probs(leaves[0] @ leaves[1].T, ids, **kw)
+            grads = torch.autograd.grad([out.log_probs.sum(), (out.entropy * 3).sum()], leaves)
+        assert (ran[0] > 0) == (impl == "triton")  # the Triton kernels ran exactly when asked for
         results.append((out.log_probs, out.entropy, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
