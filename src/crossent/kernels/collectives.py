@@ -18,7 +18,6 @@ import torch
 from torch import Tensor
 
 from crossent.kernels.distill_loop import DistillHooks
-from crossent.kernels.distill_rows import DistillStats
 from crossent.kernels.logprob_rows import LogProbStats, LogProbStatsHook
 from crossent.kernels.torch_rows import RowStats, StatsHook
 
@@ -97,11 +96,11 @@ def distill_hooks(group_name: Optional[str]):
         return DistillHooks()
     dist, group = _group(group_name)
 
-    def stats(local: DistillStats) -> DistillStats:
+    def stats(local: RowStats) -> RowStats:
         row_max = _max_over_ranks(local.max, dist, group)
         packed = torch.cat([local.sumexp * torch.exp(local.max - row_max), local.target_logit.unsqueeze(0)])
         packed = _sum_over_ranks(packed, dist, group)
-        return DistillStats(row_max, packed[:-1], packed[-1])
+        return RowStats(row_max, packed[:-1], packed[-1], None)
 
     def sums(local: Tensor) -> Tensor:
         return _sum_over_ranks(local.contiguous(), dist, group)

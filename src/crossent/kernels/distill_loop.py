@@ -28,11 +28,10 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
+from crossent.kernels import scratch
 from crossent.kernels.distill_rows import (
-    DistillStats,
     Scratch,
     block_step_,
-    combine_pieces,
     piece_loss,
     piece_stats,
     piece_step_,
@@ -41,15 +40,15 @@ from crossent.kernels.distill_rows import (
 from crossent.kernels.linear_loop import GradNeeds, LinearGrads, LoopArgs, _kept_rows, _rows_of, _scattered, _Workspace
 from crossent.kernels.linear_plan import ChunkPlan, check_memory_budget, default_memory_budget, plan_chunks
 from crossent.kernels.linear_step import FINISHED
-from crossent.kernels import scratch
 from crossent.kernels.shard import VocabShard
+from crossent.kernels.torch_rows import RowStats, combine_stats
 
 
 class DistillHooks(NamedTuple):
-    """Vocab-parallel combines, called once per block of rows on every rank: this rank's :class:`DistillStats`
+    """Vocab-parallel combines, called once per block of rows on every rank: this rank's piece stats (``distill_rows``: a ``RowStats`` of (k, rows) sums)
     → the global ones, and this rank's divergence row sums → their sum over the ranks (None: one process)."""
 
-    stats: Optional[Callable[[DistillStats], DistillStats]] = None
+    stats: Optional[Callable[[RowStats], RowStats]] = None
     sums: Optional[Callable[[Tensor], Tensor]] = None
 
 
@@ -168,7 +167,7 @@ def _pieces(student, teacher, r0, r1, target, g, opts: DistillRowOptions, bufs, 
     for piece in student.pieces:
         s, t = blocks(piece)
         parts.append(piece_stats(s, t, target, opts, student.vocab_start + piece[0], _scratch(bufs, s.shape, opts, False).term))
-    stats = combine_pieces(parts)
+    stats = parts[0] if len(parts) == 1 else combine_stats(parts)
     stats = stats if hooks.stats is None else hooks.stats(stats)
     lse = stats.lse()
     grad_now = g is not None and opts.beta == 0.0  # KL(p ‖ q)'s gradient needs only the log-sum-exps

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels.torch_rows import Shift, chunk_elements
+from crossent.kernels.torch_rows import RowStats, Shift, chunk_elements
 
 
 def scratch_blocks(opts: DistillRowOptions, grads: bool) -> int:
@@ -126,28 +126,10 @@ def _teacher_log_probs_(t: Tensor, opts: DistillRowOptions) -> Optional[Tensor]:
 # --- vocabulary pieces (of a fused block, or of this rank's columns) ----------------------------------------
 
 
-class DistillStats(NamedTuple):
-    """One piece's per-row statistics: ``max``/``sumexp`` (k, rows) of the k log-sum-exps — student ``s``,
-    teacher ``t``, and with α > 0 and T ≠ 1 the untempered student ``z_s`` — and the hard loss's target logit
-    (the capped ``z_s,t`` where the target lies in the piece, else 0). Pieces combine as in docs/math.md,
-    "Vocabulary shards": ``M = max_k m_k``, ``S = Σ_k s_k exp(m_k − M)``, the target logits summed."""
-
-    max: Tensor
-    sumexp: Tensor
-    target_logit: Tensor
-
-    def lse(self) -> Tensor:
-        """(k, rows) float64 ``max + log sumexp``."""
-        return self.sumexp.double().log_().add_(self.max.double())
-
-
-def combine_pieces(parts: List[DistillStats]) -> DistillStats:
-    """The statistics of the union of disjoint pieces."""
-    if len(parts) == 1:
-        return parts[0]
-    row_max = torch.stack([p.max for p in parts]).amax(0)
-    sumexp = sum(p.sumexp * torch.exp(p.max - row_max) for p in parts)
-    return DistillStats(row_max, sumexp, sum(p.target_logit for p in parts))
+# A piece's statistics are a :class:`torch_rows.RowStats` (``dot`` None) whose ``max``/``sumexp`` are (k, rows):
+# the k log-sum-exps — student ``s``, teacher ``t``, and with α > 0 and T ≠ 1 the untempered student ``z_s`` —
+# and ``target_logit`` the hard loss's (the capped ``z_s,t`` where the target lies in the piece, else 0). Pieces
+# and ranks combine them with ``torch_rows.combine_stats`` (docs/math.md, "Vocabulary shards").
 
 
 def lse_count(opts: DistillRowOptions) -> int:
@@ -156,8 +138,8 @@ def lse_count(opts: DistillRowOptions) -> int:
 
 
 def piece_stats(s: Tensor, t: Tensor, target: Optional[Tensor], opts: DistillRowOptions, vocab_start: int,
-                term: Tensor) -> DistillStats:  # fmt: skip
-    """First pass over a piece (raw logits ``s``, ``t``, ours): its :class:`DistillStats`; ``term`` is scratch."""
+                term: Tensor) -> RowStats:  # fmt: skip
+    """First pass over a piece (raw logits ``s``, ``t``, ours): its stats (above); ``term`` is scratch."""
     _cap_(s, opts.softcap, None)
     _cap_(t, opts.softcap, None)
     z_t = torch.zeros(s.shape[0], dtype=s.dtype, device=s.device)
@@ -171,7 +153,7 @@ def piece_stats(s: Tensor, t: Tensor, target: Optional[Tensor], opts: DistillRow
         if opts.temperature != 1.0:
             x.div_(opts.temperature)
     parts = [_max_sumexp(s, term), _max_sumexp(t, term)] + parts
-    return DistillStats(torch.stack([m for m, _ in parts]), torch.stack([e for _, e in parts]), z_t)
+    return RowStats(torch.stack([m for m, _ in parts]), torch.stack([e for _, e in parts]), z_t, None)
 
 
 def piece_step_(
@@ -197,7 +179,7 @@ def piece_step_(
     return local_sums
 
 
-def piece_loss(stats: DistillStats, lse: Tensor, sums: Tensor, target: Optional[Tensor],
+def piece_loss(stats: RowStats, lse: Tensor, sums: Tensor, target: Optional[Tensor],
                opts: DistillRowOptions) -> Tensor:  # fmt: skip
     """The rows' loss from the combined statistics and row sums (every piece's, every rank's)."""
     hard_nll = None

@@ -40,12 +40,12 @@ from torch import Tensor
 
 from crossent._options import LogProbRowOptions, RowOptions
 from crossent._precision import HALF_DTYPES, compute_dtype, fast_half_products
+from crossent.kernels import scratch
 from crossent.kernels.linear_plan import ChunkPlan, plan_chunks
 from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
 from crossent.kernels.logprob_rows import TORCH_LOGPROB_KERNELS, LogProbChunkKernels, LogProbRows
 from crossent.kernels.logprob_rows import combine_stats as combine_logprob_stats
 from crossent.kernels.logprob_rows import finish as finish_log_probs
-from crossent.kernels import scratch
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
 
