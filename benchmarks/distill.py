@@ -12,7 +12,7 @@ Times: medians of ``--reps`` calls, the methods interleaved in one process (load
 memory: a fresh process per method (``--memory METHOD``), VmHWM − VmRSS over one measured call after a warm-up,
 so the inputs and the interpreter are not counted. Error: |loss − float64| and max |dX − float64| at
 ``--error-shape`` (smaller: the float64 oracle is the recipe in float64), fp32 and bf16.
-Run:  .venv/bin/python benchmarks/distill.py [--shape 2048 1024 32768] [--reps 3] [--beta 0.0]
+Run:  .venv/bin/python benchmarks/distill.py [--shape 2048 1024 32768] [--reps 3] [--beta 0.0] [--load loaded]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
+from crossent.bench import load
 from crossent.bench.measure import format_bytes, interleaved_medians
 
 
@@ -111,6 +112,7 @@ def main(argv=None) -> int:
     parser.add_argument("--beta", type=float, default=0.0)
     parser.add_argument("--memory", choices=["fused", "recipe", "floor"], help=argparse.SUPPRESS)
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--load", default="quiet", choices=["quiet", "loaded"], help="loaded: one busy process beside")
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
     if args.memory:  # child process: warm up, then the peak of one measured call
@@ -124,10 +126,11 @@ def main(argv=None) -> int:
     fns = methods(*make(shape, torch.float32), args.beta)
     for fn in fns.values():
         fn()  # warm-up
-    times = interleaved_medians(fns, args.reps)
+    with load.condition(args.load):
+        times = interleaved_medians(fns, args.reps)
     peaks = {name: peak_memory(name, shape, args.beta) for name in fns}
     errs = errors(tuple(args.error_shape), args.beta)
-    report = dict(shape=shape, beta=args.beta, reps=args.reps, threads=torch.get_num_threads(),
+    report = dict(shape=shape, beta=args.beta, load=args.load, reps=args.reps, threads=torch.get_num_threads(),
                   torch=torch.__version__, seconds=times, peak_bytes=peaks, errors=errs,
                   fused_over_floor=times["fused"] / times["floor"], recipe_over_fused=times["recipe"] / times["fused"],
                   memory_recipe_over_fused=peaks["recipe"] / max(peaks["fused"], 1))  # fmt: skip
@@ -135,7 +138,7 @@ def main(argv=None) -> int:
         print(json.dumps(report))
         return 0
     n, d, v = shape
-    print(f"distillation forward+backward, fp32, (N, D, V) = ({n}, {d}, {v}), beta={args.beta}, CPU, "
+    print(f"distillation forward+backward, fp32, (N, D, V) = ({n}, {d}, {v}), beta={args.beta}, CPU, {args.load}, "
           f"torch {torch.__version__}, {report['threads']} threads, median of {args.reps} (interleaved)")  # fmt: skip
     print(f"{'method':8} {'time (s)':>9} {'× floor':>8} {'TF/s':>6} {'peak extra':>11}")
     for name in fns:

@@ -12,21 +12,22 @@ gradient on both outputs:
   log-probs, the entropy and dX, for ``fused`` and the same-dtype ``recipe``.
 
 Run:  .venv/bin/python benchmarks/log_probs.py [--rows 4096 --dim 1024 --vocab 32768 --reps 3 --acc-rows 512]
+      [--load loaded]   (one busy process beside the timed rounds)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import crossent
+from crossent.bench import load
+from crossent.bench.measure import interleaved_medians
 
 
 def problem(n, d, v, dtype=torch.float32, seed=0):
@@ -77,18 +78,13 @@ def methods(x, w, ids, g_lp, g_h):
     }
 
 
-def times(n, d, v, reps):
-    data = problem(n, d, v)
-    fns = methods(*data)
+def times(n, d, v, reps, load_name="quiet"):
+    """Median seconds per method, interleaved in one process; ``load_name="loaded"`` runs one busy process beside."""
+    fns = methods(*problem(n, d, v))
     for fn in fns.values():  # warm-up
         fn()
-    samples = {name: [] for name in fns}
-    for _ in range(reps):  # interleaved: drift hits every method alike
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    with load.condition(load_name):
+        return interleaved_medians(fns, reps)
 
 
 def _status_kib(field):
@@ -135,12 +131,14 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--acc-rows", type=int, default=512)
     p.add_argument("--skip", nargs="*", default=[], choices=["time", "memory", "accuracy"])
+    p.add_argument("--load", default="quiet", choices=["quiet", "loaded"], help="loaded: one busy process beside")
     args = p.parse_args(argv)
     n, d, v = args.rows, args.dim, args.vocab
-    print(f"# (N, D, V) = ({n}, {d}, {v}) fp32, entropy=True, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"# (N, D, V) = ({n}, {d}, {v}) fp32, entropy=True, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{args.load}")  # fmt: skip
     result = {"shape": [n, d, v]}
     if "time" not in args.skip:
-        t = times(n, d, v, args.reps)
+        t = times(n, d, v, args.reps, args.load)
         result["seconds"] = t
         print("median seconds:", json.dumps({k: round(s, 3) for k, s in t.items()}))
         print(f"fused / floor (fwd+bwd) = {t['fused'] / t['floor']:.3f}   recipe / floor = {t['recipe'] / t['floor']:.3f}   "
