@@ -255,7 +255,8 @@ def sparse_distill_loss(
 
     How: chunks of rows under activation checkpointing, so one chunk's (rows, V) temporaries exist at a time
     (``memory_budget`` bytes of them, default 64 MiB, or ``chunk_size`` rows); backward recomputes each chunk's
-    logits. Precision: logits, loss and the logits' gradient in float32 (float64 for float64); the products in
+    logits. These are PyTorch's own ops on any device (no ``impl``: no custom op and no Triton step; the
+    per-chunk work is a few passes over (rows, V)). Precision: logits, loss and the logits' gradient in float32 (float64 for float64); the products in
     the weight's dtype; a 16-bit weight's dW (and db) summed over the chunks in float32 and cast once
     (``accumulate_dtype="float32"``) or in its own dtype (``"weight"``).
 
