@@ -24,7 +24,7 @@ from torch import Tensor
 
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels import scratch
+from crossent.kernels import cpu_rows, scratch
 from crossent.kernels.shard import VocabShard
 
 StatsHook = Callable[["RowStats"], "RowStats"]
@@ -270,6 +270,9 @@ def _whole_rows_forward(logits, target, class_weight, opts):
     """Per-position loss and float64 lse of whole rows: ``log p = log_softmax(x)`` per chunk, then
     ``lse = x_t − log p_t`` and (with smoothing) ``Σ_c w_c (lse − x_c) = −Σ_c w_c log p_c``."""
     z3, t3, shape = _as_3d(logits, target)
+    if cpu_rows.covers(z3, None, opts):  # the same math in C, reading the logits as stored
+        loss, lse = cpu_rows.forward(z3, t3, class_weight, opts)
+        return loss.reshape(shape), lse.reshape(shape)
     cdt = compute_dtype(logits.dtype)
     num_classes = z3.shape[-1]
     valid, t_safe, _ = index_masks(t3, opts.ignore_index, num_classes)
@@ -299,6 +302,9 @@ def _whole_rows_backward(logits, target, class_weight, lse, grad_loss, opts, out
     target and smoothing terms (:func:`index_grad_factors`) and the softcap chain factor."""
     z3, t3, _ = _as_3d(logits, target)
     out3 = out.view(z3.shape)
+    if cpu_rows.covers(z3, out3, opts):
+        cpu_rows.backward(z3, t3, class_weight, lse, grad_loss, opts, out3)
+        return
     cdt = compute_dtype(logits.dtype)
     num_classes = z3.shape[-1]
     lse2, g2 = _rows_of(lse, z3, torch.float64), _rows_of(grad_loss, z3, cdt, lse.shape)

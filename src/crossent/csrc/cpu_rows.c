@@ -1,0 +1,386 @@
+/* crossent._cpu_rows: the CPU row kernels of cross-entropy with class-index targets, in C.
+ *
+ * One pass reads 16-bit (or fp32) logits and keeps every statistic in fp32 registers and float64 row sums:
+ * PyTorch's CPU ops cannot do that for 16-bit input (no half-to-float softmax), so the torch path upcasts
+ * each chunk to an fp32 copy first. Same math as crossent.kernels.torch_rows (docs/math.md):
+ *
+ *   lse = m + log Σ_c exp(z_c − m)                                   (m the row max, float64 result)
+ *   loss = ω ((1 − ε)(lse − z_t) + s lse²) + (ε / C)(W log Σ exp(z − m) − Σ_c w_c (z_c − m))
+ *   g ∂loss/∂z_c = scale · exp(z_c − lse) − target_coef [c = t] − smooth_coef · w_c
+ *   scale = g (ω (1 − ε + 2 s lse) + ε W / C),  target_coef = g ω (1 − ε),  smooth_coef = g ε / C
+ *
+ * ω = w_t (1 without weights), W = Σ_c w_c (C without weights), ε label smoothing, s z-loss. Ignored rows:
+ * loss 0 and a zero gradient row; a class index outside [0, C): loss NaN and a NaN gradient row; a row whose
+ * gradient scale is 0 gets a zero row (also where the softmax is NaN, as in torch_rows).
+ *
+ * Each function handles the rows of logits viewed as (N, M, C) with strides (sN, sM, 1), releases the GIL, and
+ * spreads the rows over `threads` OpenMP threads in small dynamic chunks (a core taken by another process
+ * delays only the chunks it holds). Built with -fopenmp, the extension names libgomp.so.1, which PyTorch's wheels
+ * ship and load first: the dynamic loader then reuses PyTorch's runtime, so these regions run on the same
+ * threads as PyTorch's ops instead of a second pool that would fight its spinning workers for the cores. Sums are taken in fp32 vector lanes over blocks of 256 columns (``omp simd`` reductions: built with
+ * -fopenmp-simd, no OpenMP runtime), each block's sum added into float64, so the row sums keep their digits.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define BLOCK 256 /* columns converted to fp32 at a time: 1 KiB, stays in L1 */
+
+/* Per-instruction-set copies of the row loops, chosen at load time (GCC's function multi-versioning). */
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define MULTIVERSIONED
+#endif
+
+enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* 16-bit formats by bit manipulation (branch-free, so the loops vectorize; no compiler half type needed). */
+static inline float bf16_to_float(uint16_t h) { return bits_to_float((uint32_t)h << 16); }
+
+static inline uint16_t float_to_bf16(float v) { /* round to nearest even; NaN stays a quiet NaN */
+    uint32_t u = float_to_bits(v);
+    uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    return (uint16_t)(v != v ? ((u >> 16) | 0x40u) : rounded);
+}
+
+/* a where c, else b, as bit masks (GCC does not if-convert the ternary here, and the loops would not vectorize) */
+static inline uint32_t select_u32(int c, uint32_t a, uint32_t b) {
+    uint32_t mask = -(uint32_t)(c != 0);
+    return (a & mask) | (b & ~mask);
+}
+
+static inline float f16_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu;
+    uint32_t normal = (em << 13) + (112u << 23);                            /* exponent rebiased from 15 to 127 */
+    uint32_t subnormal = float_to_bits((float)(int32_t)em * 0x1p-24f);      /* exact: em < 2^10 */
+    uint32_t u = select_u32(em < 0x400u, subnormal, normal);
+    u = select_u32(em >= 0x7C00u, 0x7F800000u | ((em & 0x3FFu) << 13), u); /* inf, NaN */
+    return bits_to_float(u | sign);
+}
+
+static inline uint16_t float_to_f16(float v) { /* round to nearest even */
+    uint32_t u = float_to_bits(v), sign = (u >> 16) & 0x8000u, a = u & 0x7FFFFFFFu;
+    uint32_t normal = ((a + 0xFFFu + ((a >> 13) & 1u)) >> 13) - (112u << 10);
+    /* below 2^-14: adding 0.5 (whose ulp is 2^-24, the f16 subnormal step) rounds to the subnormal */
+    uint32_t subnormal = float_to_bits(bits_to_float(a) + 0.5f) - float_to_bits(0.5f);
+    uint32_t h = select_u32(a < 0x38800000u, subnormal, normal);
+    h = select_u32(a >= 0x477FF000u, 0x7C00u, h); /* ≥ 65520 rounds to inf */
+    h = select_u32(a > 0x7F800000u, 0x7E00u, h);  /* NaN */
+    return (uint16_t)(h | sign);
+}
+
+/* exp(x) for x ≤ ~0 in fp32, about 1 ulp: exp(x) = 2^n · P(r), n = round(x / ln 2), r = x − n ln 2 (two-part
+ * ln 2), P the degree-7 Taylor polynomial (|r| ≤ ln 2 / 2: truncation 5e-9 relative). Below −87.3 (where 2^n
+ * leaves fp32's normal range) the result is 0, so −inf gives 0; NaN gives NaN. Branch-free: vectorizes. */
+static inline float exp_f32(float x) {
+    const float shifter = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
+    float xc = x < -87.3f ? -87.3f : x;
+    xc = xc > 88.0f ? 88.0f : xc;
+    float n = (xc * 1.44269504088896341f + shifter) - shifter;
+    float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    float e = p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
+    e = x < -87.3f ? 0.0f : e;
+    return x != x ? x : e;
+}
+
+/* Columns [c0, c0 + n) of a row as fp32: the row itself for fp32, else converted into buf. */
+MULTIVERSIONED static const float *load_block(const void *row, int dtype, int64_t c0, int n, float *buf) {
+    if (dtype == DTYPE_FLOAT32) return (const float *)row + c0;
+    const uint16_t *h = (const uint16_t *)row + c0;
+    if (dtype == DTYPE_BFLOAT16)
+#pragma omp simd
+        for (int i = 0; i < n; i++) buf[i] = bf16_to_float(h[i]);
+    else
+#pragma omp simd
+        for (int i = 0; i < n; i++) buf[i] = f16_to_float(h[i]);
+    return buf;
+}
+
+MULTIVERSIONED static void store_block(void *row, int dtype, int64_t c0, int n, const float *v) {
+    if (dtype == DTYPE_FLOAT32) {
+        memcpy((float *)row + c0, v, (size_t)n * sizeof(float));
+        return;
+    }
+    uint16_t *h = (uint16_t *)row + c0;
+    if (dtype == DTYPE_BFLOAT16)
+#pragma omp simd
+        for (int i = 0; i < n; i++) h[i] = float_to_bf16(v[i]);
+    else
+#pragma omp simd
+        for (int i = 0; i < n; i++) h[i] = float_to_f16(v[i]);
+}
+
+static inline float load_one(const void *row, int dtype, int64_t c) {
+    if (dtype == DTYPE_FLOAT32) return ((const float *)row)[c];
+    uint16_t h = ((const uint16_t *)row)[c];
+    return dtype == DTYPE_BFLOAT16 ? bf16_to_float(h) : f16_to_float(h);
+}
+
+static inline void store_one(void *row, int dtype, int64_t c, float v) {
+    if (dtype == DTYPE_FLOAT32)
+        ((float *)row)[c] = v;
+    else
+        ((uint16_t *)row)[c] = dtype == DTYPE_BFLOAT16 ? float_to_bf16(v) : float_to_f16(v);
+}
+
+MULTIVERSIONED static float block_max(const float *x, int n) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+    for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* Σ exp(x − m) over a block (vector lanes summed in fp32, then returned as float64) */
+MULTIVERSIONED static double block_sumexp(const float *x, int n, float m) {
+    float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) s += exp_f32(x[i] - m);
+    return s;
+}
+
+/* Σ w_i (x_i − m) over a block (w NULL: all ones) */
+MULTIVERSIONED static double block_dot(const float *x, int n, float m, const float *w) {
+    float d = 0.0f;
+    if (w) {
+#pragma omp simd reduction(+ : d)
+        for (int i = 0; i < n; i++) d += w[i] * (x[i] - m);
+    } else {
+#pragma omp simd reduction(+ : d)
+        for (int i = 0; i < n; i++) d += x[i] - m;
+    }
+    return d;
+}
+
+/* out_i = scale · exp((x_i − hi) − lo) − smooth · w_i (w NULL: 1) */
+MULTIVERSIONED static void block_grad(const float *x, float *out, int n, float hi, float lo, float scale, float smooth,
+                                      const float *w) {
+    if (w)
+        for (int i = 0; i < n; i++) out[i] = scale * exp_f32((x[i] - hi) - lo) - smooth * w[i];
+    else
+        for (int i = 0; i < n; i++) out[i] = scale * exp_f32((x[i] - hi) - lo) - smooth;
+}
+
+/* Rows per dynamic chunk: about 2^15 logits, so a few dozen chunks share the work of a large call. */
+static inline int64_t chunk_rows(int64_t classes) { return classes >= (1 << 15) ? 1 : (1 << 15) / classes; }
+
+typedef struct {
+    const char *base; /* logits */
+    int dtype, itemsize;
+    int64_t m, s_n, s_m, classes; /* (N, M, C): M positions per batch row, strides in elements */
+} Rows;
+
+static inline const void *row_at(const Rows *z, int64_t r) {
+    return z->base + ((r / z->m) * z->s_n + (r % z->m) * z->s_m) * z->itemsize;
+}
+
+typedef struct {
+    const int64_t *target;
+    int64_t ignore_index;
+    const double *weight;     /* (C,) or NULL */
+    const float *weight_f32;  /* the same weights in fp32 (the per-column terms), or NULL */
+    double total_weight;      /* W */
+    double label_smoothing, z_loss;
+} RowOptions;
+
+/* One pass per row: the running max m is raised block by block (the sum so far rescaled by exp(m_old − m)), and
+ * the smoothing dot is kept as Σ_b (d_b + W_b m_b), made relative to the final max at the end (float64). */
+static int rows_forward(const Rows *z, const RowOptions *o, float *loss, double *lse, int64_t rows, int threads) {
+    const int64_t C = z->classes;
+    const double eps = o->label_smoothing;
+    const int want_dot = eps != 0.0;
+    double *block_weight = NULL; /* Σ w_c over each block of columns (smoothing only) */
+    if (want_dot) {
+        block_weight = (double *)malloc(sizeof(double) * (size_t)((C + BLOCK - 1) / BLOCK));
+        if (!block_weight) return -1;
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            double w_b = 0.0;
+            for (int i = 0; i < n; i++) w_b += o->weight_f32 ? (double)o->weight_f32[c + i] : 1.0;
+            block_weight[c / BLOCK] = w_b;
+        }
+    }
+#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[BLOCK];
+        const void *x = row_at(z, r);
+        float m = -FLT_MAX; /* an all −inf row keeps it: sumexp 0, lse −inf (not NaN) */
+        double sumexp = 0.0, dot = 0.0, weight_seen = 0.0;
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            const float *xb = load_block(x, z->dtype, c, n, buf);
+            float bm = block_max(xb, n);
+            if (bm > m) {
+                sumexp *= exp((double)m - (double)bm);
+                m = bm;
+            }
+            sumexp += block_sumexp(xb, n, m);
+            if (want_dot) {
+                dot += block_dot(xb, n, m, o->weight_f32 ? o->weight_f32 + c : NULL) + block_weight[c / BLOCK] * (double)m;
+                weight_seen += block_weight[c / BLOCK];
+            }
+        }
+        double log_s = log(sumexp);
+        double row_lse = (double)m + log_s;
+        lse[r] = row_lse;
+        int64_t t = o->target[r];
+        if (t == o->ignore_index) {
+            loss[r] = 0.0f;
+            continue;
+        }
+        if (t < 0 || t >= C) {
+            loss[r] = NAN;
+            continue;
+        }
+        double omega = o->weight ? o->weight[t] : 1.0;
+        double l = omega * ((1.0 - eps) * (row_lse - (double)load_one(x, z->dtype, t)) + o->z_loss * row_lse * row_lse);
+        if (want_dot) /* Σ_c w_c (x_c − m) = dot − W m */
+            l += (eps / (double)C) * (o->total_weight * log_s - (dot - weight_seen * (double)m));
+        loss[r] = (float)l;
+    }
+    free(block_weight);
+    return 0;
+}
+
+static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o,
+                          const double *lse, const float *grad, int64_t rows, int threads) {
+    const int64_t C = z->classes;
+    const double eps = o->label_smoothing;
+    const float *w = eps != 0.0 ? o->weight_f32 : NULL;
+#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float in_buf[BLOCK], out_buf[BLOCK];
+        const void *x = row_at(z, r);
+        void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
+        int64_t t = o->target[r];
+        int valid = t != o->ignore_index;
+        int bad = valid && (t < 0 || t >= C);
+        double row_lse = lse[r], g = grad[r];
+        double omega = valid && !bad && o->weight ? o->weight[t] : 1.0;
+        double scale = g * (omega * (1.0 - eps + 2.0 * o->z_loss * row_lse) + eps * o->total_weight / C);
+        if (!valid || bad || scale == 0.0) {
+            for (int i = 0; i < BLOCK; i++) out_buf[i] = bad ? NAN : 0.0f;
+            for (int64_t c = 0; c < C; c += BLOCK) store_block(out, z->dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, out_buf);
+            continue;
+        }
+        float hi = (float)row_lse;
+        float lo = isinf(row_lse) || isnan(row_lse) ? 0.0f : (float)(row_lse - (double)hi);
+        float smooth = (float)(g * eps / C), sc = (float)scale;
+        float x_t = load_one(x, z->dtype, t); /* read before the row is written: out may alias the logits */
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            block_grad(load_block(x, z->dtype, c, n, in_buf), out_buf, n, hi, lo, sc, smooth, w ? w + c : NULL);
+            store_block(out, z->dtype, c, n, out_buf);
+        }
+        float at_t = sc * exp_f32((x_t - hi) - lo) - smooth * (w ? w[t] : 1.0f);
+        store_one(out, z->dtype, t, at_t - (float)((1.0 - eps) * g * omega));
+    }
+}
+
+/* --- Python entry points ------------------------------------------------------------------------------ */
+
+static int parse_options(RowOptions *o, unsigned long long target, long long ignore_index, unsigned long long weight,
+                         unsigned long long weight_f32, double total_weight, double eps, double z_loss) {
+    o->target = (const int64_t *)(uintptr_t)target;
+    o->ignore_index = ignore_index;
+    o->weight = (const double *)(uintptr_t)weight;
+    o->weight_f32 = (const float *)(uintptr_t)weight_f32;
+    o->total_weight = total_weight;
+    o->label_smoothing = eps;
+    o->z_loss = z_loss;
+    return 0;
+}
+
+static int check_dtype(int dtype) {
+    if (dtype == DTYPE_FLOAT32 || dtype == DTYPE_BFLOAT16 || dtype == DTYPE_FLOAT16) return 1;
+    PyErr_Format(PyExc_ValueError, "cpu_rows: unsupported dtype code %d", dtype);
+    return 0;
+}
+
+PyDoc_STRVAR(forward_doc,
+             "forward(dtype, logits, M, sN, sM, C, target, ignore_index, weight, weight_f32, W, eps, z_loss, loss, lse, "
+             "rows, threads): per-row loss (fp32) and lse (float64). Pointers are addresses.");
+
+static PyObject *py_forward(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype;
+    unsigned long long logits, target, weight, weight_f32, loss, lse;
+    long long m, s_n, s_m, classes, ignore_index, rows;
+    int threads;
+    double total_weight, eps, z_loss;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLKKdddKKLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &target,
+                          &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &loss, &lse, &rows, &threads))
+        return NULL;
+    if (!check_dtype(dtype)) return NULL;
+    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    RowOptions o;
+    parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
+    int status;
+    Py_BEGIN_ALLOW_THREADS
+    status = rows_forward(&z, &o, (float *)(uintptr_t)loss, (double *)(uintptr_t)lse, rows, threads);
+    Py_END_ALLOW_THREADS
+    if (status != 0) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(backward_doc,
+             "backward(dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, weight_f32, W, "
+             "eps, z_loss, lse, grad, rows, threads): write g · dloss/dz into out (the logits' dtype).");
+
+static PyObject *py_backward(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype;
+    unsigned long long logits, out, target, weight, weight_f32, lse, grad;
+    long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
+    int threads;
+    double total_weight, eps, z_loss;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLKKdddKKLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
+                          &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &lse,
+                          &grad, &rows, &threads))
+        return NULL;
+    if (!check_dtype(dtype)) return NULL;
+    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    RowOptions o;
+    parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
+    Py_BEGIN_ALLOW_THREADS
+    rows_backward(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, &o, (const double *)(uintptr_t)lse,
+                  (const float *)(uintptr_t)grad, rows, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"forward", py_forward, METH_VARARGS, forward_doc},
+    {"backward", py_backward, METH_VARARGS, backward_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "crossent._cpu_rows",
+    "Cross-entropy row kernels for the CPU in C (crossent.kernels.cpu_rows is the Python side).", -1, methods,
+};
+
+PyMODINIT_FUNC PyInit__cpu_rows(void) { return PyModule_Create(&module); }

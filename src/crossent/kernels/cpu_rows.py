@@ -1,0 +1,107 @@
+"""Whole-row cross-entropy kernels in C for CPU tensors: the Python side of ``crossent._cpu_rows``.
+
+PyTorch's CPU ops have no 16-bit-in, fp32-statistics softmax, so :mod:`torch_rows` upcasts every chunk of bf16 /
+fp16 logits to an fp32 copy and reads that again (about twice the bytes of PyTorch's own bf16 loss), and its
+O(rows) bookkeeping (targets, weights, factors in float64) is a few dozen small torch ops per call. The C kernels
+(``src/crossent/csrc/cpu_rows.c``) do the same math row by row in one or two passes over the logits as stored —
+fp32, bf16 or fp16, converted in registers, exp and sums in fp32 lanes, row sums and per-row factors in float64 —
+and write the loss (fp32), the lse (float64) and, in backward, the gradient in the logits' dtype.
+
+They cover class-index targets over whole rows without softcap, with the class dim contiguous; everything
+else, and every CPU without the extension (it is built by ``pip install`` when a C compiler is present, and
+skipped otherwise), runs :mod:`torch_rows`'s torch ops, with the same results up to rounding.
+
+Large inputs are spread over ``torch.get_num_threads()`` threads in one OpenMP region per call, on PyTorch's own
+OpenMP runtime (the C file's header says how), in small dynamic chunks of rows: a core taken by another process
+(a data loader) delays only the chunks it holds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from crossent._options import RowOptions
+
+try:
+    from crossent import _cpu_rows as _native
+except ImportError:  # built without a C compiler: torch_rows runs instead
+    _native = None
+
+ENABLED = True
+"""Switch for tests and comparisons: False sends every call to :mod:`torch_rows`'s torch ops."""
+
+# Below this many logits a call runs on the calling thread (an OpenMP region costs a few µs to wake; the
+# kernels process ~3 logits per ns per core on the 2-core x86 VM, fp32 and bf16).
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def available() -> bool:
+    """Whether the C kernels were built (``pip install`` found a C compiler) and are switched on."""
+    return _native is not None and ENABLED
+
+
+def covers(logits: Tensor, out: Optional[Tensor], opts: RowOptions) -> bool:
+    """Whether the C kernels take rows ``logits`` (N, M, C) (and write ``out``, same shape): CPU, fp32 / bf16 /
+    fp16, no softcap, the class dim contiguous."""
+    return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
+            and logits.shape[-1] > 0 and logits.stride(-1) == 1
+            and (out is None or (out.dtype == logits.dtype and out.stride(-1) == 1)))  # fmt: skip
+
+
+def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions) -> Tuple[Tensor, Tensor]:
+    """Per-row loss (float32) and lse (float64), flat (N · M,), of logits (N, M, C) and int targets (N, M)."""
+    n, m, num_classes = logits.shape
+    rows = n * m
+    t = _flat(target, torch.int64, rows)
+    loss = torch.empty(rows, dtype=torch.float32)
+    lse = torch.empty(rows, dtype=torch.float64)
+    w64, w32, total_weight = _weights(class_weight, num_classes)
+    args = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
+            t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss,
+            loss.data_ptr(), lse.data_ptr())  # fmt: skip
+    _native.forward(*args, rows, _threads(rows, num_classes))
+    return loss, lse
+
+
+def backward(
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, grad_loss: Tensor, opts: RowOptions,
+    out: Tensor,
+) -> None:  # fmt: skip
+    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits)."""
+    n, m, num_classes = logits.shape
+    rows = n * m
+    t = _flat(target, torch.int64, rows)
+    lse_rows = _flat(lse, torch.float64, rows)
+    g = _flat(grad_loss.to(torch.float32).expand(lse.shape), torch.float32, rows)
+    w64, w32, total_weight = _weights(class_weight, num_classes)
+    args = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
+            out.data_ptr(), out.stride(0), out.stride(1), t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32),
+            total_weight, opts.label_smoothing, opts.z_loss, lse_rows.data_ptr(), g.data_ptr())  # fmt: skip
+    _native.backward(*args, rows, _threads(rows, num_classes))
+
+
+def _flat(values: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
+    """A per-row tensor as a contiguous (rows,) tensor of ``dtype`` (a copy only where needed)."""
+    return values.to(dtype).reshape(rows).contiguous()
+
+
+def _weights(class_weight: Optional[Tensor], num_classes: int):
+    """(weights in float64, the same in float32, their sum W in float64); (None, None, C) without weights."""
+    if class_weight is None:
+        return None, None, float(num_classes)
+    w64 = class_weight.to(torch.float64).contiguous()
+    return w64, w64.to(torch.float32), float(w64.sum())
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _threads(rows: int, num_classes: int) -> int:
+    """OpenMP threads for a call: PyTorch's thread count, one below PARALLEL_MIN_ELEMENTS logits."""
+    return 1 if rows * num_classes < PARALLEL_MIN_ELEMENTS else max(1, min(torch.get_num_threads(), rows))
