@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossent._autograd import transforms_active
+from crossent._modes import transforms_active
 from crossent._checks import check_target_range
 from crossent._options import CrossEntropyOptions
 from crossent._precision import compute_dtype

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from crossent import _materialized
 from crossent._autograd import (
+    apply_function,
     CrossEntropyRows,
     LinearCall,
     LinearCrossEntropyFused,
@@ -154,7 +155,7 @@ def classes_last_cross_entropy(
     """The checked call on logits ``(..., C)`` (or one vocab-parallel rank's ``(..., V_local)`` columns of them,
     ``shard``): the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
     call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward)
-    loss_rows, lse = with_transform_rules(CrossEntropyRows).apply(logits, target, weight, call)
+    loss_rows, lse = apply_function(CrossEntropyRows, logits, target, weight, call)
     loss = reduce_rows(loss_rows, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)
 

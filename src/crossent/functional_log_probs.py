@@ -12,6 +12,7 @@ from typing import Optional
 from torch import Tensor
 
 from crossent._autograd import (
+    apply_function,
     LinearLogProbCall,
     LinearTokenLogProbs,
     LogProbCall,
@@ -102,7 +103,7 @@ def rows_token_log_probs(logits: Tensor, index: Tensor, opts: LogProbOptions, sh
     ids = class_indices(index)
     ids = ids.unsqueeze(-1) if single else ids
     call = LogProbCall(opts.row, shard, resolve_impl(opts.impl, logits.device))
-    log_probs, entropy, _ = with_transform_rules(TokenLogProbRows).apply(logits, ids, call)
+    log_probs, entropy, _ = apply_function(TokenLogProbRows, logits, ids, call)
     return token_result(log_probs, entropy, batch_shape, single, opts.row.entropy)
 
 

@@ -372,7 +372,25 @@ static PyObject *py_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(convert_doc, "convert(src_dtype, src, dst_dtype, dst, n): n values converted as the kernels convert "
+                          "them (16-bit to fp32 exactly, fp32 to 16-bit rounded to nearest even); for the tests.");
+
+static PyObject *py_convert(PyObject *Py_UNUSED(self), PyObject *args) {
+    int src_dtype, dst_dtype;
+    unsigned long long src, dst;
+    long long n;
+    if (!PyArg_ParseTuple(args, "iKiKL", &src_dtype, &src, &dst_dtype, &dst, &n)) return NULL;
+    if (!check_dtype(src_dtype) || !check_dtype(dst_dtype)) return NULL;
+    float buf[BLOCK];
+    for (int64_t c = 0; c < n; c += BLOCK) {
+        int len = n - c < BLOCK ? (int)(n - c) : BLOCK;
+        store_block((void *)(uintptr_t)dst, dst_dtype, c, len, load_block((const void *)(uintptr_t)src, src_dtype, c, len, buf));
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"convert", py_convert, METH_VARARGS, convert_doc},
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},
     {NULL, NULL, 0, NULL},

@@ -35,7 +35,7 @@ ENABLED = True
 
 # Below this many logits a call runs on the calling thread (an OpenMP region costs a few µs to wake; the
 # kernels process ~3 logits per ns per core on the 2-core x86 VM, fp32 and bf16).
-PARALLEL_MIN_ELEMENTS = 1 << 16
+PARALLEL_MIN_ELEMENTS = 1 << 15
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

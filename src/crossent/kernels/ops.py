@@ -11,6 +11,12 @@ offending rows NaN, without a host sync). For a vocab-parallel shard the ranks c
 before any work (``crossent.distributed``), so the op skips it. The kernels run with autocast off: their
 precision is their own (``_precision``), and under ``torch.autocast`` their fp32 sums would otherwise be
 cast down.
+
+In plain eager mode the functions at the bottom run the ops' bodies directly (:func:`crossent._modes.plain_eager`): a custom op's
+dispatch costs ~30 µs per call (its schema binding and the options flattened and rebuilt), as much as the
+kernels themselves at 64 × 1000. Wherever the op must be seen as one op — while compiling or exporting, under a
+``torch.func`` transform or a Python dispatch mode (FakeTensorMode, FlopCounterMode), on tensor subclasses — the
+custom op runs.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import torch
 from torch import Tensor
 
 from crossent._checks import check_target_range
+from crossent._modes import plain_eager
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels.collectives import stats_hook
@@ -37,7 +44,10 @@ _ROWS = f"{schema(RowOptions, VocabShard)}, str impl"
     schema=f"(Tensor logits, Tensor target, Tensor? class_weight, {_ROWS}) -> (Tensor, Tensor)",
 )  # fmt: skip
 def _ce_forward(logits, target, class_weight, *args):
-    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
+    return _forward_body(logits, target, class_weight, *rebuild(args, RowOptions, VocabShard))
+
+
+def _forward_body(logits, target, class_weight, opts: RowOptions, shard: VocabShard, impl: str):
     if shard.group_name is None and logits.device.type == "cpu" and not target.is_floating_point():
         check_target_range(target, shard.num_classes, opts.ignore_index)
     with no_autocast(logits.device):
@@ -55,11 +65,14 @@ def _(logits, target, class_weight, *args):
     schema=f"(Tensor logits, Tensor target, Tensor? class_weight, Tensor lse, Tensor grad_loss, {_ROWS}) -> Tensor",
 )  # fmt: skip
 def _ce_backward(logits, target, class_weight, lse, grad_loss, *args):
-    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
     out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    _backward_body(logits, target, class_weight, lse, grad_loss, *rebuild(args, RowOptions, VocabShard), out)
+    return out
+
+
+def _backward_body(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl: str, out):
     with no_autocast(logits.device):
         row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, out, shard)
-    return out
 
 
 @_ce_backward.register_fake
@@ -72,9 +85,7 @@ def _(logits, target, class_weight, lse, grad_loss, *args):
     schema=f"(Tensor(a!) logits, Tensor target, Tensor? class_weight, Tensor lse, Tensor grad_loss, {_ROWS}) -> ()",
 )  # fmt: skip
 def _ce_backward_inplace(logits, target, class_weight, lse, grad_loss, *args):
-    opts, shard, impl = rebuild(args, RowOptions, VocabShard)
-    with no_autocast(logits.device):
-        row_kernels(impl).backward(logits, target, class_weight, lse, grad_loss, opts, logits, shard)
+    _backward_body(logits, target, class_weight, lse, grad_loss, *rebuild(args, RowOptions, VocabShard), logits)
 
 
 @_ce_backward_inplace.register_fake
@@ -110,16 +121,26 @@ def ce_forward(
     would inherit that error; per row it costs O(N) (torch_rows.RowStats.lse, triton_rows._store_lse).
     With a vocab-parallel ``shard`` both are the full rows' (the ranks' stats are combined in the op).
     """
+    if plain_eager(logits, target, class_weight):
+        return _forward_body(logits, target, class_weight, opts, shard, impl)
     return _ce_forward(logits, target, class_weight, *flatten(opts, shard), impl)
 
 
 def ce_backward(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl: str):
     """Gradient w.r.t. the logits (this shard's columns) in a new tensor of the logits' shape and dtype."""
+    if plain_eager(logits, target, class_weight, lse, grad_loss):
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        _backward_body(logits, target, class_weight, lse, grad_loss, opts, shard, impl, out)
+        return out
     return _ce_backward(logits, target, class_weight, lse, grad_loss, *flatten(opts, shard), impl)
 
 
 def ce_backward_inplace(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl):
     """Gradient w.r.t. the logits written over the logits themselves (each chunk read before written)."""
+    if plain_eager(logits, target, class_weight, lse, grad_loss):
+        _backward_body(logits, target, class_weight, lse, grad_loss, opts, shard, impl, logits)
+        torch.autograd.graph.increment_version(logits)  # as the op's mutates_args does: a second backward raises
+        return
     _ce_backward_inplace(logits, target, class_weight, lse, grad_loss, *flatten(opts, shard), impl)
 
 

@@ -1,0 +1,240 @@
+"""The C row kernels (crossent._cpu_rows via crossent.kernels.cpu_rows) against the float64 reference, PyTorch
+and the torch-ops path they replace: conversions bit for bit, the option grid, blocks and strides, edge rows,
+threads, and that the extension shares PyTorch's OpenMP runtime."""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import reference
+from crossent._options import RowOptions
+from crossent.kernels import cpu_rows
+
+pytestmark = pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)")
+
+CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def convert(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(values.shape, dtype=dtype)
+    cpu_rows._native.convert(CODES[values.dtype], values.data_ptr(), CODES[dtype], out.data_ptr(), values.numel())
+    return out
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Equal bit for bit, except that any NaN equals any NaN."""
+    assert a.dtype == b.dtype
+    nan = a.isnan()
+    torch.testing.assert_close(nan, b.isnan(), rtol=0, atol=0)
+    int_dtype = torch.int32 if a.dtype == torch.float32 else torch.int16
+    torch.testing.assert_close(a[~nan].view(int_dtype), b[~nan].view(int_dtype), rtol=0, atol=0)
+
+
+# --- conversions -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_every_16_bit_value_converts_to_float32_exactly(dtype):
+    every = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    same_bits(convert(every, torch.float32), every.float())
+
+
+def _float32_cases() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    random_bits = torch.randint(-(2**31), 2**31, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    near_half = torch.linspace(-7e4, 7e4, 200_001)  # through f16's overflow threshold 65520
+    small = torch.logspace(-46, -3, 20_001) * torch.tensor([1.0, -1.0]).repeat(10_001)[:20_001]
+    # values halfway between two 16-bit neighbours (ties to even) and one fp32 ulp either side
+    halfway = torch.arange(0, 1 << 16, dtype=torch.int32).mul(1 << 16).add(1 << 15).view(torch.float32)
+    ties = torch.cat([halfway, torch.nextafter(halfway, torch.tensor(math.inf)), torch.nextafter(halfway, torch.tensor(-math.inf))])
+    special = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 65504.0, 65519.99, 65520.0, 2**-14, 2**-24,
+                            2**-25, 2**-25 * 1.0001, 3.0e38, -3.0e38, torch.finfo(torch.float32).tiny])  # fmt: skip
+    return torch.cat([random_bits.view(torch.float32), near_half, small, ties, special])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_float32_rounds_to_16_bits_as_pytorch_does(dtype):
+    values = _float32_cases()
+    same_bits(convert(values, dtype), values.to(dtype))
+
+
+# --- the kernels against the reference and the torch-ops path ----------------------------------------------
+
+OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": 3},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "ignore_index": 3},
+}
+
+
+def _case(n, c, dtype, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[::4] = 3 if c > 3 else t[::4]
+    w = torch.rand(c, generator=g) + 0.5
+    return x, t, w
+
+
+def _run(x, t, w, opts, reduction="none", enabled=True, monkeypatch=None):
+    kwargs = {k: v for k, v in opts.items() if k != "weight"}
+    weight = w if opts.get("weight") else None
+    monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+    xr = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xr, t, weight=weight, reduction=reduction, **kwargs)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.randn(loss.shape, generator=g) if loss.dim() else torch.tensor(1.0)
+    loss.backward(upstream)
+    return loss.detach(), xr.grad, upstream
+
+
+def _reference(x, t, w, opts, upstream):
+    """float64 loss rows and gradient from crossent.reference, on the logits as given (rounded to their dtype)."""
+    z = x.double().numpy()
+    kwargs = {k: v for k, v in opts.items() if k != "weight"}
+    weight = w.double().numpy() if opts.get("weight") else None
+    loss = reference.cross_entropy(z, t.numpy(), weight=weight, reduction="none", **kwargs)
+    grad = reference.cross_entropy_grad(z, t.numpy(), weight=weight, reduction="none", **kwargs)
+    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(np.asarray(grad)) * upstream.double().unsqueeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("classes", [1, 7, 256, 257, 3000])
+def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, classes, monkeypatch):
+    x, t, w = _case(9, classes, dtype)
+    t = t.clamp(max=classes - 1)
+    opts = dict(OPTIONS[option])
+    if classes <= 3:
+        opts.pop("ignore_index", None)
+    loss, grad, upstream = _run(x, t, w, opts, monkeypatch=monkeypatch)
+    ref_loss, ref_grad = _reference(x, t, w, opts, upstream)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6 * math.log(classes + 1))
+    # the gradient is rounded once to the input dtype: within an ulp of it, or of its largest term (|g| · 1:
+    # p − onehot cancels where p ≈ 1)
+    ulp = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    atol = 2 * ulp * float(upstream.abs().max())
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=ulp, atol=atol)
+    loss_t, grad_t, _ = _run(x, t, w, opts, enabled=False, monkeypatch=monkeypatch)
+    torch.testing.assert_close(loss, loss_t, rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(grad.float(), grad_t.float(), rtol=ulp, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype, monkeypatch):
+    x, t, _ = _case(64, 3000, dtype, scale=3.0)
+    loss, grad, _ = _run(x, t, None, {}, reduction="mean", monkeypatch=monkeypatch)
+    xr = x.clone().requires_grad_()
+    naive = F.cross_entropy(xr, t)
+    naive.backward()
+    xd = x.double().requires_grad_()
+    ref = F.cross_entropy(xd, t)  # float64 on the rounded logits
+    ref.backward()
+    assert (loss.double() - ref.detach()).abs() <= (naive.double() - ref.detach()).abs() + 1e-6
+    assert (grad.double() - xd.grad).abs().max() <= (xr.grad.double() - xd.grad).abs().max() + 1e-6
+
+
+def test_the_max_in_a_later_block_rescales_the_sum(monkeypatch):
+    # blocks are 256 columns: a row max that rises block after block exercises the running rescale
+    x = torch.linspace(-30.0, 30.0, 1000).repeat(3, 1)
+    x[1] = x[1].flip(0)
+    x[2, 700] = 80.0
+    t = torch.tensor([0, 999, 700])
+    loss, grad, upstream = _run(x, t, None, {"label_smoothing": 0.3}, monkeypatch=monkeypatch)
+    ref_loss, ref_grad = _reference(x, t, None, {"label_smoothing": 0.3}, upstream)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-9)
+
+
+def test_strided_rows_and_batch_dims(monkeypatch):
+    # rows of a wider buffer (row stride > C) and (N, d, C) class-last batches take the kernels; a (N, C, d)
+    # input's class dim is not contiguous after it is moved last and takes the torch ops
+    x, t, w = _case(8, 600, torch.float32)
+    wide = torch.randn(8, 1000)
+    wide[:, 100:700] = x
+    strided = wide[:, 100:700]
+    assert cpu_rows.covers(strided.unsqueeze(1), None, RowOptions())
+    loss, grad, upstream = _run(strided, t, w, {"weight": True}, monkeypatch=monkeypatch)
+    ref_loss, ref_grad = _reference(x, t, w, {"weight": True}, upstream)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-6, atol=1e-9)
+    spatial = torch.randn(2, 50, 3)  # (N, C, d): class dim 1
+    ts = torch.randint(0, 50, (2, 3))
+    monkeypatch.setattr(cpu_rows, "ENABLED", True)
+    out = crossent.cross_entropy(spatial, ts, reduction="none")
+    torch.testing.assert_close(out, F.cross_entropy(spatial, ts, reduction="none"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_backward_writes_over_the_logits(dtype, monkeypatch):
+    x, t, _ = _case(6, 700, dtype)
+    _, expected, _ = _run(x, t, None, {}, reduction="sum", monkeypatch=monkeypatch)
+    leaf = x.float().requires_grad_()
+    logits = leaf.to(dtype)
+    crossent.cross_entropy(logits, t, reduction="sum", inplace_backward=True).backward()
+    torch.testing.assert_close(leaf.grad.to(dtype), expected, rtol=0, atol=0)
+
+
+def test_edge_rows(monkeypatch):
+    c = 300
+    x = torch.randn(6, c)
+    x[0] = -math.inf  # all −inf, valid: NaN
+    x[1] = -math.inf  # all −inf, ignored: loss 0, zero gradient
+    x[2, :150] = -math.inf  # half −inf: finite
+    x[3] = 1e30  # huge and equal: uniform
+    x[3, 7] = 1e30 + 1e24
+    x[4, 5] = math.nan  # NaN: NaN loss and gradient row
+    t = torch.tensor([0, -100, 200, 7, 1, 2])
+    loss, grad, upstream = _run(x, t, None, {}, monkeypatch=monkeypatch)
+    assert loss[0].isnan() and grad[0].isnan().all()
+    assert loss[1] == 0 and (grad[1] == 0).all()
+    assert loss[4].isnan() and grad[4].isnan().all()
+    torch.testing.assert_close(loss[5:], F.cross_entropy(x[5:], t[5:], reduction="none"))
+    ref = F.cross_entropy(x[2:4].double().requires_grad_(), t[2:4], reduction="none")
+    torch.testing.assert_close(loss[2:4].double(), ref.detach(), rtol=1e-6, atol=1e-6)
+    assert (grad[2, :150] == 0).all()
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    x, t, w = _case(64, 3000, torch.bfloat16)
+    results = []
+    for threshold in (0, 1 << 40):  # every call on all threads / on the calling thread only
+        monkeypatch.setattr(cpu_rows, "PARALLEL_MIN_ELEMENTS", threshold)
+        results.append(_run(x, t, w, {"weight": True, "label_smoothing": 0.1}, monkeypatch=monkeypatch)[:2])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_out_of_range_class_raises_before_any_result(monkeypatch):
+    x = torch.randn(4, 500)
+    monkeypatch.setattr(cpu_rows, "ENABLED", True)
+    with pytest.raises(ValueError, match="500"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 500, 2]))
+
+
+def test_without_the_extension_the_torch_ops_run(monkeypatch):
+    monkeypatch.setattr(cpu_rows, "_native", None)
+    assert not cpu_rows.available()
+    assert not cpu_rows.covers(torch.zeros(1, 1, 4), None, RowOptions())
+    x, t, _ = _case(5, 40, torch.float32)
+    torch.testing.assert_close(crossent.cross_entropy(x, t), F.cross_entropy(x, t))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_is_loaded():
+    # the extension names libgomp.so.1; where PyTorch ships one, the loader must reuse PyTorch's (one thread pool)
+    maps = open("/proc/self/maps").read()
+    runtimes = set(re.findall(r"\S*lib(?:g|i)?omp[\w.-]*\.so[\w.]*", maps))
+    assert len(runtimes) == 1, runtimes
