@@ -238,3 +238,48 @@ def test_one_openmp_runtime_is_loaded():
     maps = open("/proc/self/maps").read()
     runtimes = set(re.findall(r"\S*lib(?:g|i)?omp[\w.-]*\.so[\w.]*", maps))
     assert len(runtimes) == 1, runtimes
+
+
+# --- the fused linear CE's 16-bit block step ------------------------------------------------------------------
+
+from crossent.kernels import linear_loop  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocks", ["one", "several"])
+@pytest.mark.parametrize("option", ["plain", "all"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_fused_16_bit_step_matches_the_torch_step(dtype, blocks, option, reduction, monkeypatch):
+    # 16-bit products forced "fast" (CI's CPU may lack bf16 matrix units): the C step then takes the blocks —
+    # one block: the finished gradient and dW as one 16-bit product; several: diag(scale) P, the rest factored
+    monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt: True)
+    calls = []
+    backward = cpu_rows.backward
+    monkeypatch.setattr(cpu_rows, "backward", lambda *a, **k: calls.append(k.get("factored")) or backward(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    n, d, v = 40, 16, 300
+    x = torch.randn(n, d, generator=g).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 0.5).to(dtype)
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::5] = -100
+    kwargs = dict(OPTIONS[option])
+    weight = torch.rand(v, generator=g) + 0.5 if kwargs.pop("weight", False) else None
+    if "ignore_index" in kwargs:
+        kwargs["ignore_index"] = -100
+    chunk = 8 if blocks == "several" else None
+
+    def run(enabled):
+        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = crossent.linear_cross_entropy(xr, wr, t, weight=weight, reduction=reduction, chunk_size=chunk, **kwargs)
+        loss.backward(torch.randn(loss.shape, generator=torch.Generator().manual_seed(4)) if loss.dim() else None)
+        return loss.detach(), xr.grad, wr.grad
+
+    got = run(True)
+    if reduction != "none":  # the recompute backward ("none") keeps the torch step; its forward takes the C one
+        assert calls and all(f is (blocks == "several") for f in calls), calls
+    want = run(False)
+    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[1:], want[1:]):  # rounded to 16 bits in different places: a few ulps of the largest entry
+        torch.testing.assert_close(a.float(), b.float(), rtol=4 * ulp, atol=4 * ulp * float(b.float().abs().max()))

@@ -1,7 +1,8 @@
 """Small inputs: PyTorch's own fused ``log_softmax`` + ``nll_loss``, with crossent's semantics layered on.
 
-Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU the fixed cost of the O(N) path (options, custom ops, a few
-dozen per-row torch ops) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
+Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU (``HALF_WITH_C_MAX_ELEMENTS`` for 16-bit logits when the C
+row kernels are built) the fixed cost of the O(N) path (the autograd Function, per-row bookkeeping, the
+reduction's nodes: ~100 µs) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
 PyTorch's fused ``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the
 N×C log-probabilities for backward — at most a few MiB at this size. Not on CUDA, not while compiling or under
 a ``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent
@@ -21,23 +22,30 @@ from torch import Tensor
 from crossent._modes import transforms_active
 from crossent._checks import check_target_range
 from crossent._options import CrossEntropyOptions
-from crossent._precision import compute_dtype
+from crossent._precision import HALF_DTYPES, compute_dtype
 from crossent._reduction import index_row_weight, reduce_rows
 from crossent._results import loss_result
+from crossent.kernels import cpu_rows
 
 # Measured on the 2-core x86 VM (forward+backward, fp32 and bf16, docs/benchmarks.md "Small shapes"): the
 # O(N) kernels' fixed cost is ~0.7 ms, PyTorch's fused path costs ~1 ns per logit; 2^20 logits is where they
 # meet within noise (and 4 MiB of fp32 log-probabilities is what the relaxed saving costs at most).
 MATERIALIZED_MAX_ELEMENTS = 1 << 20
+# 16-bit logits where the C row kernels are built (kernels/cpu_rows.py): they read bf16/fp16 as stored, where this
+# path upcasts to an fp32 copy first; forward+backward against F.cross_entropy, interleaved (docs/benchmarks.md):
+# bf16 64 × 1000 1.7× here, 3.4× there (the O(N) path's fixed cost); 256 × 1000 1.9× / 1.6×; 512 × 2048 2.5× / 1.1×.
+HALF_WITH_C_MAX_ELEMENTS = 1 << 17
 
 
 def applies(input: Tensor, kind: str, opts: CrossEntropyOptions) -> bool:
     """Whether a checked ``cross_entropy`` call takes this path: small class-index inputs on the CPU (on CUDA
     PyTorch's nll_loss would assert on an out-of-range class instead of crossent's NaN row, and the host reads
     below would be syncs), eager mode (a compiled graph or a vmap cannot read values on the host)."""
-    return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu"
-            and input.numel() <= MATERIALIZED_MAX_ELEMENTS and not torch.compiler.is_compiling()
-            and not transforms_active())  # fmt: skip
+    limit = MATERIALIZED_MAX_ELEMENTS
+    if input.dtype in HALF_DTYPES and cpu_rows.available():
+        limit = min(limit, HALF_WITH_C_MAX_ELEMENTS)
+    return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu" and input.numel() <= limit
+            and not torch.compiler.is_compiling() and not transforms_active())  # fmt: skip
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):

@@ -232,7 +232,9 @@ def linear_cross_entropy(
     multiplies fp32 copies of the input and weight ((N + V) · D · 4 bytes). ``memory_budget`` bounds the block
     scratch; the default is ``max(128 MiB, 2 · V · D bytes)`` on the CPU and ``max(1 GiB, 2 · V · D bytes)`` on
     CUDA (half the fp32 dW sum, at least the device's floor), × 1.5 for 16-bit input (as many rows per block as
-    for fp32): ``linear_plan.default_memory_budget``.
+    for fp32): ``linear_plan.default_memory_budget``. On the CPU, 16-bit input with fast 16-bit products and the C
+    kernels built runs the C block step, whose block has no fp32 copy (``rows · cols · s_16``), and with all rows
+    in one block forms dW as one 16-bit product without the fp32 sum (docs/linear_cross_entropy.md, "Precision").
 
     Under ``torch.autocast`` the products run in the autocast dtype where ``F.linear`` would (mixed input and
     weight dtypes are cast as ``F.linear`` casts them), the loss is float32 and each parameter's gradient comes

@@ -267,8 +267,9 @@ static int rows_forward(const Rows *z, const RowOptions *o, float *loss, double 
     return 0;
 }
 
+/* factored: write only scale · p (the fused loops apply the target and smoothing terms after their products) */
 static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o,
-                          const double *lse, const float *grad, int64_t rows, int threads) {
+                          const double *lse, const float *grad, int factored, int64_t rows, int threads) {
     const int64_t C = z->classes;
     const double eps = o->label_smoothing;
     const float *w = eps != 0.0 ? o->weight_f32 : NULL;
@@ -290,13 +291,14 @@ static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_
         }
         float hi = (float)row_lse;
         float lo = isinf(row_lse) || isnan(row_lse) ? 0.0f : (float)(row_lse - (double)hi);
-        float smooth = (float)(g * eps / C), sc = (float)scale;
+        float smooth = factored ? 0.0f : (float)(g * eps / C), sc = (float)scale;
         float x_t = load_one(x, z->dtype, t); /* read before the row is written: out may alias the logits */
         for (int64_t c = 0; c < C; c += BLOCK) {
             int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
             block_grad(load_block(x, z->dtype, c, n, in_buf), out_buf, n, hi, lo, sc, smooth, w ? w + c : NULL);
             store_block(out, z->dtype, c, n, out_buf);
         }
+        if (factored) continue;
         float at_t = sc * exp_f32((x_t - hi) - lo) - smooth * (w ? w[t] : 1.0f);
         store_one(out, z->dtype, t, at_t - (float)((1.0 - eps) * g * omega));
     }
@@ -349,17 +351,18 @@ static PyObject *py_forward(PyObject *Py_UNUSED(self), PyObject *args) {
 
 PyDoc_STRVAR(backward_doc,
              "backward(dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, weight_f32, W, "
-             "eps, z_loss, lse, grad, rows, threads): write g · dloss/dz into out (the logits' dtype).");
+             "eps, z_loss, lse, grad, factored, rows, threads): write g · dloss/dz into out (the logits' dtype); "
+             "factored: only its scale · p part.");
 
 static PyObject *py_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     int dtype;
     unsigned long long logits, out, target, weight, weight_f32, lse, grad;
     long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
-    int threads;
+    int factored, threads;
     double total_weight, eps, z_loss;
-    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLKKdddKKLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
+    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLKKdddKKiLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
                           &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &lse,
-                          &grad, &rows, &threads))
+                          &grad, &factored, &rows, &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
     Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
@@ -367,7 +370,7 @@ static PyObject *py_backward(PyObject *Py_UNUSED(self), PyObject *args) {
     parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
     Py_BEGIN_ALLOW_THREADS
     rows_backward(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, &o, (const double *)(uintptr_t)lse,
-                  (const float *)(uintptr_t)grad, rows, threads);
+                  (const float *)(uintptr_t)grad, factored, rows, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -70,9 +70,12 @@ def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts
 
 def backward(
     logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, grad_loss: Tensor, opts: RowOptions,
-    out: Tensor,
+    out: Tensor, factored: bool = False,
 ) -> None:  # fmt: skip
-    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits)."""
+    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits).
+
+    ``factored``: write only its ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0 on ignored
+    rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their products."""
     n, m, num_classes = logits.shape
     rows = n * m
     t = _flat(target, torch.int64, rows)
@@ -81,7 +84,7 @@ def backward(
     w64, w32, total_weight = _weights(class_weight, num_classes)
     args = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
             out.data_ptr(), out.stride(0), out.stride(1), t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32),
-            total_weight, opts.label_smoothing, opts.z_loss, lse_rows.data_ptr(), g.data_ptr())  # fmt: skip
+            total_weight, opts.label_smoothing, opts.z_loss, lse_rows.data_ptr(), g.data_ptr(), int(factored))  # fmt: skip
     _native.backward(*args, rows, _threads(rows, num_classes))
 
 

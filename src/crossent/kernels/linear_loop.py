@@ -40,14 +40,21 @@ from torch import Tensor
 
 from crossent._options import LogProbRowOptions, RowOptions
 from crossent._precision import HALF_DTYPES, compute_dtype, fast_half_products
-from crossent.kernels import scratch
+from crossent.kernels import cpu_rows, scratch
 from crossent.kernels.linear_plan import ChunkPlan, plan_chunks
-from crossent.kernels.linear_step import TORCH_KERNELS, ChunkKernels, GradFactors
+from crossent.kernels.linear_step import FINISHED, TORCH_KERNELS, ChunkKernels, GradFactors
 from crossent.kernels.logprob_rows import TORCH_LOGPROB_KERNELS, LogProbChunkKernels, LogProbRows
 from crossent.kernels.logprob_rows import combine_stats as combine_logprob_stats
 from crossent.kernels.logprob_rows import finish as finish_log_probs
 from crossent.kernels.shard import VocabShard
-from crossent.kernels.torch_rows import StatsHook, combine_stats, index_loss, local_targets, shard_weight
+from crossent.kernels.torch_rows import (
+    StatsHook,
+    combine_stats,
+    index_grad_factors,
+    index_loss,
+    local_targets,
+    shard_weight,
+)
 
 HALF_DW_SLICE_BYTES = 4 << 20
 
@@ -93,10 +100,11 @@ class LoopArgs(NamedTuple):
     skip_ignored: bool = True
     ignored_lse: bool = False
 
-    def plan(self, x: Tensor, linear_weight: Tensor) -> ChunkPlan:
+    def plan(self, x: Tensor, linear_weight: Tensor, fp32_block: bool = True) -> ChunkPlan:
         """The block shape for input rows ``x`` (N, D) and the weight's rows (:func:`plan_chunks`)."""
         vocab = self.plan_vocab or linear_weight.shape[0]
-        return plan_chunks(x.shape[0], x.shape[1], vocab, x.dtype, x.device, self.chunk_size, self.memory_budget)
+        return plan_chunks(x.shape[0], x.shape[1], vocab, x.dtype, x.device, self.chunk_size, self.memory_budget,
+                           fp32_block)  # fmt: skip
 
 
 @scratch.reused
@@ -147,14 +155,23 @@ def linear_loss_and_grads(
                 loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels,
             ).lse  # fmt: skip
         return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
-    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, _smoothing(opts), loop, needs, shard,
-                    grad_scale is not None)  # fmt: skip
+    plan = loop.plan(input, linear_weight, fp32_block=False) if _c_half_step(input, linear_weight, opts, loop, shard,
+                                                                                 combine, kernels) else None  # fmt: skip
+    half_step = plan is not None and plan.cols >= linear_weight.shape[0]  # one piece: whole rows
+    # one block of rows as well: the C step writes the finished gradient, and dW is that block's 16-bit product
+    finished = half_step and plan.rows >= input.shape[0]
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, 0.0 if finished else _smoothing(opts),
+                    loop, needs, shard, grad_scale is not None, plan if half_step else None, half_block=half_step,
+                    single_block=finished)  # fmt: skip
     loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)  # O(N); keeps lse − z_t's digits
     scale_rows = None if grad_scale is None else grad_scale.to(ws.cdt).expand(ws.n)
     for r0, r1 in ws.row_blocks():
         t_blk = ws.target[r0:r1]
         g_blk = None if scale_rows is None else scale_rows[r0:r1]
+        if half_step:
+            _half_block_step(ws, r0, r1, t_blk, class_weight, g_blk, opts, loss, lse, finished)
+            continue
         if len(ws.pieces) == 1:
             q = ws.logits(r0, r1, ws.pieces[0])
             out = kernels.loss_and_grad_(
@@ -215,6 +232,37 @@ def linear_grads(
 def _smoothing(opts: RowOptions) -> float:
     """The ε the factored gradient carries (0 with a softcap: the step then writes the gradient finished)."""
     return opts.label_smoothing if opts.softcap is None else 0.0
+
+
+def _c_half_step(x, linear_weight, opts: RowOptions, loop: LoopArgs, shard, combine, kernels) -> bool:
+    """Whether the forward loop's blocks take :func:`_half_block_step`: 16-bit input multiplied in 16 bits on the
+    CPU, the torch backend with the C kernels built, whole rows (no vocabulary shard or stats hook, no softcap),
+    and dW's block products not asked in fp32 (``accumulate_dtype="float32_products"``)."""
+    whole = shard is None or (shard.vocab_start == 0 and shard.num_classes == linear_weight.shape[0])
+    return (kernels is TORCH_KERNELS and x.device.type == "cpu" and x.dtype in HALF_DTYPES
+            and linear_weight.dtype == x.dtype and fast_half_products("cpu", x.dtype) and cpu_rows.available()
+            and opts.softcap is None and whole and combine is None and loop.accumulate != "float32_products")  # fmt: skip
+
+
+def _half_block_step(ws, r0, r1, target, class_weight, grad_scale, opts: RowOptions, loss, lse, finished) -> None:
+    """One block of 16-bit logits on the CPU: the C kernels (:mod:`cpu_rows`) read it as the product wrote it
+    (no fp32 copy of the block: the plan gives the block 2 bytes per logit instead of 6, so 3× the rows) and
+    write ``diag(scale) P`` over it, rounded once, as the torch step's block before its 16-bit products; the
+    target and smoothing terms stay factored and are applied in fp32 after the products. ``finished`` (the
+    call's only block of rows): the whole gradient G, rounded once — dW is then one 16-bit product ``Gᵀ X``
+    with nothing to sum, which is what an fp32 sum of one block cast to 16 bits would give, without the fp32 dW."""
+    q = ws.logits(r0, r1, ws.pieces[0])
+    q3, t3 = q.unsqueeze(1), target.unsqueeze(1)
+    loss[r0:r1], lse[r0:r1] = cpu_rows.forward(q3, t3, class_weight, opts)
+    if grad_scale is None:
+        return
+    cpu_rows.backward(q3, t3, class_weight, lse[r0:r1], grad_scale, opts, q3, factored=not finished)
+    if finished:
+        ws.add_block_grad(q, FINISHED, r0, r1, ws.pieces[0], first=True)
+        return
+    f = index_grad_factors(target, class_weight, lse[r0:r1], grad_scale, opts, 0, ws.vocab, ws.vocab)
+    smooth = None if f.smooth_coef is None else f.smooth_coef.to(ws.cdt)
+    ws.add_block_grad(q, GradFactors(None, f.target_coef.to(ws.cdt), smooth), r0, r1, ws.pieces[0], first=True)
 
 
 def _ce_block_grad(ws, kernels: ChunkKernels, target, class_weight, lse, g, opts: RowOptions):
@@ -338,7 +386,7 @@ class _Workspace:
     """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
 
     def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads,
-                 plan=None):  # fmt: skip
+                 plan=None, half_block=False, single_block=False):  # fmt: skip
         w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight) if plan is None else plan
         self.cdt = compute_dtype(x.dtype)
         self.grad_dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
@@ -358,17 +406,20 @@ class _Workspace:
         rows = max(1, min(plan.rows, self.n))
         width = self.pieces[0][1] - self.pieces[0][0]
         dev = x.device
-        self.buf = torch.empty(rows * width, dtype=self.cdt, device=dev)
+        # half_block: the block stays in 16 bits (the C step); else its compute-dtype copy is what the step works on
+        self.buf = None if half_block else torch.empty(rows * width, dtype=self.cdt, device=dev)
         # 16-bit inputs: the logits product writes here; the gradient products read the block cast back
         self.buf_in = None if x.dtype == self.cdt else torch.empty(rows * width, dtype=x.dtype, device=dev)
         need_x, need_w, need_b = (bool(v) for v in needs)
         self.need_x, self.need_w, self.need_b = grads and need_x, grads and need_w, grads and need_b and b is not None
-        acc_w = w.dtype if loop.accumulate == "weight" else self.cdt
         # dW's block products in the 16-bit input dtype (the device's fast rate), each summed into the fp32 dW
         # through a slice-sized 16-bit partial; else in the compute dtype from the unrounded block gradient
         self.half_dw = self.need_w and loop.accumulate == "float32" and fast_half_products(dev.type, x.dtype)
+        # dW summed in the weight's dtype ("weight"), or, for a single 16-bit block of rows, written by its product
+        acc_w = w.dtype if loop.accumulate == "weight" or (single_block and self.half_dw) else self.cdt
         self.dw_slice = max(1, min(width, HALF_DW_SLICE_BYTES // (2 * max(self.dim, 1))))
-        self.dw_part = torch.empty(self.dw_slice, self.dim, dtype=x.dtype, device=dev) if self.half_dw else None
+        fp32_dw = self.half_dw and acc_w == self.cdt
+        self.dw_part = torch.empty(self.dw_slice, self.dim, dtype=x.dtype, device=dev) if fp32_dw else None
         self.dx = torch.empty(x.shape, dtype=self.grad_dtypes[0], device=dev) if self.need_x else None
         direct = len(self.pieces) == 1 and self.grad_dtypes[0] == self.cdt
         self.dx_blk = torch.empty(rows, self.dim, dtype=self.cdt, device=dev) if self.need_x and not direct else None
@@ -390,11 +441,13 @@ class _Workspace:
         return [(r, min(r + rows, self.n)) for r in range(0, self.n, rows)]
 
     def logits(self, r0, r1, piece):
-        """The raw logits of rows [r0, r1) and the piece's columns, in the block buffer (compute dtype)."""
+        """The raw logits of rows [r0, r1) and the piece's columns, in the block buffer (compute dtype; the 16-bit
+        block itself with ``half_block``)."""
         p0, p1 = piece
         shape = (r1 - r0, p1 - p0)
-        out = self.buf[: math.prod(shape)].view(shape)
-        dst = out if self.buf_in is None else self.buf_in[: math.prod(shape)].view(shape)
+        dst = self.buf_in if self.buf_in is not None else self.buf
+        dst = dst[: math.prod(shape)].view(shape)
+        out = dst if self.buf is None else self.buf[: math.prod(shape)].view(shape)
         x_blk, w_p = self.x[r0:r1], self.linear_weight[p0:p1]
         if self.linear_bias is None:
             torch.mm(x_blk, w_p.T, out=dst)
@@ -417,7 +470,7 @@ class _Workspace:
         _, t_col = local_targets(self.target[r0:r1], self.vocab_start + p0, p1 - p0)
         x_blk = self.x[r0:r1]
         q_in = q
-        if self.buf_in is not None:  # 16-bit input: diag(scale) Q, then rounded once for the 16-bit products
+        if self.buf_in is not None and q.dtype == self.cdt:  # 16-bit input: diag(scale) Q, rounded once for the 16-bit products
             if f.scale is not None:  # (an fp32 multiply in place and a cast: a mixed-dtype mul is ~5× slower)
                 q.mul_(f.scale.unsqueeze(-1))
                 f = f._replace(scale=None)
@@ -427,12 +480,12 @@ class _Workspace:
         if self.need_w:
             x_c = x_blk.to(self.cdt)
             dw = self.dw[p0:p1]
-            if self.half_dw:
+            if self.half_dw and dw.dtype == self.cdt:
                 self._add_half_dw(q_in, x_blk, dw, r0 == 0)
             elif dw.dtype == self.cdt:  # the product in the compute dtype, from the unrounded Q
                 xs = x_c if f.scale is None else x_c * f.scale.unsqueeze(-1)  # dW += Qᵀ (diag(scale) X)
                 self._add_product(dw, q.T, xs, r0 == 0)
-            else:  # "weight": 16-bit products summed in the weight's dtype
+            else:  # 16-bit products summed in the weight's dtype ("weight"; or the one block's product)
                 self._add_product(dw, q_in.T, x_blk, r0 == 0)
             if f.target_coef is not None:  # dW[t_i] −= target_coef_i x_i
                 dw.index_add_(0, t_col, (x_c * f.target_coef.unsqueeze(-1)).to(dw.dtype), alpha=-1)
@@ -441,7 +494,7 @@ class _Workspace:
         if self.need_b:
             db = self.db[p0:p1]
             if f.scale is None:
-                db.add_(q.sum(0))
+                db.add_(q.sum(0, dtype=self.cdt))
             else:
                 db.addmv_(q.T, f.scale)
             if f.target_coef is not None:

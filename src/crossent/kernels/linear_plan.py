@@ -35,15 +35,18 @@ class ChunkPlan(NamedTuple):
     cols: int
 
 
-def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype) -> int:
+def scratch_bytes(rows: int, cols: int, dim: int, dtype: torch.dtype, fp32_block: bool = True) -> int:
     """Bytes of scratch one (rows, cols) block needs beyond dX, dW and db (see docs/linear_cross_entropy.md).
 
     ``rows · cols · (s_c + s_16)`` for the block (compute dtype, plus a 16-bit copy for 16-bit inputs:
     the logits product's output and the gradient products' operand) and ``rows · D · 3 s_c`` for the
-    block's dX rows, scaled input rows and their cast, where ``s_c`` = 4 (8 for float64).
+    block's dX rows, scaled input rows and their cast, where ``s_c`` = 4 (8 for float64). ``fp32_block=False``:
+    a 16-bit block without its compute-dtype copy (the C step on the CPU reads and writes the 16-bit block).
     """
     s_c = torch.finfo(compute_dtype(dtype)).bits // 8
-    return rows * cols * (s_c + _bytes_16(dtype)) + rows * dim * 3 * s_c
+    s_16 = _bytes_16(dtype)
+    block = s_c + s_16 if fp32_block or not s_16 else s_16
+    return rows * cols * block + rows * dim * 3 * s_c
 
 
 def default_memory_budget(device: torch.device, vocab: int = 0, dim: int = 0, dtype: torch.dtype = torch.float32) -> int:
@@ -71,10 +74,12 @@ def plan_chunks(
     device: torch.device,
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
+    fp32_block: bool = True,
 ) -> ChunkPlan:
     """Pick the block shape: as many full-vocabulary rows as the budget holds; if that is fewer than
     ``MIN_BLOCK_ROWS``, that many rows and as many vocabulary columns as fit. ``chunk_size`` fixes the
-    rows (then only an explicit ``memory_budget`` can split the vocabulary).
+    rows (then only an explicit ``memory_budget`` can split the vocabulary). ``fp32_block``: as
+    :func:`scratch_bytes`.
 
     Raises:
         ValueError: as :func:`check_memory_budget`.
@@ -85,13 +90,13 @@ def plan_chunks(
         rows = min(chunk_size, n)
         if memory_budget is None:
             return ChunkPlan(rows, vocab)
-        return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget))
+        return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget, fp32_block))
     budget = default_memory_budget(device, vocab, dim, dtype) if memory_budget is None else memory_budget
-    full_rows = max(1, _rows_that_fit(vocab, dim, dtype, budget))
+    full_rows = max(1, budget // scratch_bytes(1, vocab, dim, dtype, fp32_block))
     min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
     if full_rows >= min_rows:
         return ChunkPlan(_balanced(n, full_rows), vocab)
-    per_col = scratch_bytes(min_rows, 1, dim, dtype) - scratch_bytes(min_rows, 0, dim, dtype)
+    per_col = scratch_bytes(min_rows, 1, dim, dtype, fp32_block) - scratch_bytes(min_rows, 0, dim, dtype)
     cols = (budget - scratch_bytes(min_rows, 0, dim, dtype)) // per_col
     if cols < MIN_BLOCK_COLS:  # pieces this narrow make poor products: keep full rows, however few
         return ChunkPlan(full_rows, vocab)
@@ -117,12 +122,8 @@ def check_memory_budget(num_rows, dim, vocab, dtype, chunk_size=None, memory_bud
         _cols_that_fit(min(chunk_size, max(num_rows, 1)), vocab, dim, dtype, memory_budget)
 
 
-def _rows_that_fit(cols, dim, dtype, budget):
-    return budget // scratch_bytes(1, cols, dim, dtype)
-
-
-def _cols_that_fit(rows, vocab, dim, dtype, budget):
-    per_col = scratch_bytes(rows, 1, dim, dtype) - scratch_bytes(rows, 0, dim, dtype)
+def _cols_that_fit(rows, vocab, dim, dtype, budget, fp32_block=True):
+    per_col = scratch_bytes(rows, 1, dim, dtype, fp32_block) - scratch_bytes(rows, 0, dim, dtype)
     cols = (budget - scratch_bytes(rows, 0, dim, dtype)) // per_col
     if cols < 1:
         raise ValueError(
