@@ -283,3 +283,37 @@ def test_fused_16_bit_step_matches_the_torch_step(dtype, blocks, option, reducti
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1:], want[1:]):  # rounded to 16 bits in different places: a few ulps of the largest entry
         torch.testing.assert_close(a.float(), b.float(), rtol=4 * ulp, atol=4 * ulp * float(b.float().abs().max()))
+
+
+# --- per-token log-probs and entropy: the C row stats -----------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("classes", [5, 256, 1000])
+def test_log_prob_stats_match_the_reference_and_the_torch_path(dtype, temperature, classes, monkeypatch):
+    g = torch.Generator().manual_seed(5)
+    z = (torch.randn(7, classes, generator=g) * 5).to(dtype)
+    z[1, : classes // 2] = -math.inf  # −inf logits: their entropy terms are 0
+    z[2] = -math.inf  # an all −inf row: NaN log-probs (its ids are ignored below: 0)
+    z[3, -1] = 60.0  # the max in the last block: the running rescale
+    ids = torch.randint(0, classes, (7, 3), generator=g)
+    ids[2] = -100
+    ids[4, 1] = -100
+    upstream = torch.randn(7, 3, generator=g), torch.randn(7, generator=g)
+
+    def run(enabled):
+        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+        zr = z.clone().requires_grad_()
+        out = crossent.token_log_probs(zr, ids, temperature=temperature, entropy=True)
+        (out.log_probs * upstream[0]).sum().add((out.entropy * upstream[1]).sum()).backward()
+        return out.log_probs, out.entropy, zr.grad
+
+    got, want = run(True), run(False)
+    ref_lp = reference.token_log_probs(z.double().numpy(), ids.numpy(), temperature=temperature)
+    ref_h = reference.token_entropy(z.double().numpy(), ids.numpy(), temperature=temperature)
+    finite = ~torch.from_numpy(np.isnan(ref_h))
+    torch.testing.assert_close(got[0].double(), torch.from_numpy(ref_lp), rtol=2e-6, atol=2e-5, equal_nan=True)
+    torch.testing.assert_close(got[1].double()[finite], torch.from_numpy(ref_h)[finite], rtol=2e-6, atol=2e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-5, equal_nan=True)

@@ -149,6 +149,11 @@ static inline void store_one(void *row, int dtype, int64_t c, float v) {
         ((uint16_t *)row)[c] = dtype == DTYPE_BFLOAT16 ? float_to_bf16(v) : float_to_f16(v);
 }
 
+/* out_i = x_i / t (x may be out): a division, as the torch path's z / T */
+MULTIVERSIONED static void divide_block(const float *x, int n, float t, float *out) {
+    for (int i = 0; i < n; i++) out[i] = x[i] / t;
+}
+
 MULTIVERSIONED static float block_max(const float *x, int n) {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
@@ -175,6 +180,22 @@ MULTIVERSIONED static double block_dot(const float *x, int n, float m, const flo
         for (int i = 0; i < n; i++) d += x[i] - m;
     }
     return d;
+}
+
+/* Σ e_i and Σ e_i y_i over a block, e_i = exp(y_i), y_i = max(x_i − m, −FLT_MAX) (an −inf logit's term is 0, not
+ * 0 · (−inf)) */
+MULTIVERSIONED static void block_sumexp_plogp(const float *x, int n, float m, double *sumexp, double *plogp) {
+    float s = 0.0f, a = 0.0f;
+#pragma omp simd reduction(+ : s, a)
+    for (int i = 0; i < n; i++) {
+        float y = x[i] - m;
+        y = y < -FLT_MAX ? -FLT_MAX : y;
+        float e = exp_f32(y);
+        s += e;
+        a += e * y;
+    }
+    *sumexp = s;
+    *plogp = a;
 }
 
 /* out_i = scale · exp((x_i − hi) − lo) − smooth · w_i (w NULL: 1) */
@@ -304,6 +325,92 @@ static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_
     }
 }
 
+/* Per-token log-probs and entropy (crossent.kernels.logprob_rows): per row of x = z / T the max m, S = Σ exp(x − m)
+ * and (want_plogp) D = Σ exp(x − m)(x − m), the stats the torch path's shard_stats gives (H = log S − D / S). One
+ * pass: when a block raises the max from m to m', S' = f S and D' = f (D − (m' − m) S) with f = exp(m − m'). */
+static void rows_log_prob_stats(const Rows *z, double temperature, int want_plogp, float *row_max, double *sumexp,
+                                double *plogp, int64_t rows, int threads) {
+    const int64_t C = z->classes;
+#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float buf[BLOCK];
+        const void *x = row_at(z, r);
+        float m = -FLT_MAX; /* an all −inf row keeps it: S = 0 (lse −inf), D = 0 */
+        double s = 0.0, d = 0.0;
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            const float *xb = load_block(x, z->dtype, c, n, buf);
+            if (temperature != 1.0) {
+                divide_block(xb, n, (float)temperature, buf);
+                xb = buf;
+            }
+            float bm = block_max(xb, n);
+            if (bm > m) {
+                double f = exp((double)m - (double)bm);
+                d = f * (d - ((double)bm - (double)m) * s);
+                s *= f;
+                m = bm;
+            }
+            double s_b, d_b;
+            block_sumexp_plogp(xb, n, m, &s_b, &d_b);
+            s += s_b;
+            d += d_b;
+        }
+        row_max[r] = m;
+        sumexp[r] = s;
+        if (want_plogp) plogp[r] = d;
+    }
+}
+
+/* out_i = scale · e_i + entropy_scale · (e_i y_i), e_i = exp(y_i), y_i = (x_i − hi) − lo = log p_i, clamped to −FLT_MAX
+ * when with_entropy (e y is then 0 · (−FLT_MAX) = 0 where p = 0, as in the torch path) */
+MULTIVERSIONED static void block_log_prob_grad(const float *x, float *out, int n, float hi, float lo, float scale,
+                                               float entropy_scale, int with_entropy) {
+    if (with_entropy) {
+        for (int i = 0; i < n; i++) {
+            float y = (x[i] - hi) - lo;
+            y = y < -FLT_MAX ? -FLT_MAX : y;
+            float e = exp_f32(y);
+            out[i] = (y * e) * entropy_scale + e * scale;
+        }
+    } else {
+        for (int i = 0; i < n; i++) out[i] = scale * exp_f32((x[i] - hi) - lo);
+    }
+}
+
+/* The log-probs gradient (crossent.kernels.logprob_rows.backward, its LogProbGradFactors per row): for x = z / T,
+ *   out_c = scale · p_c + entropy_scale · p_c log p_c + Σ_k at_ids_k [c = column_k],   p_c = exp(x_c − shift)
+ * with shift +inf on rows without gradient (p = 0). The id terms are added in fp32 before the row is rounded to
+ * the output dtype (once), block by block, so out may alias the logits. */
+static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, double temperature,
+                               const double *shift, const float *scale, const float *entropy_scale,
+                               const int64_t *columns, const float *at_ids, int64_t k_ids, int64_t rows, int threads) {
+    const int64_t C = z->classes;
+#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float in_buf[BLOCK], out_buf[BLOCK];
+        const void *x = row_at(z, r);
+        void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
+        float hi = (float)shift[r];
+        float lo = isinf(shift[r]) || isnan(shift[r]) ? 0.0f : (float)(shift[r] - (double)hi);
+        float es = entropy_scale ? entropy_scale[r] : 0.0f;
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            const float *xb = load_block(x, z->dtype, c, n, in_buf);
+            if (temperature != 1.0) {
+                divide_block(xb, n, (float)temperature, in_buf);
+                xb = in_buf;
+            }
+            block_log_prob_grad(xb, out_buf, n, hi, lo, scale[r], es, entropy_scale != NULL);
+            for (int64_t k = 0; k < k_ids; k++) {
+                int64_t col = columns[r * k_ids + k];
+                if (col >= c && col < c + n) out_buf[col - c] += at_ids[r * k_ids + k];
+            }
+            store_block(out, z->dtype, c, n, out_buf);
+        }
+    }
+}
+
 /* --- Python entry points ------------------------------------------------------------------------------ */
 
 static int parse_options(RowOptions *o, unsigned long long target, long long ignore_index, unsigned long long weight,
@@ -392,7 +499,53 @@ static PyObject *py_convert(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(log_prob_stats_doc,
+             "log_prob_stats(dtype, logits, M, sN, sM, C, temperature, want_plogp, max, sumexp, plogp, rows, threads): "
+             "per row of logits / T the max (fp32), S and D (float64).");
+
+static PyObject *py_log_prob_stats(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype, want_plogp, threads;
+    unsigned long long logits, row_max, sumexp, plogp;
+    long long m, s_n, s_m, classes, rows;
+    double temperature;
+    if (!PyArg_ParseTuple(args, "iKLLLLdiKKKLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &temperature,
+                          &want_plogp, &row_max, &sumexp, &plogp, &rows, &threads))
+        return NULL;
+    if (!check_dtype(dtype)) return NULL;
+    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    Py_BEGIN_ALLOW_THREADS
+    rows_log_prob_stats(&z, temperature, want_plogp, (float *)(uintptr_t)row_max, (double *)(uintptr_t)sumexp,
+                        (double *)(uintptr_t)plogp, rows, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(log_prob_grad_doc,
+             "log_prob_grad(dtype, logits, M, sN, sM, C, out, out_sN, out_sM, temperature, shift, scale, entropy_scale, "
+             "columns, at_ids, K, rows, threads): the per-token log-probs' gradient from its row factors.");
+
+static PyObject *py_log_prob_grad(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype, threads;
+    unsigned long long logits, out, shift, scale, entropy_scale, columns, at_ids;
+    long long m, s_n, s_m, classes, out_s_n, out_s_m, k_ids, rows;
+    double temperature;
+    if (!PyArg_ParseTuple(args, "iKLLLLKLLdKKKKKLLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
+                          &out_s_m, &temperature, &shift, &scale, &entropy_scale, &columns, &at_ids, &k_ids, &rows,
+                          &threads))
+        return NULL;
+    if (!check_dtype(dtype)) return NULL;
+    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    Py_BEGIN_ALLOW_THREADS
+    rows_log_prob_grad(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, temperature, (const double *)(uintptr_t)shift,
+                       (const float *)(uintptr_t)scale, (const float *)(uintptr_t)entropy_scale,
+                       (const int64_t *)(uintptr_t)columns, (const float *)(uintptr_t)at_ids, k_ids, rows, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"log_prob_grad", py_log_prob_grad, METH_VARARGS, log_prob_grad_doc},
+    {"log_prob_stats", py_log_prob_stats, METH_VARARGS, log_prob_stats_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
     {"forward", py_forward, METH_VARARGS, forward_doc},
     {"backward", py_backward, METH_VARARGS, backward_doc},

@@ -88,6 +88,47 @@ def backward(
     _native.backward(*args, rows, _threads(rows, num_classes))
 
 
+def covers_log_probs(logits: Tensor, opts) -> bool:
+    """Whether :func:`log_prob_stats` takes rows ``logits`` (N, M, C): as :func:`covers` (no softcap, CPU,
+    fp32 / bf16 / fp16, the class dim contiguous), any temperature."""
+    return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
+            and logits.shape[-1] > 0 and logits.stride(-1) == 1)  # fmt: skip
+
+
+def log_prob_stats(logits: Tensor, temperature: float, entropy: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Per row of ``x = logits / temperature`` (N, M, C): the max (all −inf rows: the lowest fp32), ``S = Σ exp(x −
+    max)`` and (``entropy``) ``D = Σ exp(x − max)(x − max)``, each (N, M) float32 (the sums taken in float64 and
+    rounded once): ``logprob_rows.LogProbStats`` without the id logits."""
+    n, m, num_classes = logits.shape
+    rows = n * m
+    row_max = torch.empty(rows, dtype=torch.float32)
+    sumexp = torch.empty(rows, dtype=torch.float64)
+    plogp = torch.empty(rows, dtype=torch.float64) if entropy else None
+    _native.log_prob_stats(_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1),
+                           num_classes, float(temperature), int(entropy), row_max.data_ptr(), sumexp.data_ptr(),
+                           _ptr(plogp), rows, _threads(rows, num_classes))  # fmt: skip
+    as_rows = lambda t: None if t is None else t.to(torch.float32).view(n, m)  # noqa: E731
+    return row_max.view(n, m), as_rows(sumexp), as_rows(plogp)
+
+
+def log_prob_grad(logits: Tensor, out: Tensor, temperature: float, shift: Tensor, scale: Tensor,
+                  entropy_scale: Optional[Tensor], columns: Tensor, at_ids: Tensor) -> None:
+    """The per-token log-probs' gradient of rows ``logits`` (N, M, C) into ``out`` (same shape and dtype; may be the
+    logits), from ``logprob_rows.LogProbGradFactors``: ``shift`` float64 (N, M), ``scale`` / ``entropy_scale``
+    (N, M), ``columns`` / ``at_ids`` (N, M, K)."""
+    n, m, num_classes = logits.shape
+    rows, k_ids = n * m, columns.shape[-1]
+    shift = _flat(shift, torch.float64, rows)
+    scale = _flat(scale, torch.float32, rows)
+    entropy_scale = None if entropy_scale is None else _flat(entropy_scale, torch.float32, rows)
+    columns = _flat(columns, torch.int64, rows * k_ids)
+    at_ids = _flat(at_ids, torch.float32, rows * k_ids)
+    _native.log_prob_grad(_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1),
+                          num_classes, out.data_ptr(), out.stride(0), out.stride(1), float(temperature),
+                          shift.data_ptr(), scale.data_ptr(), _ptr(entropy_scale), columns.data_ptr(),
+                          at_ids.data_ptr(), k_ids, rows, _threads(rows, num_classes))  # fmt: skip
+
+
 def _flat(values: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """A per-row tensor as a contiguous (rows,) tensor of ``dtype`` (a copy only where needed)."""
     return values.to(dtype).reshape(rows).contiguous()

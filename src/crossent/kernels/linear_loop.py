@@ -305,10 +305,11 @@ def linear_log_probs(
     whole = len(ws.pieces) == 1 and ws.vocab_start == 0 and ws.vocab == ws.num_classes and combine is None
     for r0, r1 in ws.row_blocks():
         ids = index[r0:r1]
-        rows = kernels.rows(ws.logits(r0, r1, ws.pieces[0]), ids, opts) if whole else None
-        if rows is None:  # a split, a shard, or the fast step declined: per-piece stats, combined
-            parts = [kernels.stats(ws.logits(r0, r1, p), ids, opts, vocab_start=ws.vocab_start + p[0])
-                     for p in ws.pieces]  # fmt: skip
+        first = ws.logits(r0, r1, ws.pieces[0])
+        rows = kernels.rows(first, ids, opts) if whole else None
+        if rows is None:  # a split, a shard, or the fast step declined (it writes nothing): per-piece stats
+            parts = [kernels.stats(first if k == 0 else ws.logits(r0, r1, p), ids, opts, vocab_start=ws.vocab_start + p[0])
+                     for k, p in enumerate(ws.pieces)]  # fmt: skip
             stats = parts[0] if len(parts) == 1 else combine_logprob_stats(parts)
             rows = finish_log_probs(stats if combine is None else combine(stats), ids, opts, ws.num_classes)
         log_probs[r0:r1], lse[r0:r1] = rows.log_probs, rows.lse

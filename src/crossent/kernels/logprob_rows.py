@@ -24,6 +24,7 @@ from torch import Tensor
 
 from crossent._options import LogProbRowOptions
 from crossent._precision import compute_dtype
+from crossent.kernels import cpu_rows
 from crossent.kernels.linear_step import FINISHED, GradFactors
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import Shift, _capped, _chunks, _shape_3d, _views_as_3d, index_masks, local_targets
@@ -88,6 +89,9 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     """:class:`LogProbStats` of the columns ``[vocab_start, vocab_start + V_s)`` held by ``logits`` (..., V_s)."""
     z3, ids3 = _as_3d(logits, index)
     cdt = compute_dtype(logits.dtype)
+    if cpu_rows.covers_log_probs(z3, opts):  # the same stats in C, one pass over the logits as stored
+        row_max, sumexp, plogp = cpu_rows.log_prob_stats(z3, opts.temperature, opts.entropy)
+        return _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, logits.shape[:-1], index.shape)
     row_max, sumexp = (torch.empty(z3.shape[:2], dtype=cdt, device=z3.device) for _ in range(2))
     plogp = torch.empty_like(row_max) if opts.entropy else None
     lowest = torch.finfo(cdt).min
@@ -103,13 +107,17 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
         e = torch.exp(y, out=scratch[0])
         sumexp[idx] = e.sum(-1)
         plogp[idx] = e.mul_(y).sum(-1)
+    return _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, logits.shape[:-1], index.shape)
+
+
+def _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, shape, index_shape) -> LogProbStats:
+    """The row stats (N, M) with the id logits gathered (re-read and upcast, then the same transforms)."""
     local, col = local_targets(ids3, vocab_start, z3.shape[-1])
-    picked = torch.gather(z3, -1, col).to(cdt)  # re-read and upcast, then the same ops as the chunks
+    picked = torch.gather(z3, -1, col).to(compute_dtype(z3.dtype))
     picked = scaled_logits(picked, picked, opts)
-    shape = logits.shape[:-1]
     return LogProbStats(
         row_max.reshape(shape), sumexp.reshape(shape), None if plogp is None else plogp.reshape(shape),
-        torch.where(local, picked, 0.0).reshape(index.shape),
+        torch.where(local, picked, 0.0).reshape(index_shape),
     )  # fmt: skip
 
 
@@ -131,6 +139,8 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
     if logits.device.type != "cpu" or index.shape[-1] == 0:
         return None
     z3, ids3 = _as_3d(logits, index)
+    if cpu_rows.covers_log_probs(z3, opts):  # the C stats (shard_stats) take these rows in one pass
+        return None
     cdt = compute_dtype(logits.dtype)
     valid, ids_safe, bad = index_masks(ids3, opts.ignore_index, z3.shape[-1])
     picked = torch.gather(z3, -1, ids_safe).to(cdt)
@@ -225,9 +235,12 @@ def backward(
     f = grad_factors(ids3, lse.reshape(rows), as_rows(entropy, lse.shape, rows),
                      as_rows(grad_log_probs, index.shape, ids3.shape), as_rows(grad_entropy, lse.shape, rows), opts,
                      shard, z3.shape[-1])  # fmt: skip
-    shift = Shift(f.shift, cdt)
     scale, ent_scale = f.scale.to(cdt), None if f.entropy_scale is None else f.entropy_scale.to(cdt)
     at_ids = f.at_ids.to(cdt)
+    if cpu_rows.covers_log_probs(z3, opts) and out3.dtype == z3.dtype and out3.stride(-1) == 1:  # the same in C
+        cpu_rows.log_prob_grad(z3, out3, opts.temperature, f.shift, scale, ent_scale, f.columns, at_ids)
+        return
+    shift = Shift(f.shift, cdt)
     lowest = torch.finfo(cdt).min
     direct = out.dtype == cdt
     n_scratch = (1 if opts.softcap else 0) + (1 if ent_scale is not None else 0)
