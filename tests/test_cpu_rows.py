@@ -317,3 +317,41 @@ def test_log_prob_stats_match_the_reference_and_the_torch_path(dtype, temperatur
     torch.testing.assert_close(got[1].double()[finite], torch.from_numpy(ref_h)[finite], rtol=2e-6, atol=2e-5)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-5, equal_nan=True)
+
+
+# --- distillation (forward / reverse KL): the C block step -------------------------------------------------------
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("form", ["logits", "fused"])
+def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature, form, monkeypatch):
+    # β = 0 and 1 take the C step (β = 0.5 stays on the torch step: both paths must agree with the oracle anyway)
+    g = torch.Generator().manual_seed(7)
+    n, d, v = 12, 8, 700
+    xs, xt = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ws, wt = torch.randn(v, d, generator=g), torch.randn(v, d, generator=g)
+    target = torch.randint(0, v, (n,), generator=g)
+    target[::3] = -100
+    calls = []
+    native = cpu_rows.distill
+    monkeypatch.setattr(cpu_rows, "distill", lambda *a: calls.append(1) or native(*a))
+
+    def run(enabled):
+        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+        x = xs.clone().requires_grad_()
+        if form == "logits":
+            loss = crossent.distill_loss(x @ ws.T, xt @ wt.T, beta=beta, temperature=temperature, target=target)
+        else:
+            loss = crossent.linear_distill_loss(x, ws, xt, wt, beta=beta, temperature=temperature, target=target)
+        loss.backward()
+        return loss.detach(), x.grad
+
+    got = run(True)
+    assert bool(calls) == (beta in (0.0, 1.0))
+    want = run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    z_s, z_t = (xs @ ws.T).double().numpy(), (xt @ wt.T).double().numpy()
+    ref = reference.generalized_jsd(z_s, z_t, beta=beta, temperature=temperature, target=target.numpy())
+    torch.testing.assert_close(got[0].double(), torch.tensor(float(ref), dtype=torch.float64), rtol=1e-5, atol=1e-6)

@@ -161,11 +161,11 @@ MULTIVERSIONED static float block_max(const float *x, int n) {
     return m;
 }
 
-/* Σ exp(x − m) over a block (vector lanes summed in fp32, then returned as float64) */
+/* Σ exp(x − m) over a block, in float64 lanes: an error δ in a row's lse moves a divergence by ~(D + 1) δ */
 MULTIVERSIONED static double block_sumexp(const float *x, int n, float m) {
-    float s = 0.0f;
+    double s = 0.0;
 #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) s += exp_f32(x[i] - m);
+    for (int i = 0; i < n; i++) s += (double)exp_f32(x[i] - m);
     return s;
 }
 
@@ -411,6 +411,125 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
     }
 }
 
+/* Distillation with β = 0 (forward KL(p ‖ q)) or β = 1 (reverse KL(q ‖ p)) of student logits s and teacher logits t
+ * at temperature T (crossent.kernels.distill_rows.block_step_, without softcap or hard loss): with
+ * lq = s / T − lse_s and lp = t / T − lse_t (each clamped to −FLT_MAX, as the torch step clamps them; lq − lp
+ * taken as (s − t) / T − (lse_s − lse_t)),
+ *   D = Σ_c p_c (lp_c − lq_c)   or   D = Σ_c q_c (lq_c − lp_c)                    (float64 row sums)
+ * and, with row_scale, s ← row_scale · ∂D/∂(s / T) = row_scale · (q − p)   or   row_scale · q (lq − lp − D).
+ * Three passes over a row (stats, D, gradient): the last two read it from the cache. */
+static inline float shifted_log(float x, float hi, float lo) {
+    float y = (x - hi) - lo;
+    return y < -FLT_MAX ? -FLT_MAX : y;
+}
+
+/* lq − lp as (s − t) − (lse_s − lse_t) (shift[4..5]: the lse difference in two parts): rounded once, relative to
+ * the result, where lq and lp would each be rounded at their own magnitude; where it is not finite (an −inf
+ * logit), the clamped lq − lp (a finite value whose weight q or p is then 0) */
+static inline float log_ratio(float s, float t, float lq, float lp, const float *shift) {
+    float d = ((s - t) - shift[4]) - shift[5];
+    return d == d && d <= FLT_MAX && d >= -FLT_MAX ? d : lq - lp;
+}
+
+/* summed in float64 lanes: its terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
+MULTIVERSIONED static double block_kl(const float *s, const float *t, int n, const float *shift, int reverse) {
+    double acc = 0.0;
+    if (reverse) { /* Σ q (lq − lp) */
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < n; i++) {
+            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+            acc += (double)(exp_f32(lq) * log_ratio(s[i], t[i], lq, lp, shift));
+        }
+    } else { /* Σ p (lp − lq) */
+#pragma omp simd reduction(+ : acc)
+        for (int i = 0; i < n; i++) {
+            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+            acc -= (double)(exp_f32(lp) * log_ratio(s[i], t[i], lq, lp, shift));
+        }
+    }
+    return acc;
+}
+
+MULTIVERSIONED static void block_kl_grad(const float *s, const float *t, float *out, int n, const float *shift,
+                                         int reverse, float divergence, float scale) {
+    if (reverse) {
+        for (int i = 0; i < n; i++) {
+            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+            float q = exp_f32(lq);
+            out[i] = scale * (q * log_ratio(s[i], t[i], lq, lp, shift) - divergence * q);
+        }
+    } else {
+        for (int i = 0; i < n; i++) {
+            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+            out[i] = scale * (exp_f32(lq) - exp_f32(lp));
+        }
+    }
+}
+
+/* The row's fp32 values of z / T, block [c, c + n), in buf (or the row itself for fp32 at T = 1) */
+static inline const float *tempered_block(const Rows *z, const void *row, int64_t c, int n, double temperature,
+                                          float *buf) {
+    const float *x = load_block(row, z->dtype, c, n, buf);
+    if (temperature == 1.0) return x;
+    divide_block(x, n, (float)temperature, buf);
+    return buf;
+}
+
+/* lse of z / T over a row, by the running max (returned); its two-part fp32 shift (hi, lo) into shift[0..1] */
+static double row_lse_shift(const Rows *z, const void *row, double temperature, float *buf, float *shift) {
+    float m = -FLT_MAX;
+    double s = 0.0;
+    for (int64_t c = 0; c < z->classes; c += BLOCK) {
+        int n = z->classes - c < BLOCK ? (int)(z->classes - c) : BLOCK;
+        const float *x = tempered_block(z, row, c, n, temperature, buf);
+        float bm = block_max(x, n);
+        if (bm > m) {
+            s *= exp((double)m - (double)bm);
+            m = bm;
+        }
+        s += block_sumexp(x, n, m);
+    }
+    double lse = (double)m + log(s);
+    shift[0] = (float)lse;
+    shift[1] = isinf(lse) || isnan(lse) ? 0.0f : (float)(lse - (double)shift[0]);
+    return lse;
+}
+
+static void rows_distill(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
+                         double *divergence, int64_t rows, int threads) {
+    const int64_t C = s->classes;
+#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
+        void *s_row = (void *)row_at(s, r);
+        const void *t_row = row_at(t, r);
+        double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
+                          row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
+        shift[4] = (float)lse_diff;
+        shift[5] = isinf(lse_diff) || isnan(lse_diff) ? 0.0f : (float)(lse_diff - (double)shift[4]);
+        double d = 0.0;
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            d += block_kl(tempered_block(s, s_row, c, n, temperature, s_buf),
+                          tempered_block(t, t_row, c, n, temperature, t_buf), n, shift, reverse);
+        }
+        divergence[r] = d;
+        if (!row_scale) continue;
+        float scale = row_scale[r];
+        for (int64_t c = 0; c < C; c += BLOCK) {
+            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+            if (scale == 0.0f) { /* ignored rows: exactly 0, also where the softmax is NaN */
+                for (int i = 0; i < n; i++) out_buf[i] = 0.0f;
+            } else {
+                block_kl_grad(tempered_block(s, s_row, c, n, temperature, s_buf),
+                              tempered_block(t, t_row, c, n, temperature, t_buf), out_buf, n, shift, reverse, (float)d,
+                              scale);
+            }
+            store_block(s_row, s->dtype, c, n, out_buf);
+        }
+    }
+}
+
 /* --- Python entry points ------------------------------------------------------------------------------ */
 
 static int parse_options(RowOptions *o, unsigned long long target, long long ignore_index, unsigned long long weight,
@@ -543,7 +662,32 @@ static PyObject *py_log_prob_grad(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(distill_doc,
+             "distill(dtype, student, teacher, M, s_sN, s_sM, t_sN, t_sM, C, temperature, reverse, row_scale, divergence, "
+             "rows, threads): forward (reverse=0) or reverse KL per row (float64), and with row_scale (an address, or 0) "
+             "row_scale times its gradient written over the student logits.");
+
+static PyObject *py_distill(PyObject *Py_UNUSED(self), PyObject *args) {
+    int dtype, reverse, threads;
+    unsigned long long student, teacher, row_scale, divergence;
+    long long m, s_s_n, s_s_m, t_s_n, t_s_m, classes, rows;
+    double temperature;
+    if (!PyArg_ParseTuple(args, "iKKLLLLLLdiKKLi", &dtype, &student, &teacher, &m, &s_s_n, &s_s_m, &t_s_n, &t_s_m,
+                          &classes, &temperature, &reverse, &row_scale, &divergence, &rows, &threads))
+        return NULL;
+    if (!check_dtype(dtype)) return NULL;
+    int itemsize = dtype == DTYPE_FLOAT32 ? 4 : 2;
+    Rows s = {(const char *)(uintptr_t)student, dtype, itemsize, m, s_s_n, s_s_m, classes};
+    Rows t = {(const char *)(uintptr_t)teacher, dtype, itemsize, m, t_s_n, t_s_m, classes};
+    Py_BEGIN_ALLOW_THREADS
+    rows_distill(&s, &t, temperature, reverse, (const float *)(uintptr_t)row_scale, (double *)(uintptr_t)divergence,
+                 rows, threads);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"distill", py_distill, METH_VARARGS, distill_doc},
     {"log_prob_grad", py_log_prob_grad, METH_VARARGS, log_prob_grad_doc},
     {"log_prob_stats", py_log_prob_stats, METH_VARARGS, log_prob_stats_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},

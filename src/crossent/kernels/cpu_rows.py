@@ -129,6 +129,29 @@ def log_prob_grad(logits: Tensor, out: Tensor, temperature: float, shift: Tensor
                           at_ids.data_ptr(), k_ids, rows, _threads(rows, num_classes))  # fmt: skip
 
 
+def covers_distill(student: Tensor, teacher: Tensor, opts) -> bool:
+    """Whether :func:`distill` takes a block of student and teacher logits (rows, V): forward or reverse KL (β 0 or
+    1), no softcap, no hard loss, teacher logits (not log-probabilities), the same dtype and shape, rows contiguous."""
+    return (available() and student.device.type == "cpu" and student.dtype in _DTYPE_CODES
+            and teacher.dtype == student.dtype and teacher.shape == student.shape and student.dim() == 2
+            and student.shape[-1] > 0 and student.stride(-1) == 1 and teacher.stride(-1) == 1
+            and opts.beta in (0.0, 1.0) and opts.softcap is None and not opts.hard_weight
+            and not opts.teacher_log_probs)  # fmt: skip
+
+
+def distill(student: Tensor, teacher: Tensor, temperature: float, reverse: bool, row_scale: Optional[Tensor]) -> Tensor:
+    """Per row of (rows, V) logits at ``temperature``: KL(p ‖ q) (``reverse``: KL(q ‖ p)) in float64, p the teacher's
+    and q the student's softmax; with ``row_scale`` (rows,), ``row_scale · ∂KL/∂(student / T)`` written over
+    ``student`` (rows whose scale is 0: exactly 0)."""
+    rows, num_classes = student.shape
+    div = torch.empty(rows, dtype=torch.float64)
+    scale = None if row_scale is None else _flat(row_scale, torch.float32, rows)
+    _native.distill(_DTYPE_CODES[student.dtype], student.data_ptr(), teacher.data_ptr(), 1, student.stride(0), 0,
+                    teacher.stride(0), 0, num_classes, float(temperature), int(reverse), _ptr(scale), div.data_ptr(),
+                    rows, _threads(rows, num_classes))  # fmt: skip
+    return div
+
+
 def _flat(values: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """A per-row tensor as a contiguous (rows,) tensor of ``dtype`` (a copy only where needed)."""
     return values.to(dtype).reshape(rows).contiguous()

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
+from crossent.kernels import cpu_rows
 from crossent.kernels.torch_rows import RowStats, Shift, chunk_elements
 
 
@@ -90,6 +91,8 @@ def block_step_(
     to ``ignore_index`` give loss and gradient 0). Returns the loss (rows,) in the compute dtype.
     """
     grads = grad_scale is not None
+    if cpu_rows.covers_distill(s, t, opts):  # forward / reverse KL in C: three passes per row, from the cache
+        return _native_step_(s, t, target, grad_scale, opts)
     _cap_(s, opts.softcap, scratch.chain if grads else None)
     hard_nll = None
     if opts.hard_weight:  # log softmax(z_s), before the temperature; the hard loss is −log h_t
@@ -106,6 +109,19 @@ def block_step_(
     if grads:
         _finish_grad_(s, target, grad_scale, opts, scratch)
     return loss
+
+
+def _native_step_(s: Tensor, t: Tensor, target: Optional[Tensor], grad_scale: Optional[Tensor],
+                  opts: DistillRowOptions) -> Tensor:  # fmt: skip
+    """:func:`block_step_` by :func:`cpu_rows.distill`: the gradient's row factor ``g / T`` (0 on ignored rows) is
+    applied in C, as :func:`_finish_grad_` applies it (α = 0, a = 1)."""
+    row_scale = None
+    if grad_scale is not None:
+        valid, _ = _valid_targets(target, opts, s.shape[-1])
+        g = grad_scale.to(s.dtype).expand(s.shape[:1])
+        row_scale = (g if valid is None else torch.where(valid, g, 0.0)) / opts.temperature
+    div = cpu_rows.distill(s, t, opts.temperature, opts.beta == 1.0, row_scale)
+    return _row_loss(div.to(s.dtype), None, target, opts, None)
 
 
 def _teacher_log_probs_(t: Tensor, opts: DistillRowOptions) -> Optional[Tensor]:
