@@ -8,6 +8,7 @@ Triton's modules are imported only when asked for: Triton is optional.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 
@@ -76,7 +77,10 @@ def logprob_chunk_kernels(impl: str) -> logprob_rows.LogProbChunkKernels:
 
 
 def no_autocast(device: torch.device):
-    """A context in which ``torch.autocast`` is off for ``device``'s type: the kernels keep their own precision."""
+    """A context in which ``torch.autocast`` is off for ``device``'s type: the kernels keep their own precision.
+    A null context where it is off already (entering ``torch.autocast`` costs ~4 µs, a tenth of a small call)."""
+    if not torch.is_autocast_enabled(device.type):
+        return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
 
 
