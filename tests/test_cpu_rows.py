@@ -254,8 +254,8 @@ def test_fused_16_bit_step_matches_the_torch_step(dtype, blocks, option, reducti
     # one block: the finished gradient and dW as one 16-bit product; several: diag(scale) P, the rest factored
     monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt: True)
     calls = []
-    backward = cpu_rows.backward
-    monkeypatch.setattr(cpu_rows, "backward", lambda *a, **k: calls.append(k.get("factored")) or backward(*a, **k))
+    step = cpu_rows.loss_and_grad
+    monkeypatch.setattr(cpu_rows, "loss_and_grad", lambda *a, **k: calls.append(k.get("factored")) or step(*a, **k))
     g = torch.Generator().manual_seed(3)
     n, d, v = 40, 16, 300
     x = torch.randn(n, d, generator=g).to(dtype)

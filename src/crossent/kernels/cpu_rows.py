@@ -88,6 +88,26 @@ def backward(
     _native.backward(*args, rows, _threads(rows, num_classes))
 
 
+def loss_and_grad(
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], grad_loss: Tensor, opts: RowOptions, out: Tensor,
+    factored: bool = False,
+) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`forward` and then :func:`backward` (into ``out``, which may be the logits), each row while it is in the
+    cache: the fused loops know the upstream gradient ``grad_loss`` (N, M) in forward. Returns (loss, lse) flat."""
+    n, m, num_classes = logits.shape
+    rows = n * m
+    t = _flat(target, torch.int64, rows)
+    g = _flat(grad_loss.to(torch.float32).expand(n, m), torch.float32, rows)
+    loss = torch.empty(rows, dtype=torch.float32)
+    lse = torch.empty(rows, dtype=torch.float64)
+    w64, w32, total_weight = _weights(class_weight, num_classes)
+    _native.loss_and_grad(_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1),
+                          num_classes, out.data_ptr(), out.stride(0), out.stride(1), t.data_ptr(), opts.ignore_index,
+                          _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss, loss.data_ptr(),
+                          lse.data_ptr(), g.data_ptr(), int(factored), rows, _threads(rows, num_classes))  # fmt: skip
+    return loss, lse
+
+
 def covers_log_probs(logits: Tensor, opts) -> bool:
     """Whether :func:`log_prob_stats` takes rows ``logits`` (N, M, C): as :func:`covers` (no softcap, CPU,
     fp32 / bf16 / fp16, the class dim contiguous), any temperature."""

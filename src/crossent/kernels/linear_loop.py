@@ -253,10 +253,11 @@ def _half_block_step(ws, r0, r1, target, class_weight, grad_scale, opts: RowOpti
     with nothing to sum, which is what an fp32 sum of one block cast to 16 bits would give, without the fp32 dW."""
     q = ws.logits(r0, r1, ws.pieces[0])
     q3, t3 = q.unsqueeze(1), target.unsqueeze(1)
-    loss[r0:r1], lse[r0:r1] = cpu_rows.forward(q3, t3, class_weight, opts)
     if grad_scale is None:
+        loss[r0:r1], lse[r0:r1] = cpu_rows.forward(q3, t3, class_weight, opts)
         return
-    cpu_rows.backward(q3, t3, class_weight, lse[r0:r1], grad_scale, opts, q3, factored=not finished)
+    g = grad_scale.unsqueeze(1)
+    loss[r0:r1], lse[r0:r1] = cpu_rows.loss_and_grad(q3, t3, class_weight, g, opts, q3, factored=not finished)
     if finished:
         ws.add_block_grad(q, FINISHED, r0, r1, ws.pieces[0], first=True)
         return
