@@ -1,15 +1,19 @@
-"""Whole-row cross-entropy kernels in C for CPU tensors: the Python side of ``crossent._cpu_rows``.
+"""C kernels for CPU tensors: the Python side of ``crossent._cpu_rows`` (``src/crossent/csrc/cpu_rows.c``).
 
-PyTorch's CPU ops have no 16-bit-in, fp32-statistics softmax, so :mod:`torch_rows` upcasts every chunk of bf16 /
-fp16 logits to an fp32 copy and reads that again (about twice the bytes of PyTorch's own bf16 loss), and its
+PyTorch's CPU ops have no 16-bit-in, fp32-statistics softmax, so the torch kernels upcast every chunk of bf16 /
+fp16 logits to an fp32 copy and read that again (about twice the bytes of PyTorch's own bf16 loss), and their
 O(rows) bookkeeping (targets, weights, factors in float64) is a few dozen small torch ops per call. The C kernels
-(``src/crossent/csrc/cpu_rows.c``) do the same math row by row in one or two passes over the logits as stored —
-fp32, bf16 or fp16, converted in registers, exp and sums in fp32 lanes, row sums and per-row factors in float64 —
-and write the loss (fp32), the lse (float64) and, in backward, the gradient in the logits' dtype.
+do the same math row by row over the logits as stored — fp32, bf16 or fp16, converted in registers, exp in fp32
+vector lanes, sums in float64 (lanes, or per block of 256 columns), per-row factors in float64 — and write per-row
+results (fp32 loss, float64 lse) and gradients in the logits' dtype. They cover:
 
-They cover class-index targets over whole rows without softcap, with the class dim contiguous; everything
-else, and every CPU without the extension (it is built by ``pip install`` when a C compiler is present, and
-skipped otherwise), runs :mod:`torch_rows`'s torch ops, with the same results up to rounding.
+- cross-entropy with class indices over whole rows, every option but softcap (:func:`forward`, :func:`backward`,
+  :func:`loss_and_grad`: ``torch_rows``' whole-row path and the fused CE's 16-bit blocks in ``linear_loop``);
+- the per-token log-probs' row stats and gradient (:func:`log_prob_stats`, :func:`log_prob_grad`: ``logprob_rows``);
+- distillation's forward / reverse KL block step (:func:`distill`: ``distill_rows``).
+
+Everything else, and every CPU without the extension (``pip install`` builds it when a C compiler is present,
+and skips it otherwise), runs the torch ops, with the same results up to rounding (``covers*`` decide).
 
 Large inputs are spread over ``torch.get_num_threads()`` threads in one OpenMP region per call, on PyTorch's own
 OpenMP runtime (the C file's header says how), in small dynamic chunks of rows: a core taken by another process
@@ -55,37 +59,23 @@ def covers(logits: Tensor, out: Optional[Tensor], opts: RowOptions) -> bool:
 
 def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions) -> Tuple[Tensor, Tensor]:
     """Per-row loss (float32) and lse (float64), flat (N · M,), of logits (N, M, C) and int targets (N, M)."""
-    n, m, num_classes = logits.shape
-    rows = n * m
-    t = _flat(target, torch.int64, rows)
+    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
     loss = torch.empty(rows, dtype=torch.float32)
     lse = torch.empty(rows, dtype=torch.float64)
-    w64, w32, total_weight = _weights(class_weight, num_classes)
-    args = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
-            t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss,
-            loss.data_ptr(), lse.data_ptr())  # fmt: skip
-    _native.forward(*args, rows, _threads(rows, num_classes))
+    _native.forward(*head, *options, loss.data_ptr(), lse.data_ptr(), rows, _threads(rows, logits.shape[-1]))
     return loss, lse
 
 
 def backward(
     logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, grad_loss: Tensor, opts: RowOptions,
-    out: Tensor, factored: bool = False,
+    out: Tensor,
 ) -> None:  # fmt: skip
-    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits).
-
-    ``factored``: write only its ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0 on ignored
-    rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their products."""
-    n, m, num_classes = logits.shape
-    rows = n * m
-    t = _flat(target, torch.int64, rows)
+    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits)."""
+    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
     lse_rows = _flat(lse, torch.float64, rows)
     g = _flat(grad_loss.to(torch.float32).expand(lse.shape), torch.float32, rows)
-    w64, w32, total_weight = _weights(class_weight, num_classes)
-    args = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
-            out.data_ptr(), out.stride(0), out.stride(1), t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32),
-            total_weight, opts.label_smoothing, opts.z_loss, lse_rows.data_ptr(), g.data_ptr(), int(factored))  # fmt: skip
-    _native.backward(*args, rows, _threads(rows, num_classes))
+    _native.backward(*head, out.data_ptr(), out.stride(0), out.stride(1), *options, lse_rows.data_ptr(), g.data_ptr(),
+                     0, rows, _threads(rows, logits.shape[-1]))  # fmt: skip
 
 
 def loss_and_grad(
@@ -93,19 +83,29 @@ def loss_and_grad(
     factored: bool = False,
 ) -> Tuple[Tensor, Tensor]:  # fmt: skip
     """:func:`forward` and then :func:`backward` (into ``out``, which may be the logits), each row while it is in the
-    cache: the fused loops know the upstream gradient ``grad_loss`` (N, M) in forward. Returns (loss, lse) flat."""
+    cache: the fused loops know the upstream gradient ``grad_loss`` (N, M) in forward. Returns (loss, lse) flat.
+
+    ``factored``: write only the gradient's ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0
+    on ignored rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their
+    products."""
+    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
+    g = _flat(grad_loss.to(torch.float32).expand(logits.shape[:2]), torch.float32, rows)
+    loss = torch.empty(rows, dtype=torch.float32)
+    lse = torch.empty(rows, dtype=torch.float64)
+    _native.loss_and_grad(*head, out.data_ptr(), out.stride(0), out.stride(1), *options, loss.data_ptr(),
+                          lse.data_ptr(), g.data_ptr(), int(factored), rows, _threads(rows, logits.shape[-1]))  # fmt: skip
+    return loss, lse
+
+
+def _row_args(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions):
+    """(rows, the logits' arguments, the options' arguments, the tensors those addresses point into: keep them)."""
     n, m, num_classes = logits.shape
     rows = n * m
     t = _flat(target, torch.int64, rows)
-    g = _flat(grad_loss.to(torch.float32).expand(n, m), torch.float32, rows)
-    loss = torch.empty(rows, dtype=torch.float32)
-    lse = torch.empty(rows, dtype=torch.float64)
     w64, w32, total_weight = _weights(class_weight, num_classes)
-    _native.loss_and_grad(_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1),
-                          num_classes, out.data_ptr(), out.stride(0), out.stride(1), t.data_ptr(), opts.ignore_index,
-                          _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss, loss.data_ptr(),
-                          lse.data_ptr(), g.data_ptr(), int(factored), rows, _threads(rows, num_classes))  # fmt: skip
-    return loss, lse
+    head = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes)
+    options = (t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss)
+    return rows, head, options, (t, w64, w32)
 
 
 def covers_log_probs(logits: Tensor, opts) -> bool:
