@@ -583,54 +583,40 @@ static int check_dtype(int dtype) {
     return 0;
 }
 
-PyDoc_STRVAR(forward_doc,
-             "forward(dtype, logits, M, sN, sM, C, target, ignore_index, weight, weight_f32, W, eps, z_loss, loss, lse, "
-             "rows, threads): per-row loss (fp32) and lse (float64). Pointers are addresses.");
+PyDoc_STRVAR(cross_entropy_rows_doc,
+             "cross_entropy_rows(mode, dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, "
+             "weight_f32, W, eps, z_loss, loss, lse, grad, factored, rows, threads): mode 0 the per-row loss (fp32) and "
+             "lse (float64); 1 the gradient into out from lse and grad; 2 both, row by row. Pointers are addresses "
+             "(0 where the mode reads or writes nothing).");
 
-static PyObject *py_forward(PyObject *Py_UNUSED(self), PyObject *args) {
-    int dtype;
-    unsigned long long logits, target, weight, weight_f32, loss, lse;
-    long long m, s_n, s_m, classes, ignore_index, rows;
-    int threads;
+static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
+    int mode, dtype, factored, threads;
+    unsigned long long logits, out, target, weight, weight_f32, loss, lse, grad;
+    long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
     double total_weight, eps, z_loss;
-    if (!PyArg_ParseTuple(args, "iKLLLLKLKKdddKKLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &target,
-                          &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &loss, &lse, &rows, &threads))
+    if (!PyArg_ParseTuple(args, "iiKLLLLKLLKLKKdddKKKiLi", &mode, &dtype, &logits, &m, &s_n, &s_m, &classes, &out,
+                          &out_s_n, &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps,
+                          &z_loss, &loss, &lse, &grad, &factored, &rows, &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
+    if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "cpu_rows: unknown mode %d", mode);
     Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
     RowOptions o;
     parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
-    int status;
+    char *out_p = (char *)(uintptr_t)out;
+    float *loss_p = (float *)(uintptr_t)loss;
+    double *lse_p = (double *)(uintptr_t)lse;
+    const float *grad_p = (const float *)(uintptr_t)grad;
+    int status = 0;
     Py_BEGIN_ALLOW_THREADS
-    status = rows_forward(&z, &o, (float *)(uintptr_t)loss, (double *)(uintptr_t)lse, rows, threads);
+    if (mode == 0)
+        status = rows_forward(&z, &o, loss_p, lse_p, rows, threads);
+    else if (mode == 1)
+        rows_backward(&z, out_p, out_s_n, out_s_m, &o, lse_p, grad_p, factored, rows, threads);
+    else
+        status = rows_loss_and_grad(&z, out_p, out_s_n, out_s_m, &o, loss_p, lse_p, grad_p, factored, rows, threads);
     Py_END_ALLOW_THREADS
     if (status != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
-PyDoc_STRVAR(backward_doc,
-             "backward(dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, weight_f32, W, "
-             "eps, z_loss, lse, grad, factored, rows, threads): write g · dloss/dz into out (the logits' dtype); "
-             "factored: only its scale · p part.");
-
-static PyObject *py_backward(PyObject *Py_UNUSED(self), PyObject *args) {
-    int dtype;
-    unsigned long long logits, out, target, weight, weight_f32, lse, grad;
-    long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
-    int factored, threads;
-    double total_weight, eps, z_loss;
-    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLKKdddKKiLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
-                          &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &lse,
-                          &grad, &factored, &rows, &threads))
-        return NULL;
-    if (!check_dtype(dtype)) return NULL;
-    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
-    RowOptions o;
-    parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
-    Py_BEGIN_ALLOW_THREADS
-    rows_backward(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, &o, (const double *)(uintptr_t)lse,
-                  (const float *)(uintptr_t)grad, factored, rows, threads);
-    Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
@@ -719,40 +705,12 @@ static PyObject *py_distill(PyObject *Py_UNUSED(self), PyObject *args) {
     Py_RETURN_NONE;
 }
 
-PyDoc_STRVAR(loss_and_grad_doc,
-             "loss_and_grad(dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, weight_f32, "
-             "W, eps, z_loss, loss, lse, grad, factored, rows, threads): forward and backward, row by row.");
-
-static PyObject *py_loss_and_grad(PyObject *Py_UNUSED(self), PyObject *args) {
-    int dtype, factored, threads;
-    unsigned long long logits, out, target, weight, weight_f32, loss, lse, grad;
-    long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
-    double total_weight, eps, z_loss;
-    if (!PyArg_ParseTuple(args, "iKLLLLKLLKLKKdddKKKiLi", &dtype, &logits, &m, &s_n, &s_m, &classes, &out, &out_s_n,
-                          &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps, &z_loss, &loss,
-                          &lse, &grad, &factored, &rows, &threads))
-        return NULL;
-    if (!check_dtype(dtype)) return NULL;
-    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
-    RowOptions o;
-    parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
-    int status;
-    Py_BEGIN_ALLOW_THREADS
-    status = rows_loss_and_grad(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, &o, (float *)(uintptr_t)loss,
-                                (double *)(uintptr_t)lse, (const float *)(uintptr_t)grad, factored, rows, threads);
-    Py_END_ALLOW_THREADS
-    if (status != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
-}
-
 static PyMethodDef methods[] = {
-    {"loss_and_grad", py_loss_and_grad, METH_VARARGS, loss_and_grad_doc},
+    {"cross_entropy_rows", py_cross_entropy_rows, METH_VARARGS, cross_entropy_rows_doc},
     {"distill", py_distill, METH_VARARGS, distill_doc},
     {"log_prob_grad", py_log_prob_grad, METH_VARARGS, log_prob_grad_doc},
     {"log_prob_stats", py_log_prob_stats, METH_VARARGS, log_prob_stats_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
-    {"forward", py_forward, METH_VARARGS, forward_doc},
-    {"backward", py_backward, METH_VARARGS, backward_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -59,10 +59,10 @@ def covers(logits: Tensor, out: Optional[Tensor], opts: RowOptions) -> bool:
 
 def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions) -> Tuple[Tensor, Tensor]:
     """Per-row loss (float32) and lse (float64), flat (N · M,), of logits (N, M, C) and int targets (N, M)."""
-    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
+    rows = logits.shape[0] * logits.shape[1]
     loss = torch.empty(rows, dtype=torch.float32)
     lse = torch.empty(rows, dtype=torch.float64)
-    _native.forward(*head, *options, loss.data_ptr(), lse.data_ptr(), rows, _threads(rows, logits.shape[-1]))
+    _cross_entropy_rows(0, logits, target, class_weight, opts, loss=loss, lse=lse)
     return loss, lse
 
 
@@ -71,11 +71,9 @@ def backward(
     out: Tensor,
 ) -> None:  # fmt: skip
     """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits)."""
-    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
-    lse_rows = _flat(lse, torch.float64, rows)
-    g = _flat(grad_loss.to(torch.float32).expand(lse.shape), torch.float32, rows)
-    _native.backward(*head, out.data_ptr(), out.stride(0), out.stride(1), *options, lse_rows.data_ptr(), g.data_ptr(),
-                     0, rows, _threads(rows, logits.shape[-1]))  # fmt: skip
+    rows = logits.shape[0] * logits.shape[1]
+    _cross_entropy_rows(1, logits, target, class_weight, opts, out=out, lse=_flat(lse, torch.float64, rows),
+                        grad=_flat(grad_loss.to(torch.float32).expand(lse.shape), torch.float32, rows))  # fmt: skip
 
 
 def loss_and_grad(
@@ -88,24 +86,28 @@ def loss_and_grad(
     ``factored``: write only the gradient's ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0
     on ignored rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their
     products."""
-    rows, head, options, _keep = _row_args(logits, target, class_weight, opts)
-    g = _flat(grad_loss.to(torch.float32).expand(logits.shape[:2]), torch.float32, rows)
+    rows = logits.shape[0] * logits.shape[1]
     loss = torch.empty(rows, dtype=torch.float32)
     lse = torch.empty(rows, dtype=torch.float64)
-    _native.loss_and_grad(*head, out.data_ptr(), out.stride(0), out.stride(1), *options, loss.data_ptr(),
-                          lse.data_ptr(), g.data_ptr(), int(factored), rows, _threads(rows, logits.shape[-1]))  # fmt: skip
+    g = _flat(grad_loss.to(torch.float32).expand(logits.shape[:2]), torch.float32, rows)
+    _cross_entropy_rows(2, logits, target, class_weight, opts, out=out, loss=loss, lse=lse, grad=g, factored=factored)
     return loss, lse
 
 
-def _row_args(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions):
-    """(rows, the logits' arguments, the options' arguments, the tensors those addresses point into: keep them)."""
+def _cross_entropy_rows(mode, logits, target, class_weight, opts, *, out=None, loss=None, lse=None, grad=None,
+                        factored=False) -> None:  # fmt: skip
+    """The C entry point ``cross_entropy_rows`` (mode 0 forward, 1 backward, 2 both) on (N, M, C) logits."""
     n, m, num_classes = logits.shape
     rows = n * m
     t = _flat(target, torch.int64, rows)
     w64, w32, total_weight = _weights(class_weight, num_classes)
-    head = (_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes)
-    options = (t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight, opts.label_smoothing, opts.z_loss)
-    return rows, head, options, (t, w64, w32)
+    out_strides = (0, 0) if out is None else (out.stride(0), out.stride(1))
+    _native.cross_entropy_rows(
+        mode, _DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
+        _ptr(out), *out_strides, t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight,
+        opts.label_smoothing, opts.z_loss, _ptr(loss), _ptr(lse), _ptr(grad), int(factored), rows,
+        _threads(rows, num_classes),
+    )  # fmt: skip
 
 
 def covers_log_probs(logits: Tensor, opts) -> bool:
