@@ -100,11 +100,11 @@ class LoopArgs(NamedTuple):
     skip_ignored: bool = True
     ignored_lse: bool = False
 
-    def plan(self, x: Tensor, linear_weight: Tensor, fp32_block: bool = True) -> ChunkPlan:
+    def plan(self, x: Tensor, linear_weight: Tensor, fp32_block: bool = True, one_block_spares: int = 0) -> ChunkPlan:
         """The block shape for input rows ``x`` (N, D) and the weight's rows (:func:`plan_chunks`)."""
         vocab = self.plan_vocab or linear_weight.shape[0]
         return plan_chunks(x.shape[0], x.shape[1], vocab, x.dtype, x.device, self.chunk_size, self.memory_budget,
-                           fp32_block)  # fmt: skip
+                           fp32_block, one_block_spares)  # fmt: skip
 
 
 @scratch.reused
@@ -155,8 +155,12 @@ def linear_loss_and_grads(
                 loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels,
             ).lse  # fmt: skip
         return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
-    plan = loop.plan(input, linear_weight, fp32_block=False) if _c_half_step(input, linear_weight, opts, loop, shard,
-                                                                                 combine, kernels) else None  # fmt: skip
+    plan = None
+    if _c_half_step(input, linear_weight, opts, loop, shard, combine, kernels):
+        # one block spares the fp32 dW sum (when dW is asked for, summed in fp32): it may use those bytes
+        fp32_dw = grad_scale is not None and needs.need_weight and loop.accumulate == "float32"
+        plan = loop.plan(input, linear_weight, fp32_block=False,
+                         one_block_spares=linear_weight.numel() * 4 if fp32_dw else 0)  # fmt: skip
     half_step = plan is not None and plan.cols >= linear_weight.shape[0]  # one piece: whole rows
     # one block of rows as well: the C step writes the finished gradient, and dW is that block's 16-bit product
     finished = half_step and plan.rows >= input.shape[0]

@@ -75,11 +75,14 @@ def plan_chunks(
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
     fp32_block: bool = True,
+    one_block_spares: int = 0,
 ) -> ChunkPlan:
     """Pick the block shape: as many full-vocabulary rows as the budget holds; if that is fewer than
     ``MIN_BLOCK_ROWS``, that many rows and as many vocabulary columns as fit. ``chunk_size`` fixes the
     rows (then only an explicit ``memory_budget`` can split the vocabulary). ``fp32_block``: as
-    :func:`scratch_bytes`.
+    :func:`scratch_bytes`. ``one_block_spares``: bytes that taking every row in one block saves elsewhere (the
+    fp32 dW sum, which the C block step does not need for a single block); with the default budget, one block
+    is taken when its scratch fits the budget plus these, so peak memory stays within what several blocks use.
 
     Raises:
         ValueError: as :func:`check_memory_budget`.
@@ -92,6 +95,8 @@ def plan_chunks(
             return ChunkPlan(rows, vocab)
         return ChunkPlan(rows, _cols_that_fit(rows, vocab, dim, dtype, memory_budget, fp32_block))
     budget = default_memory_budget(device, vocab, dim, dtype) if memory_budget is None else memory_budget
+    if memory_budget is None and scratch_bytes(n, vocab, dim, dtype, fp32_block) <= budget + one_block_spares:
+        return ChunkPlan(n, vocab)
     full_rows = max(1, budget // scratch_bytes(1, vocab, dim, dtype, fp32_block))
     min_rows = min(n, MIN_BLOCK_ROWS.get(device.type, MIN_BLOCK_ROWS["cuda"]))
     if full_rows >= min_rows:
