@@ -349,6 +349,23 @@ def test_plan_chunks():
         plan_chunks(4096, 1024, 32768, f32, cpu, memory_budget=row - 1)
 
 
+def test_plan_of_the_16_bit_c_step():
+    bf16, cpu = torch.bfloat16, torch.device("cpu")
+    dw32 = 32768 * 1024 * 4
+    # no fp32 copy of the block: 2 bytes a logit instead of 6, so 3× the rows for the same default budget
+    assert plan_chunks(4096, 1024, 32768, bf16, cpu, fp32_block=False) == ChunkPlan(2048, 32768)
+    assert plan_chunks(4096, 1024, 32768, bf16, cpu) == ChunkPlan(824, 32768)
+    # one block spares the fp32 dW sum: taken when it fits the budget plus those bytes, and only then
+    one = plan_chunks(4096, 1024, 32768, bf16, cpu, fp32_block=False, one_block_spares=dw32)
+    assert one == ChunkPlan(4096, 32768)
+    budget = linear_plan.default_memory_budget(cpu, 32768, 1024, bf16)
+    assert scratch_bytes(4096, 32768, 1024, bf16, fp32_block=False) <= budget + dw32
+    assert plan_chunks(8192, 1024, 32768, bf16, cpu, fp32_block=False, one_block_spares=dw32) == ChunkPlan(2048, 32768)
+    # an explicit budget is a bound: no bonus
+    explicit = plan_chunks(4096, 1024, 32768, bf16, cpu, memory_budget=budget, fp32_block=False, one_block_spares=dw32)
+    assert explicit == ChunkPlan(2048, 32768)
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 
 BAD = {
