@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import crossent
 from crossent import reference
 from crossent._options import RowOptions
-from crossent.kernels import cpu_rows
+from crossent.kernels import cpu_rows, linear_loop
 
 pytestmark = pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)")
 
@@ -241,9 +241,6 @@ def test_one_openmp_runtime_is_loaded():
 
 
 # --- the fused linear CE's 16-bit block step ------------------------------------------------------------------
-
-from crossent.kernels import linear_loop  # noqa: E402
-
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocks", ["one", "several"])

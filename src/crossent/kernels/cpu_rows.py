@@ -129,8 +129,8 @@ def log_prob_stats(logits: Tensor, temperature: float, entropy: bool) -> Tuple[T
     _native.log_prob_stats(_DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1),
                            num_classes, float(temperature), int(entropy), row_max.data_ptr(), sumexp.data_ptr(),
                            _ptr(plogp), rows, _threads(rows, num_classes))  # fmt: skip
-    as_rows = lambda t: None if t is None else t.to(torch.float32).view(n, m)  # noqa: E731
-    return row_max.view(n, m), as_rows(sumexp), as_rows(plogp)
+    plogp = None if plogp is None else plogp.to(torch.float32).view(n, m)
+    return row_max.view(n, m), sumexp.to(torch.float32).view(n, m), plogp
 
 
 def log_prob_grad(logits: Tensor, out: Tensor, temperature: float, shift: Tensor, scale: Tensor,
