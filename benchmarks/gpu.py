@@ -246,6 +246,15 @@ def _time_into(row: Row, step: Callable[[], object], reps: int, device: torch.de
     row.ratio = row.ms / floor_ms
 
 
+def _floor_row(section: str, shape, dtype_name: str, method: str, gemms: Callable[[], object], flops: float, reps: int,
+               device: torch.device, peak: Optional[float], mem_floor: Optional[int]) -> Row:  # fmt: skip
+    """The row of a GEMM floor: ``gemms``' median time, TF/s on ``flops``, % of the peak, ratio 1."""
+    ms = median_ms(gemms, reps, device)
+    rate = flops / (ms * 1e-3) / 1e12
+    return Row(section, shape, dtype_name, method, ms=ms, rate=rate, ratio=1.0, mem_floor=mem_floor,
+               peak_pct=None if peak is None else 100.0 * rate / peak)  # fmt: skip
+
+
 def _failure(err: Exception) -> str:
     """The note of a method that raised (reported in its row, not fatal)."""
     return f"failed: {type(err).__name__}: {str(err).splitlines()[0][:80]}"
@@ -306,10 +315,8 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         torch.mm(logits.T, x, out=dw)
 
     log(f"lce {n}x{d}x{v} {dtype_name} GEMM floor")
-    floor_ms = median_ms(gemms, reps, device)
-    rows = [Row("lce", shape, dtype_name, "GEMM floor", ms=floor_ms, rate=flops / (floor_ms * 1e-3) / 1e12,
-                ratio=1.0, mem_floor=mem_floor)]  # fmt: skip
-    rows[0].peak_pct = None if peak is None else 100.0 * rows[0].rate / peak
+    rows = [_floor_row("lce", shape, dtype_name, "GEMM floor", gemms, flops, reps, device, peak, mem_floor)]
+    floor_ms = rows[0].ms
     logits = dx = dw = None  # free the N×V floor buffer before the methods run
     ref = F.cross_entropy((x.float() @ w.float().T), target).item() if n * v <= 2**31 else None
     for method, fn in linear_methods(smoke).items():
@@ -398,10 +405,8 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     floors = []
     for method, fn, work in (("4-GEMM floor", gemms, flops), ("1-GEMM floor (no grad)", one_gemm, fwd_flops)):
         log(f"lp {n}x{d}x{v} {dtype_name} {method}")
-        ms = median_ms(fn, reps, device)
-        floors.append(Row("lp", shape, dtype_name, method, ms=ms, rate=work / (ms * 1e-3) / 1e12, ratio=1.0,
-                          mem_floor=mem_floor if work == flops else None))  # fmt: skip
-        floors[-1].peak_pct = None if peak is None else 100.0 * floors[-1].rate / peak
+        floors.append(_floor_row("lp", shape, dtype_name, method, fn, work, reps, device, peak,
+                                 mem_floor if work == flops else None))  # fmt: skip
     rows, fwd_rows = [floors[0]], [floors[1]]  # printed as two blocks: forward+backward, then the no-grad forward
     floor_ms, fwd_floor_ms = floors[0].ms, floors[1].ms
     logits = dx = dw = None  # free the N×V floor buffer before the methods run
@@ -537,10 +542,8 @@ def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         torch.mm(logits.T, x, out=dw)
 
     log(f"distill {n}x{d}x{v} {dtype_name} GEMM floor")
-    floor_ms = median_ms(gemms, reps, device)
-    rows = [Row("distill", shape, dtype_name, "4-GEMM floor", ms=floor_ms, rate=flops / (floor_ms * 1e-3) / 1e12,
-                ratio=1.0, mem_floor=mem_floor)]  # fmt: skip
-    rows[0].peak_pct = None if peak is None else 100.0 * rows[0].rate / peak
+    rows = [_floor_row("distill", shape, dtype_name, "4-GEMM floor", gemms, flops, reps, device, peak, mem_floor)]
+    floor_ms = rows[0].ms
     logits = dx = dw = None
     w32, w_t32 = w.float(), w_t.float()
     refs = {}
