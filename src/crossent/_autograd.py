@@ -547,9 +547,10 @@ def apply_function(function, *args):
     ``inspect.signature`` binding of the arguments (~15 µs, a quarter of a 64 × 1000 cross-entropy step): every
     argument here is positional, so there are no defaults to bind."""
     function = with_transform_rules(function)
+    # the same test Function.apply makes before its own plain branch, which this repeats without the binding
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
-    return super(torch.autograd.Function, function).apply(*args)
+    return super(torch.autograd.Function, function).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
 
 
 def with_transform_rules(function):

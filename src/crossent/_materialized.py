@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossent._modes import transforms_active
+from crossent._modes import plain_eager
 from crossent._checks import check_target_range
 from crossent._options import CrossEntropyOptions
 from crossent._precision import HALF_DTYPES, compute_dtype
@@ -37,15 +37,16 @@ MATERIALIZED_MAX_ELEMENTS = 1 << 20
 HALF_WITH_C_MAX_ELEMENTS = 1 << 17
 
 
-def applies(input: Tensor, kind: str, opts: CrossEntropyOptions) -> bool:
+def applies(input: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions) -> bool:
     """Whether a checked ``cross_entropy`` call takes this path: small class-index inputs on the CPU (on CUDA
     PyTorch's nll_loss would assert on an out-of-range class instead of crossent's NaN row, and the host reads
-    below would be syncs), eager mode (a compiled graph or a vmap cannot read values on the host)."""
+    below would be syncs), plain eager mode (``_modes.plain_eager``: a compiled graph, a vmap, FakeTensorMode or a
+    tensor subclass cannot read values on the host)."""
     limit = MATERIALIZED_MAX_ELEMENTS
     if input.dtype in HALF_DTYPES and cpu_rows.available():
         limit = min(limit, HALF_WITH_C_MAX_ELEMENTS)
     return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu" and input.numel() <= limit
-            and not torch.compiler.is_compiling() and not transforms_active())  # fmt: skip
+            and plain_eager(input, target, weight))  # fmt: skip
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):

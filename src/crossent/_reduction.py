@@ -28,7 +28,7 @@ def reduce_rows(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ki
     denom = index_mean_denominator(target, class_weight, opts.row.ignore_index, loss.dtype)
     if denom.device.type == "cpu" and plain_eager(loss, denom):  # a free host read: one autograd node, not three
         d = float(denom)
-        return total * (1.0 / d if d != 0.0 else 0.0)
+        return total / d if d != 0.0 else total * 0.0  # the traced path's division, bit for bit
     return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
 
 

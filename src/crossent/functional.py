@@ -141,7 +141,7 @@ def cross_entropy_with_options(
     check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
-    if _materialized.applies(input, kind, opts):  # small inputs: PyTorch's fused path, crossent's semantics
+    if _materialized.applies(input, target, weight, kind, opts):  # small inputs: PyTorch's fused path, crossent's semantics
         out = _materialized.cross_entropy(input, target, weight, opts)
         if out is not None:
             return out

@@ -1,4 +1,5 @@
-/* crossent._cpu_rows: the CPU row kernels of cross-entropy with class-index targets, in C.
+/* crossent._cpu_rows: CPU row kernels in C — cross-entropy with class-index targets (below), and the per-token
+ * log-probs and forward / reverse-KL distillation (further down, each with its formulas).
  *
  * One pass reads 16-bit (or fp32) logits and keeps every statistic in fp32 registers and float64 row sums:
  * PyTorch's CPU ops cannot do that for 16-bit input (no half-to-float softmax), so the torch path upcasts
@@ -17,8 +18,12 @@
  * spreads the rows over `threads` OpenMP threads in small dynamic chunks (a core taken by another process
  * delays only the chunks it holds). Built with -fopenmp, the extension names libgomp.so.1, which PyTorch's wheels
  * ship and load first: the dynamic loader then reuses PyTorch's runtime, so these regions run on the same
- * threads as PyTorch's ops instead of a second pool that would fight its spinning workers for the cores. Sums are taken in fp32 vector lanes over blocks of 256 columns (``omp simd`` reductions: built with
- * -fopenmp-simd, no OpenMP runtime), each block's sum added into float64, so the row sums keep their digits.
+ * threads as PyTorch's ops instead of a second pool that would fight its spinning workers for the cores (on Linux;
+ * elsewhere, or in a wheel that bundles its own libgomp, there may be two runtimes).
+ *
+ * Sums are ``omp simd`` reductions over blocks of 256 columns: the sum of exponentials and the divergence in
+ * float64 lanes (an error in either moves a loss by as much), the smoothing dot and the entropy's Σ p log p in
+ * fp32 lanes; every block's sum is added into a float64 row sum.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -50,6 +55,13 @@ static inline uint32_t float_to_bits(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     return u;
+}
+
+/* v as hi + lo in fp32 (hi = fp32(v)): subtracting both from an fp32 value rounds only relative to the result;
+ * lo is 0 where v is not finite */
+static inline void split2(double v, float *hi, float *lo) {
+    *hi = (float)v;
+    *lo = isinf(v) || isnan(v) ? 0.0f : (float)(v - (double)*hi);
 }
 
 /* 16-bit formats by bit manipulation (branch-free, so the loops vectorize; no compiler half type needed). */
@@ -220,6 +232,15 @@ static inline const void *row_at(const Rows *z, int64_t r) {
     return z->base + ((r / z->m) * z->s_n + (r % z->m) * z->s_m) * z->itemsize;
 }
 
+/* The row's fp32 values of z / T, block [c, c + n), in buf (or the row itself for fp32 at T = 1) */
+static inline const float *tempered_block(const Rows *z, const void *row, int64_t c, int n, double temperature,
+                                          float *buf) {
+    const float *x = load_block(row, z->dtype, c, n, buf);
+    if (temperature == 1.0) return x;
+    divide_block(x, n, (float)temperature, buf);
+    return buf;
+}
+
 typedef struct {
     const int64_t *target;
     int64_t ignore_index;
@@ -231,11 +252,13 @@ typedef struct {
 
 /* One pass per row: the running max m is raised block by block (the sum so far rescaled by exp(m_old − m)), and
  * the smoothing dot is kept as Σ_b (d_b + W_b m_b), made relative to the final max at the end (float64). */
-/* Σ w_c over each block of columns (smoothing's dot; NULL without smoothing), or NULL with *failed set */
+/* Σ w_c over each block of columns, then over all of them (smoothing's dot; NULL without smoothing), or NULL with
+ * *failed set */
 static double *block_weights(const RowOptions *o, int64_t C, int *failed) {
     *failed = 0;
     if (o->label_smoothing == 0.0) return NULL;
-    double *block_weight = (double *)malloc(sizeof(double) * (size_t)((C + BLOCK - 1) / BLOCK));
+    int64_t blocks = (C + BLOCK - 1) / BLOCK;
+    double *block_weight = (double *)malloc(sizeof(double) * (size_t)(blocks + 1));
     if (!block_weight) {
         *failed = 1;
         return NULL;
@@ -246,6 +269,8 @@ static double *block_weights(const RowOptions *o, int64_t C, int *failed) {
         for (int i = 0; i < n; i++) w_b += o->weight_f32 ? (double)o->weight_f32[c + i] : 1.0;
         block_weight[c / BLOCK] = w_b;
     }
+    block_weight[blocks] = 0.0;
+    for (int64_t b = 0; b < blocks; b++) block_weight[blocks] += block_weight[b];
     return block_weight;
 }
 
@@ -258,7 +283,7 @@ static void row_forward(const Rows *z, const RowOptions *o, const double *block_
     float buf[BLOCK];
     const void *x = row_at(z, r);
     float m = -FLT_MAX; /* an all −inf row keeps it: sumexp 0, lse −inf (not NaN) */
-    double sumexp = 0.0, dot = 0.0, weight_seen = 0.0;
+    double sumexp = 0.0, dot = 0.0;
     for (int64_t c = 0; c < C; c += BLOCK) {
         int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
         const float *xb = load_block(x, z->dtype, c, n, buf);
@@ -270,7 +295,6 @@ static void row_forward(const Rows *z, const RowOptions *o, const double *block_
         sumexp += block_sumexp(xb, n, m);
         if (block_weight) {
             dot += block_dot(xb, n, m, o->weight_f32 ? o->weight_f32 + c : NULL) + block_weight[c / BLOCK] * (double)m;
-            weight_seen += block_weight[c / BLOCK];
         }
     }
     double log_s = log(sumexp);
@@ -287,8 +311,8 @@ static void row_forward(const Rows *z, const RowOptions *o, const double *block_
     }
     double omega = o->weight ? o->weight[t] : 1.0;
     double l = omega * ((1.0 - eps) * (row_lse - (double)load_one(x, z->dtype, t)) + o->z_loss * row_lse * row_lse);
-    if (block_weight) /* Σ_c w_c (x_c − m) = dot − W m */
-        l += (eps / (double)C) * (o->total_weight * log_s - (dot - weight_seen * (double)m));
+    if (block_weight) /* Σ_c w_c (x_c − m) = dot − W m, W the blocks' weights summed as dot saw them */
+        l += (eps / (double)C) * (o->total_weight * log_s - (dot - block_weight[(C + BLOCK - 1) / BLOCK] * (double)m));
     *loss = (float)l;
 }
 
@@ -312,8 +336,8 @@ static void row_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t
         for (int64_t c = 0; c < C; c += BLOCK) store_block(out, z->dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, out_buf);
         return;
     }
-    float hi = (float)row_lse;
-    float lo = isinf(row_lse) || isnan(row_lse) ? 0.0f : (float)(row_lse - (double)hi);
+    float hi, lo;
+    split2(row_lse, &hi, &lo);
     float smooth = factored ? 0.0f : (float)(g * eps / C), sc = (float)scale;
     float x_t = load_one(x, z->dtype, t); /* read before the row is written: out may alias the logits */
     for (int64_t c = 0; c < C; c += BLOCK) {
@@ -372,11 +396,7 @@ static void rows_log_prob_stats(const Rows *z, double temperature, int want_plog
         double s = 0.0, d = 0.0;
         for (int64_t c = 0; c < C; c += BLOCK) {
             int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-            const float *xb = load_block(x, z->dtype, c, n, buf);
-            if (temperature != 1.0) {
-                divide_block(xb, n, (float)temperature, buf);
-                xb = buf;
-            }
+            const float *xb = tempered_block(z, x, c, n, temperature, buf);
             float bm = block_max(xb, n);
             if (bm > m) {
                 double f = exp((double)m - (double)bm);
@@ -424,16 +444,12 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
         float in_buf[BLOCK], out_buf[BLOCK];
         const void *x = row_at(z, r);
         void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
-        float hi = (float)shift[r];
-        float lo = isinf(shift[r]) || isnan(shift[r]) ? 0.0f : (float)(shift[r] - (double)hi);
+        float hi, lo;
+        split2(shift[r], &hi, &lo);
         float es = entropy_scale ? entropy_scale[r] : 0.0f;
         for (int64_t c = 0; c < C; c += BLOCK) {
             int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-            const float *xb = load_block(x, z->dtype, c, n, in_buf);
-            if (temperature != 1.0) {
-                divide_block(xb, n, (float)temperature, in_buf);
-                xb = in_buf;
-            }
+            const float *xb = tempered_block(z, x, c, n, temperature, in_buf);
             block_log_prob_grad(xb, out_buf, n, hi, lo, scale[r], es, entropy_scale != NULL);
             for (int64_t k = 0; k < k_ids; k++) {
                 int64_t col = columns[r * k_ids + k];
@@ -499,15 +515,6 @@ MULTIVERSIONED static void block_kl_grad(const float *s, const float *t, float *
     }
 }
 
-/* The row's fp32 values of z / T, block [c, c + n), in buf (or the row itself for fp32 at T = 1) */
-static inline const float *tempered_block(const Rows *z, const void *row, int64_t c, int n, double temperature,
-                                          float *buf) {
-    const float *x = load_block(row, z->dtype, c, n, buf);
-    if (temperature == 1.0) return x;
-    divide_block(x, n, (float)temperature, buf);
-    return buf;
-}
-
 /* lse of z / T over a row, by the running max (returned); its two-part fp32 shift (hi, lo) into shift[0..1] */
 static double row_lse_shift(const Rows *z, const void *row, double temperature, float *buf, float *shift) {
     float m = -FLT_MAX;
@@ -523,8 +530,7 @@ static double row_lse_shift(const Rows *z, const void *row, double temperature, 
         s += block_sumexp(x, n, m);
     }
     double lse = (double)m + log(s);
-    shift[0] = (float)lse;
-    shift[1] = isinf(lse) || isnan(lse) ? 0.0f : (float)(lse - (double)shift[0]);
+    split2(lse, shift, shift + 1);
     return lse;
 }
 
@@ -538,8 +544,7 @@ static void rows_distill(const Rows *s, const Rows *t, double temperature, int r
         const void *t_row = row_at(t, r);
         double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
                           row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
-        shift[4] = (float)lse_diff;
-        shift[5] = isinf(lse_diff) || isnan(lse_diff) ? 0.0f : (float)(lse_diff - (double)shift[4]);
+        split2(lse_diff, shift + 4, shift + 5);
         double d = 0.0;
         for (int64_t c = 0; c < C; c += BLOCK) {
             int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
@@ -565,16 +570,16 @@ static void rows_distill(const Rows *s, const Rows *t, double temperature, int r
 
 /* --- Python entry points ------------------------------------------------------------------------------ */
 
-static int parse_options(RowOptions *o, unsigned long long target, long long ignore_index, unsigned long long weight,
-                         unsigned long long weight_f32, double total_weight, double eps, double z_loss) {
-    o->target = (const int64_t *)(uintptr_t)target;
-    o->ignore_index = ignore_index;
-    o->weight = (const double *)(uintptr_t)weight;
-    o->weight_f32 = (const float *)(uintptr_t)weight_f32;
-    o->total_weight = total_weight;
-    o->label_smoothing = eps;
-    o->z_loss = z_loss;
-    return 0;
+static RowOptions make_options(unsigned long long target, long long ignore_index, unsigned long long weight,
+                               unsigned long long weight_f32, double total_weight, double eps, double z_loss) {
+    RowOptions o = {(const int64_t *)(uintptr_t)target, ignore_index, (const double *)(uintptr_t)weight,
+                    (const float *)(uintptr_t)weight_f32, total_weight, eps, z_loss};
+    return o;
+}
+
+static Rows make_rows(int dtype, unsigned long long base, long long m, long long s_n, long long s_m, long long classes) {
+    Rows z = {(const char *)(uintptr_t)base, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    return z;
 }
 
 static int check_dtype(int dtype) {
@@ -600,9 +605,8 @@ static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args
         return NULL;
     if (!check_dtype(dtype)) return NULL;
     if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "cpu_rows: unknown mode %d", mode);
-    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
-    RowOptions o;
-    parse_options(&o, target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
+    Rows z = make_rows(dtype, logits, m, s_n, s_m, classes);
+    RowOptions o = make_options(target, ignore_index, weight, weight_f32, total_weight, eps, z_loss);
     char *out_p = (char *)(uintptr_t)out;
     float *loss_p = (float *)(uintptr_t)loss;
     double *lse_p = (double *)(uintptr_t)lse;
@@ -650,7 +654,7 @@ static PyObject *py_log_prob_stats(PyObject *Py_UNUSED(self), PyObject *args) {
                           &want_plogp, &row_max, &sumexp, &plogp, &rows, &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
-    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    Rows z = make_rows(dtype, logits, m, s_n, s_m, classes);
     Py_BEGIN_ALLOW_THREADS
     rows_log_prob_stats(&z, temperature, want_plogp, (float *)(uintptr_t)row_max, (double *)(uintptr_t)sumexp,
                         (double *)(uintptr_t)plogp, rows, threads);
@@ -672,7 +676,7 @@ static PyObject *py_log_prob_grad(PyObject *Py_UNUSED(self), PyObject *args) {
                           &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
-    Rows z = {(const char *)(uintptr_t)logits, dtype, dtype == DTYPE_FLOAT32 ? 4 : 2, m, s_n, s_m, classes};
+    Rows z = make_rows(dtype, logits, m, s_n, s_m, classes);
     Py_BEGIN_ALLOW_THREADS
     rows_log_prob_grad(&z, (char *)(uintptr_t)out, out_s_n, out_s_m, temperature, (const double *)(uintptr_t)shift,
                        (const float *)(uintptr_t)scale, (const float *)(uintptr_t)entropy_scale,
@@ -695,9 +699,8 @@ static PyObject *py_distill(PyObject *Py_UNUSED(self), PyObject *args) {
                           &classes, &temperature, &reverse, &row_scale, &divergence, &rows, &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
-    int itemsize = dtype == DTYPE_FLOAT32 ? 4 : 2;
-    Rows s = {(const char *)(uintptr_t)student, dtype, itemsize, m, s_s_n, s_s_m, classes};
-    Rows t = {(const char *)(uintptr_t)teacher, dtype, itemsize, m, t_s_n, t_s_m, classes};
+    Rows s = make_rows(dtype, student, m, s_s_n, s_s_m, classes);
+    Rows t = make_rows(dtype, teacher, m, t_s_n, t_s_m, classes);
     Py_BEGIN_ALLOW_THREADS
     rows_distill(&s, &t, temperature, reverse, (const float *)(uintptr_t)row_scale, (double *)(uintptr_t)divergence,
                  rows, threads);

@@ -49,9 +49,9 @@ def available() -> bool:
     return _native is not None and ENABLED
 
 
-def covers(logits: Tensor, out: Optional[Tensor], opts: RowOptions) -> bool:
-    """Whether the C kernels take rows ``logits`` (N, M, C) (and write ``out``, same shape): CPU, fp32 / bf16 /
-    fp16, no softcap, the class dim contiguous."""
+def covers(logits: Tensor, out: Optional[Tensor], opts) -> bool:
+    """Whether the C row kernels take rows ``logits`` (N, M, C) (and write ``out``, same shape): CPU, fp32 / bf16 /
+    fp16, no softcap (``opts``: the cross-entropy's or the log-probs' row options), the class dim contiguous."""
     return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
             and logits.shape[-1] > 0 and logits.stride(-1) == 1
             and (out is None or (out.dtype == logits.dtype and out.stride(-1) == 1)))  # fmt: skip
@@ -110,17 +110,10 @@ def _cross_entropy_rows(mode, logits, target, class_weight, opts, *, out=None, l
     )  # fmt: skip
 
 
-def covers_log_probs(logits: Tensor, opts) -> bool:
-    """Whether :func:`log_prob_stats` takes rows ``logits`` (N, M, C): as :func:`covers` (no softcap, CPU,
-    fp32 / bf16 / fp16, the class dim contiguous), any temperature."""
-    return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
-            and logits.shape[-1] > 0 and logits.stride(-1) == 1)  # fmt: skip
-
-
 def log_prob_stats(logits: Tensor, temperature: float, entropy: bool) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
     """Per row of ``x = logits / temperature`` (N, M, C): the max (all −inf rows: the lowest fp32), ``S = Σ exp(x −
-    max)`` and (``entropy``) ``D = Σ exp(x − max)(x − max)``, each (N, M) float32 (the sums taken in float64 and
-    rounded once): ``logprob_rows.LogProbStats`` without the id logits."""
+    max)`` and (``entropy``) ``D = Σ exp(x − max)(x − max)``, each (N, M) float32 (fp32 lanes per block of 256
+    columns, the blocks added in float64, rounded once): ``logprob_rows.LogProbStats`` without the id logits."""
     n, m, num_classes = logits.shape
     rows = n * m
     row_max = torch.empty(rows, dtype=torch.float32)

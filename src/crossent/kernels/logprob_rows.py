@@ -89,7 +89,7 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     """:class:`LogProbStats` of the columns ``[vocab_start, vocab_start + V_s)`` held by ``logits`` (..., V_s)."""
     z3, ids3 = _as_3d(logits, index)
     cdt = compute_dtype(logits.dtype)
-    if cpu_rows.covers_log_probs(z3, opts):  # the same stats in C, one pass over the logits as stored
+    if cpu_rows.covers(z3, None, opts):  # the same stats in C, one pass over the logits as stored
         row_max, sumexp, plogp = cpu_rows.log_prob_stats(z3, opts.temperature, opts.entropy)
         return _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, logits.shape[:-1], index.shape)
     row_max, sumexp = (torch.empty(z3.shape[:2], dtype=cdt, device=z3.device) for _ in range(2))
@@ -132,14 +132,14 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
         lse = x_j − log p_j   (j: the row's id with the largest p),   H = (lse − m) + Σ_c p_c (m − x_c)
 
     ``lse`` keeps its digits at any |lse| (``log p_j`` is small and exact to its own ulp); the entropy is the
-    sum of two terms ≥ 0 (``log Σ exp(x − m)`` and a dot product of p with the shifted logits, one BLAS pass
-    that writes nothing, in place of ``entr`` and a sum), so no ``lse − Σ p x`` cancellation. Returns None (nothing
+    sum of two terms ≥ 0 (``log Σ exp(x − m)`` and ``Σ p (m − x)``, one product and PyTorch's cascade sum in place
+    of ``entr`` and a sum), so no ``lse − Σ p x`` cancellation. Returns None (nothing
     written) off the CPU, or when some row's reference probability is below 2^-100: then the max-first stats.
     """
     if logits.device.type != "cpu" or index.shape[-1] == 0:
         return None
     z3, ids3 = _as_3d(logits, index)
-    if cpu_rows.covers_log_probs(z3, opts):  # the C stats (shard_stats) take these rows in one pass
+    if cpu_rows.covers(z3, None, opts):  # the C stats (shard_stats) take these rows in one pass
         return None
     cdt = compute_dtype(logits.dtype)
     valid, ids_safe, bad = index_masks(ids3, opts.ignore_index, z3.shape[-1])
@@ -237,7 +237,7 @@ def backward(
                      shard, z3.shape[-1])  # fmt: skip
     scale, ent_scale = f.scale.to(cdt), None if f.entropy_scale is None else f.entropy_scale.to(cdt)
     at_ids = f.at_ids.to(cdt)
-    if cpu_rows.covers_log_probs(z3, opts) and out3.dtype == z3.dtype and out3.stride(-1) == 1:  # the same in C
+    if cpu_rows.covers(z3, out3, opts):  # the same in C
         cpu_rows.log_prob_grad(z3, out3, opts.temperature, f.shift, scale, ent_scale, f.columns, at_ids)
         return
     shift = Shift(f.shift, cdt)
