@@ -18,14 +18,13 @@ Run:  .venv/bin/python benchmarks/half_precision.py [--shape 2048 1024 32768] [-
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import crossent
 from crossent._precision import fast_half_products
+from crossent.bench.measure import interleaved_medians
 
 ACCUMULATE = ("float32", "float32_products", "weight")
 
@@ -74,19 +73,6 @@ def errors(fns, x, w, t):
     return result
 
 
-def medians(fns, reps):
-    for fn in fns.values():
-        fn()  # warm-up
-    times = {name: [] for name in fns}
-    for r in range(reps):
-        order = list(fns.items()) if r % 2 == 0 else list(reversed(fns.items()))
-        for name, fn in order:
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(v) for name, v in times.items()}
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("N", "D", "V"))
@@ -103,7 +89,9 @@ def main(argv=None) -> int:
         x, w, t = make(shape, dtype)
         fns = methods(x, w, t)
         errs = {} if args.skip_errors else errors(fns, x, w, t)
-        times = medians(fns, args.reps)
+        for fn in fns.values():
+            fn()  # warm-up
+        times = interleaved_medians(fns, args.reps)
         print(f"\n(N, D, V) = {shape}")
         print(f"{'method':17} {'time (s)':>9} {'× floor':>8} {'× naive':>8} {'|loss err|':>11} {'max|dX err|':>12} "
               f"{'max|dW err|':>12} {'‖dW err‖/‖dW‖':>15}")  # fmt: skip

@@ -3,7 +3,9 @@
 For each candidate chunk size (log2 elements) and for ``F.cross_entropy``, forward+backward is timed in turns
 (best of 2 per turn, median over turns); the ratio is against PyTorch's time in the same turns. Run quiet and
 with another process busy (e.g. ``python -c "while True: pass" &``): the row kernels run a few parallel regions
-per chunk, and every region ends in a barrier that a taken core stalls.
+per chunk, and every region ends in a barrier that a taken core stalls. The C kernels (``kernels/cpu_rows``) take
+whole rows without chunks, so they are switched off here: this measures the torch-ops kernels, what a machine
+without a C compiler runs (``benchmarks/cpu_kernels.py`` compares the two).
 
 Run:  .venv/bin/python benchmarks/row_chunks.py [--shape 4096 32768] [--dtype float32] [--log2 21 22 23] [--turns 4]
 """
@@ -18,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent.kernels import torch_rows
+from crossent.kernels import cpu_rows, torch_rows
 
 
 def main(argv=None) -> None:
@@ -42,7 +44,8 @@ def main(argv=None) -> None:
         z.grad = None
 
     key = "cpu16" if z.dtype.itemsize == 2 else "cpu"  # the entry this dtype's chunks are sized by
-    saved = torch_rows.CHUNK_ELEMENTS[key]
+    saved, saved_c = torch_rows.CHUNK_ELEMENTS[key], cpu_rows.ENABLED
+    cpu_rows.ENABLED = False
     times = {k: [] for k in [*args.log2, "torch"]}
     try:
         for _ in range(args.turns):
@@ -58,7 +61,7 @@ def main(argv=None) -> None:
                     best.append(time.perf_counter() - start)
                 times[k].append(min(best))
     finally:
-        torch_rows.CHUNK_ELEMENTS[key] = saved
+        torch_rows.CHUNK_ELEMENTS[key], cpu_rows.ENABLED = saved, saved_c
     base = statistics.median(times["torch"])
     print(f"{n}x{c} {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     for k, v in times.items():

@@ -352,7 +352,8 @@ def test_plan_chunks():
 def test_plan_of_the_16_bit_c_step():
     bf16, cpu = torch.bfloat16, torch.device("cpu")
     dw32 = 32768 * 1024 * 4
-    # no fp32 copy of the block: 2 bytes a logit instead of 6, so 3× the rows for the same default budget
+    # no fp32 copy of the block: 2 bytes a logit instead of 6, so up to 3× the rows for the same default budget
+    # (2587 fit; 4096 rows balance into 2 blocks of 2048)
     assert plan_chunks(4096, 1024, 32768, bf16, cpu, fp32_block=False) == ChunkPlan(2048, 32768)
     assert plan_chunks(4096, 1024, 32768, bf16, cpu) == ChunkPlan(824, 32768)
     # one block spares the fp32 dW sum: taken when it fits the budget plus those bytes, and only then
