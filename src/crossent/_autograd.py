@@ -10,13 +10,14 @@ difference. The fused linear Function forms its gradients in forward, so it retu
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from crossent._options import DistillRowOptions, LogProbRowOptions, RowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels import composite, distill_ops, linear_ops, logprob_ops, ops
+from crossent._reduction import host_total
+from crossent.kernels import composite, cpu_rows, distill_ops, linear_ops, logprob_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
 from crossent._modes import transforms_active
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
@@ -91,6 +92,49 @@ class CrossEntropyRows(torch.autograd.Function):
             else:
                 grad_logits = ops.ce_backward(logits, *args)
         return grad_logits, grad_target, None, None
+
+
+class SmallCall(NamedTuple):
+    """How :class:`CrossEntropySmall` runs: the row options, the class weights as the C kernels take them
+    (``cpu_rows.class_weights``), and the reduction's ∂loss/∂loss_i (None: per-row losses, ``"none"``)."""
+
+    opts: RowOptions
+    weights: tuple
+    row_scale: Optional[float]
+
+
+class CrossEntropySmall(torch.autograd.Function):
+    """Small CPU inputs in plain eager mode (``crossent._small_cpu``): ``(loss, lse)`` of logits (N, C), the loss
+    ``Σ_i row_scale · loss_i`` (or per row where ``row_scale`` is None).
+
+    A reduced loss's gradient for grad_output 1 comes from the forward's C pass and is saved (N×C in the logits'
+    dtype); backward hands it out as it is when grad_output is 1 (a host read: CPU), and otherwise, as for per-row
+    losses, runs the C gradient pass from the saved float64 lse (each element rounded once). Where the gradient must
+    be differentiable itself (``create_graph=True``), the composite formulas run as for :class:`CrossEntropyRows`.
+    Old-style (``forward(ctx, ...)``): it never runs under ``torch.func`` or a compiler.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, class_weight, call: SmallCall):
+        loss, lse, total, grad = cpu_rows.small_forward(logits, target, call.weights, call.opts, call.row_scale)
+        ctx.save_for_backward(logits, target, class_weight, lse, grad)
+        ctx.mark_non_differentiable(lse)
+        ctx.call = call
+        return (loss if call.row_scale is None else host_total(total, call.row_scale)), lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        logits, target, class_weight, lse, grad = ctx.saved_tensors
+        c = ctx.call
+        if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
+            rows = grad_loss if c.row_scale is None else (grad_loss * c.row_scale).expand(target.shape)
+            return composite.logits_grad(logits, target, class_weight, rows, c.opts), None, None, None
+        if c.row_scale is None:
+            return cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, grad_loss), None, None, None
+        g = float(grad_loss)
+        if g != 1.0:
+            grad = cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, None, g * c.row_scale)
+        return grad, None, None, None
 
 
 def _whole_rows_only(call: RowCall, what: str) -> RowOptions:

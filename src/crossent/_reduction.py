@@ -32,6 +32,11 @@ def reduce_rows(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ki
     return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
 
 
+def host_total(total: float, row_scale: float) -> Tensor:
+    """``row_scale · Σ_i loss_i`` (a float64 sum on the host, the kernel's) as a 0-d float32 loss."""
+    return torch.tensor(total * row_scale, dtype=torch.float32)
+
+
 def index_mean_denominator(
     target: Tensor, class_weight: Optional[Tensor], ignore_index: int, dtype: torch.dtype
 ) -> Tensor:

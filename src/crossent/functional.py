@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from crossent import _materialized
+from crossent import _materialized, _small_cpu
 from crossent._autograd import (
     apply_function,
     CrossEntropyRows,
@@ -141,6 +141,8 @@ def cross_entropy_with_options(
     check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
+    if _small_cpu.applies(input, target, weight, kind, opts):  # small CPU inputs: one C pass, gradient formed in forward
+        return _small_cpu.cross_entropy(input, target, weight, opts)
     if _materialized.applies(input, target, weight, kind, opts):  # small inputs: PyTorch's fused path, crossent's semantics
         out = _materialized.cross_entropy(input, target, weight, opts)
         if out is not None:

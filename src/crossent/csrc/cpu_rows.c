@@ -350,36 +350,129 @@ static void row_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t
     store_one(out, z->dtype, t, at_t - (float)((1.0 - eps) * g * omega));
 }
 
-static int rows_forward(const Rows *z, const RowOptions *o, float *loss, double *lse, int64_t rows, int threads) {
-    int failed;
-    double *block_weight = block_weights(o, z->classes, &failed);
-    if (failed) return -1;
-#pragma omp parallel for schedule(dynamic, chunk_rows(z->classes)) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; r++) row_forward(z, o, block_weight, r, loss + r, lse + r);
-    free(block_weight);
-    return 0;
+/* Rows of at most CACHED_MAX columns are done in a per-thread row buffer instead (2 × 256 KiB of fp32: it stays in
+ * L2): the row converted once, its max taken first, e_c = exp(z_c − m) kept, so that the gradient is (scale / S) e_c
+ * — one exp per logit for the loss and the gradient together, where the streaming pair above takes two (and a
+ * rescale each time a block raises the max). Longer rows, or a failed allocation, take the streaming pair. */
+#define CACHED_MAX (1 << 16)
+
+/* e_i = exp(x_i − m); returns Σ e_i (float64 lanes) */
+MULTIVERSIONED static double block_exp_sum(const float *x, int n, float m, float *e) {
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int i = 0; i < n; i++) {
+        e[i] = exp_f32(x[i] - m);
+        s += (double)e[i];
+    }
+    return s;
 }
 
-static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o,
-                          const double *lse, const float *grad, int factored, int64_t rows, int threads) {
-#pragma omp parallel for schedule(dynamic, chunk_rows(z->classes)) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; r++) row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], grad[r], factored, r);
+/* out_i = f · e_i − smooth · w_i (w NULL: 1); out may be e */
+MULTIVERSIONED static void block_scaled(const float *e, float *out, int n, float f, float smooth, const float *w) {
+    if (w)
+        for (int i = 0; i < n; i++) out[i] = f * e[i] - smooth * w[i];
+    else
+        for (int i = 0; i < n; i++) out[i] = f * e[i] - smooth;
 }
 
-/* Both for each row while it is in the cache (the fused loops know g in forward): one read of the block from
- * memory instead of two. */
-static int rows_loss_and_grad(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o,
-                              float *loss, double *lse, const float *grad, int factored, int64_t rows, int threads) {
+/* This thread's row buffer of at least `floats` floats (kept between calls: at most 2 · CACHED_MAX floats per
+ * thread), or NULL when it cannot be allocated */
+static float *row_buffer(int64_t floats) {
+    static _Thread_local float *buf = NULL;
+    static _Thread_local int64_t capacity = 0;
+    if (capacity < floats) {
+        free(buf);
+        buf = (float *)malloc(sizeof(float) * (size_t)floats);
+        capacity = buf ? floats : 0;
+    }
+    return buf;
+}
+
+static void fill_row(void *out, int dtype, int64_t C, float v) {
+    float vals[BLOCK];
+    for (int i = 0; i < BLOCK; i++) vals[i] = v;
+    for (int64_t c = 0; c < C; c += BLOCK) store_block(out, dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, vals);
+}
+
+/* Row r's loss and lse and, with `out`, g · ∂loss/∂z (factored: only scale · p), from the row buffer buf (2C
+ * floats). The same formulas as row_forward + row_backward. */
+static void row_cached(const Rows *z, const RowOptions *o, int64_t r, float *loss, double *lse, char *out_base,
+                       int64_t out_s_n, int64_t out_s_m, double g, int factored, float *buf) {
+    const int64_t C = z->classes;
+    const int n = (int)C;
+    const double eps = o->label_smoothing;
+    const float *w = eps != 0.0 ? o->weight_f32 : NULL;
+    const void *row = row_at(z, r);
+    const float *x = load_block(row, z->dtype, 0, n, buf);
+    float *e = buf + C;
+    float m = block_max(x, n);
+    m = m < -FLT_MAX ? -FLT_MAX : m; /* an all −inf row: sumexp 0, lse −inf (not NaN) */
+    double s = out_base ? block_exp_sum(x, n, m, e) : block_sumexp(x, n, m);
+    double log_s = log(s);
+    double row_lse = (double)m + log_s;
+    *lse = row_lse;
+    int64_t t = o->target[r];
+    int valid = t != o->ignore_index;
+    int bad = valid && (t < 0 || t >= C);
+    double omega = valid && !bad && o->weight ? o->weight[t] : 1.0;
+    if (!valid || bad) {
+        *loss = bad ? NAN : 0.0f;
+    } else {
+        double l = omega * ((1.0 - eps) * (row_lse - (double)x[t]) + o->z_loss * row_lse * row_lse);
+        if (eps != 0.0) { /* Σ_c w_c (lse − z_c) = W log S − Σ_c w_c (z_c − m) */
+            double dot = 0.0;
+            for (int64_t c = 0; c < C; c += BLOCK)
+                dot += block_dot(x + c, C - c < BLOCK ? (int)(C - c) : BLOCK, m, w ? w + c : NULL);
+            l += (eps / (double)C) * (o->total_weight * log_s - dot);
+        }
+        *loss = (float)l;
+    }
+    if (!out_base) return;
+    void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
+    double scale = g * (omega * (1.0 - eps + 2.0 * o->z_loss * row_lse) + eps * o->total_weight / C);
+    if (!valid || bad || scale == 0.0) {
+        fill_row(out, z->dtype, C, bad ? NAN : 0.0f);
+        return;
+    }
+    float smooth = factored ? 0.0f : (float)(g * eps / C);
+    float *dst = z->dtype == DTYPE_FLOAT32 ? (float *)out : e; /* fp32: straight into out (x is no longer read) */
+    block_scaled(e, dst, n, (float)(scale / s), smooth, w);
+    if (!factored) dst[t] -= (float)((1.0 - eps) * g * omega);
+    if (dst == e) store_block(out, z->dtype, 0, n, e);
+}
+
+/* Rows' loss and lse, and with out_base their gradient g_r · ∂loss/∂z too (each row while it is in the cache: the
+ * fused loops and the small-input path know g in forward), g_r = grad[r], or grad_value where grad is NULL.
+ * *total: Σ_r loss_r in float64, in row order. */
+static int rows_loss(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o, float *loss,
+                     double *lse, const float *grad, double grad_value, int factored, int64_t rows, int threads,
+                     double *total) {
     int failed;
     double *block_weight = block_weights(o, z->classes, &failed);
     if (failed) return -1;
 #pragma omp parallel for schedule(dynamic, chunk_rows(z->classes)) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; r++) {
+        double g = grad ? (double)grad[r] : grad_value;
+        float *buf = z->classes <= CACHED_MAX ? row_buffer(2 * z->classes) : NULL;
+        if (buf) {
+            row_cached(z, o, r, loss + r, lse + r, out_base, out_s_n, out_s_m, g, factored, buf);
+            continue;
+        }
         row_forward(z, o, block_weight, r, loss + r, lse + r);
-        row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], grad[r], factored, r);
+        if (out_base) row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], g, factored, r);
     }
     free(block_weight);
+    *total = 0.0;
+    for (int64_t r = 0; r < rows; r++) *total += (double)loss[r];
     return 0;
+}
+
+static void rows_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o,
+                          const double *lse, const float *grad, double grad_value, int factored, int64_t rows,
+                          int threads) {
+#pragma omp parallel for schedule(dynamic, chunk_rows(z->classes)) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; r++)
+        row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], grad ? (double)grad[r] : grad_value, factored, r);
 }
 
 /* Per-token log-probs and entropy (crossent.kernels.logprob_rows): per row of x = z / T the max m, S = Σ exp(x − m)
@@ -590,18 +683,19 @@ static int check_dtype(int dtype) {
 
 PyDoc_STRVAR(cross_entropy_rows_doc,
              "cross_entropy_rows(mode, dtype, logits, M, sN, sM, C, out, out_sN, out_sM, target, ignore_index, weight, "
-             "weight_f32, W, eps, z_loss, loss, lse, grad, factored, rows, threads): mode 0 the per-row loss (fp32) and "
-             "lse (float64); 1 the gradient into out from lse and grad; 2 both, row by row. Pointers are addresses "
-             "(0 where the mode reads or writes nothing).");
+             "weight_f32, W, eps, z_loss, loss, lse, grad, grad_value, factored, rows, threads): mode 0 the per-row loss "
+             "(fp32) and lse (float64), returning the loss's float64 sum; 1 the gradient into out from lse and the "
+             "per-row upstream gradient grad (or grad_value on every row where grad is 0); 2 both, row by row, "
+             "returning the sum. Pointers are addresses (0 where the mode reads or writes nothing).");
 
 static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     int mode, dtype, factored, threads;
     unsigned long long logits, out, target, weight, weight_f32, loss, lse, grad;
     long long m, s_n, s_m, classes, out_s_n, out_s_m, ignore_index, rows;
-    double total_weight, eps, z_loss;
-    if (!PyArg_ParseTuple(args, "iiKLLLLKLLKLKKdddKKKiLi", &mode, &dtype, &logits, &m, &s_n, &s_m, &classes, &out,
+    double total_weight, eps, z_loss, grad_value, total = 0.0;
+    if (!PyArg_ParseTuple(args, "iiKLLLLKLLKLKKdddKKKdiLi", &mode, &dtype, &logits, &m, &s_n, &s_m, &classes, &out,
                           &out_s_n, &out_s_m, &target, &ignore_index, &weight, &weight_f32, &total_weight, &eps,
-                          &z_loss, &loss, &lse, &grad, &factored, &rows, &threads))
+                          &z_loss, &loss, &lse, &grad, &grad_value, &factored, &rows, &threads))
         return NULL;
     if (!check_dtype(dtype)) return NULL;
     if (mode < 0 || mode > 2) return PyErr_Format(PyExc_ValueError, "cpu_rows: unknown mode %d", mode);
@@ -613,15 +707,38 @@ static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args
     const float *grad_p = (const float *)(uintptr_t)grad;
     int status = 0;
     Py_BEGIN_ALLOW_THREADS
-    if (mode == 0)
-        status = rows_forward(&z, &o, loss_p, lse_p, rows, threads);
-    else if (mode == 1)
-        rows_backward(&z, out_p, out_s_n, out_s_m, &o, lse_p, grad_p, factored, rows, threads);
+    if (mode == 1)
+        rows_backward(&z, out_p, out_s_n, out_s_m, &o, lse_p, grad_p, grad_value, factored, rows, threads);
     else
-        status = rows_loss_and_grad(&z, out_p, out_s_n, out_s_m, &o, loss_p, lse_p, grad_p, factored, rows, threads);
+        status = rows_loss(&z, mode == 2 ? out_p : NULL, out_s_n, out_s_m, &o, loss_p, lse_p, grad_p, grad_value,
+                           factored, rows, threads, &total);
     Py_END_ALLOW_THREADS
     if (status != 0) return PyErr_NoMemory();
-    Py_RETURN_NONE;
+    if (mode == 1) Py_RETURN_NONE;
+    return PyFloat_FromDouble(total);
+}
+
+PyDoc_STRVAR(target_weight_doc,
+             "target_weight(target, rows, C, ignore_index, weight): (Σ w_t over the rows whose target is not "
+             "ignore_index (1 each without weight, an address or 0), how many of those targets lie outside [0, C)); "
+             "the weighted mean's denominator and the range check in one read of the targets.");
+
+static PyObject *py_target_weight(PyObject *Py_UNUSED(self), PyObject *args) {
+    unsigned long long target, weight;
+    long long rows, classes, ignore_index;
+    if (!PyArg_ParseTuple(args, "KLLLK", &target, &rows, &classes, &ignore_index, &weight)) return NULL;
+    const int64_t *t = (const int64_t *)(uintptr_t)target;
+    const double *w = (const double *)(uintptr_t)weight;
+    double total = 0.0;
+    long long bad = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        if (t[r] == ignore_index) continue;
+        if (t[r] < 0 || t[r] >= classes)
+            bad++;
+        else
+            total += w ? w[t[r]] : 1.0;
+    }
+    return Py_BuildValue("dL", total, bad);
 }
 
 PyDoc_STRVAR(convert_doc, "convert(src_dtype, src, dst_dtype, dst, n): n values converted as the kernels convert "
@@ -714,6 +831,7 @@ static PyMethodDef methods[] = {
     {"log_prob_grad", py_log_prob_grad, METH_VARARGS, log_prob_grad_doc},
     {"log_prob_stats", py_log_prob_stats, METH_VARARGS, log_prob_stats_doc},
     {"convert", py_convert, METH_VARARGS, convert_doc},
+    {"target_weight", py_target_weight, METH_VARARGS, target_weight_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -94,18 +94,59 @@ def loss_and_grad(
     return loss, lse
 
 
+def small_forward(
+    logits: Tensor, target: Tensor, weights, opts: RowOptions, grad_value: Optional[float]
+) -> Tuple[Tensor, Tensor, float, Optional[Tensor]]:  # fmt: skip
+    """Rows (N, C) (class dim contiguous) and int64 targets (N,) of a small input: per-row loss (float32) and lse
+    (float64), the float64 sum of the losses and, given ``grad_value``, ``grad_value · ∂loss_r/∂z`` (N, C) in the
+    logits' dtype from the same pass (one exp per logit). ``weights``: :func:`class_weights`."""
+    rows = logits.shape[0]
+    loss = torch.empty(rows, dtype=torch.float32)
+    lse = torch.empty(rows, dtype=torch.float64)
+    grad = None if grad_value is None else torch.empty(logits.shape, dtype=logits.dtype)
+    total = _cross_entropy_rows(0 if grad is None else 2, logits, target, None, opts, out=grad, loss=loss, lse=lse,
+                                weights=weights, grad_value=0.0 if grad_value is None else grad_value)  # fmt: skip
+    return loss, lse, total, grad
+
+
+def small_backward(
+    logits: Tensor, target: Tensor, weights, lse: Tensor, opts: RowOptions, grad_rows: Optional[Tensor],
+    grad_value: float = 0.0,
+) -> Tensor:  # fmt: skip
+    """:func:`small_forward`'s rows again: ``g_r · ∂loss_r/∂z`` (N, C) in the logits' dtype, ``g_r`` = ``grad_rows``
+    (N,) or ``grad_value`` on every row, from the saved float64 ``lse`` (N,)."""
+    out = torch.empty(logits.shape, dtype=logits.dtype)
+    grad = None if grad_rows is None else _flat(grad_rows, torch.float32, logits.shape[0])
+    _cross_entropy_rows(1, logits, target, None, opts, out=out, lse=lse, grad=grad, weights=weights,
+                        grad_value=grad_value)  # fmt: skip
+    return out
+
+
+def target_weight(target: Tensor, weights, num_classes: int, ignore_index: int) -> Tuple[float, int]:
+    """Of int64 class indices ``target`` (N,) (contiguous): ``Σ w_t`` over the non-ignored ones (the weighted mean's
+    denominator, float64) and how many of those lie outside [0, C) — one read of the targets, on the host."""
+    return _native.target_weight(target.data_ptr(), target.numel(), num_classes, ignore_index, _ptr(weights[0]))
+
+
 def _cross_entropy_rows(mode, logits, target, class_weight, opts, *, out=None, loss=None, lse=None, grad=None,
-                        factored=False) -> None:  # fmt: skip
-    """The C entry point ``cross_entropy_rows`` (mode 0 forward, 1 backward, 2 both) on (N, M, C) logits."""
-    n, m, num_classes = logits.shape
+                        factored=False, weights=None, grad_value=0.0):  # fmt: skip
+    """The C entry point ``cross_entropy_rows`` (mode 0 forward, 1 backward, 2 both) on (N, M, C) or (N, C) logits
+    (``out`` alike); returns the
+    float64 sum of the row losses (modes 0 and 2). ``weights``: :func:`class_weights` of ``class_weight``, when the
+    caller has them; ``grad`` None: ``grad_value`` on every row."""
+    if logits.dim() == 2:  # (N, C): one position per batch row
+        (n, num_classes), m, strides = logits.shape, 1, (logits.stride(0), 0)
+        out_strides = (0, 0) if out is None else (out.stride(0), 0)
+    else:
+        (n, m, num_classes), strides = logits.shape, logits.stride()[:2]
+        out_strides = (0, 0) if out is None else out.stride()[:2]
     rows = n * m
     t = _flat(target, torch.int64, rows)
-    w64, w32, total_weight = _weights(class_weight, num_classes)
-    out_strides = (0, 0) if out is None else (out.stride(0), out.stride(1))
-    _native.cross_entropy_rows(
-        mode, _DTYPE_CODES[logits.dtype], logits.data_ptr(), m, logits.stride(0), logits.stride(1), num_classes,
+    w64, w32, total_weight = class_weights(class_weight, num_classes) if weights is None else weights
+    return _native.cross_entropy_rows(
+        mode, _DTYPE_CODES[logits.dtype], logits.data_ptr(), m, *strides, num_classes,
         _ptr(out), *out_strides, t.data_ptr(), opts.ignore_index, _ptr(w64), _ptr(w32), total_weight,
-        opts.label_smoothing, opts.z_loss, _ptr(loss), _ptr(lse), _ptr(grad), int(factored), rows,
+        opts.label_smoothing, opts.z_loss, _ptr(loss), _ptr(lse), _ptr(grad), float(grad_value), int(factored), rows,
         _threads(rows, num_classes),
     )  # fmt: skip
 
@@ -169,10 +210,12 @@ def distill(student: Tensor, teacher: Tensor, temperature: float, reverse: bool,
 
 def _flat(values: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """A per-row tensor as a contiguous (rows,) tensor of ``dtype`` (a copy only where needed)."""
+    if values.dtype == dtype and values.dim() == 1 and values.is_contiguous():
+        return values
     return values.to(dtype).reshape(rows).contiguous()
 
 
-def _weights(class_weight: Optional[Tensor], num_classes: int):
+def class_weights(class_weight: Optional[Tensor], num_classes: int):
     """(weights in float64, the same in float32, their sum W in float64); (None, None, C) without weights."""
     if class_weight is None:
         return None, None, float(num_classes)

@@ -1,0 +1,197 @@
+"""The small-input C path (``crossent._small_cpu``: one C pass forms the loss and, for a reduced loss, its gradient in
+forward) against the float64 reference and PyTorch, and what autograd does with the gradient it keeps: grad_output
+other than 1, retain_graph, double backward, no-grad calls, strided inputs, the bytes it saves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import crossent
+from crossent import reference
+from crossent.kernels import cpu_rows
+
+pytestmark = [
+    pytest.mark.materialized,  # keeps the small-input paths on (tests/conftest.py)
+    pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)"),
+]
+
+OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": 3},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "z_loss": {"z_loss": 1e-3},
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "ignore_index": 3},
+}
+ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def _case(n, c, dtype, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[::4] = 3
+    return x, t, torch.rand(c, generator=g) + 0.5
+
+
+def _kwargs(option, w):
+    kw = dict(OPTIONS[option])
+    if kw.pop("weight", False):
+        kw["weight"] = w
+    return kw
+
+
+def _reference(x, t, kw, reduction):
+    """float64 loss and gradient (for grad_output 1) from crossent.reference, on the logits as given."""
+    args = {k: (v.double().numpy() if k == "weight" else v) for k, v in kw.items()}
+    z = x.double().numpy()
+    loss = reference.cross_entropy(z, t.numpy(), reduction=reduction, **args)
+    grad = reference.cross_entropy_grad(z, t.numpy(), reduction=reduction, **args)
+    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(np.asarray(grad))
+
+
+def _largest_term(x, t, kw, reduction, upstream):
+    """Per row, ``g (ω (1 + 2 s |lse|) + ε W / C)``: the size of the largest term the gradient sums, ``g`` the row's
+    upstream gradient (grad_output 1 reduced: 1, or 1 / Σ w_t for the mean), ``ω`` its target's weight."""
+    z = x.double()
+    w = kw.get("weight", torch.ones(z.shape[-1])).double()
+    valid = t != kw.get("ignore_index", -100)
+    omega = torch.where(valid, w[t.clamp(0, z.shape[-1] - 1)], 0.0)
+    g = upstream.double() if upstream is not None else torch.ones(len(t), dtype=torch.float64)
+    if reduction == "mean":
+        g = g / omega.sum()
+    lse = torch.logsumexp(z, -1).abs()
+    eps = kw.get("label_smoothing", 0.0)
+    return (g * (omega * (1 + 2 * kw.get("z_loss", 0.0) * lse) + eps * w.sum() / z.shape[-1])).unsqueeze(-1)
+
+
+def _is_small_path(loss) -> bool:
+    return type(loss.grad_fn).__name__ == "CrossEntropySmallBackward"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("classes", [7, 1000, 70_000], ids=["C=7", "C=1000", "C=70000-streaming"])
+def test_matches_the_float64_reference(dtype, option, reduction, classes):
+    # 70000 columns is past the kernels' row buffer (2^16): the streaming pair of passes runs instead
+    x, t, w = _case(2 if classes > 10_000 else 12, classes, dtype)
+    kw = _kwargs(option, w)
+    xr = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xr, t, reduction=reduction, **kw)
+    assert _is_small_path(loss) and loss.dtype == torch.float32
+    upstream = torch.rand(loss.shape, generator=torch.Generator().manual_seed(1)) + 0.5 if loss.dim() else None
+    loss.backward(upstream)
+    ref_loss, ref_grad = _reference(x, t, kw, reduction)
+    if upstream is not None:
+        ref_grad = ref_grad * upstream.double().unsqueeze(-1)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6 * math.log(classes + 1))
+    # rounded once to the input dtype: within an ulp of each element, or a few fp32 ulps of the row's largest
+    # term (p_t − 1 cancels where p_t ≈ 1); the floor is the dtype's subnormal spacing
+    assert xr.grad.dtype == dtype
+    err = (xr.grad.double() - ref_grad).abs()
+    bound = ULP[dtype] * ref_grad.abs() + 4 * 2**-23 * _largest_term(x, t, kw, reduction, upstream)
+    bound += torch.finfo(dtype).smallest_normal * ULP[dtype]
+    assert bool((err <= bound).all()), float((err - bound).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_grad_output_other_than_one_reruns_the_gradient_pass(dtype, reduction):
+    # the gradient formed in forward is for grad_output 1; any other takes the C gradient pass from the saved lse,
+    # rounded once: the same bits as the O(N) path's, which computes it the same way
+    x, t, w = _case(10, 300, dtype)
+    xr = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xr, t, w, reduction=reduction, label_smoothing=0.1)
+    (loss * 0.37).backward()
+    ref_loss, ref_grad = _reference(x, t, {"weight": w, "label_smoothing": 0.1}, reduction)
+    torch.testing.assert_close(xr.grad.double(), 0.37 * ref_grad, rtol=ULP[dtype], atol=4 * 2**-23 * 0.37)
+
+
+def test_retain_graph_gives_the_same_gradient_each_time():
+    x, t, _ = _case(8, 500, torch.float32)
+    xr = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xr, t)
+    loss.backward(retain_graph=True)
+    first = xr.grad.clone()
+    loss.backward(retain_graph=True)  # accumulates: the kept gradient must be intact after the first backward
+    torch.testing.assert_close(xr.grad, 2 * first, rtol=0, atol=0)
+    xr.grad.zero_()  # an optimizer's zero_grad(set_to_none=False): .grad may be the kept tensor itself
+    loss.backward()
+    torch.testing.assert_close(xr.grad, first, rtol=0, atol=0)
+
+
+def test_double_backward_matches_pytorch():
+    x, t, w = _case(6, 40, torch.float64)
+    x32 = x.float().requires_grad_()
+    xd = x.clone().requires_grad_()
+    v = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    (g,) = torch.autograd.grad(crossent.cross_entropy(x32, t, w.float(), label_smoothing=0.1), x32, create_graph=True)
+    (hv,) = torch.autograd.grad((g * v).sum(), x32)
+    (gd,) = torch.autograd.grad(F.cross_entropy(xd, t, w.double(), label_smoothing=0.1), xd, create_graph=True)
+    (hvd,) = torch.autograd.grad((gd * v.double()).sum(), xd)
+    torch.testing.assert_close(g.double(), gd, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(hv.double(), hvd, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_and_no_requires_grad_calls_make_no_graph():
+    x, t, _ = _case(8, 100, torch.bfloat16)
+    with torch.no_grad():
+        a = crossent.cross_entropy(x.clone().requires_grad_(), t)
+    b = crossent.cross_entropy(x, t)
+    c = crossent.cross_entropy(x.clone().requires_grad_(), t)
+    assert a.grad_fn is None and b.grad_fn is None and _is_small_path(c)
+    assert torch.equal(a, b) and torch.equal(a, c.detach())
+
+
+def test_strided_rows_and_targets():
+    wide = torch.randn(8, 900)
+    x = wide[:, 100:700]  # rows of a wider buffer: row stride 900
+    t = torch.randint(0, 600, (16,))[::2]  # a non-contiguous target
+    xr = x.clone().requires_grad_()
+    ref = F.cross_entropy(xr, t)
+    ref.backward()
+    xs = x.requires_grad_()
+    loss = crossent.cross_entropy(xs, t)
+    loss.backward()
+    assert _is_small_path(loss)
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(wide.grad if wide.grad is not None else x.grad, xr.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_out_of_range_target_raises_before_any_work():
+    x = torch.randn(4, 10, requires_grad=True)
+    with pytest.raises(ValueError, match="class index 10, outside"):
+        crossent.cross_entropy(x, torch.tensor([1, 10, -100, 2]))
+    assert x.grad is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype):
+    x, t, _ = _case(64, 3000, dtype, scale=3.0)
+    xr = x.clone().requires_grad_()
+    loss = crossent.cross_entropy(xr, t)
+    loss.backward()
+    xn = x.clone().requires_grad_()
+    naive = F.cross_entropy(xn, t)
+    naive.backward()
+    xd = x.double().requires_grad_()
+    ref = F.cross_entropy(xd, t)  # float64 on the rounded logits
+    ref.backward()
+    assert abs(loss.double() - ref.detach()) <= abs(naive.double() - ref.detach()) + 1e-6
+    assert (xr.grad.double() - xd.grad).abs().max() <= (xn.grad.double() - xd.grad).abs().max() + 1e-6
+
+
+def test_saves_the_formed_gradient_and_o_n_otherwise():
+    x, t, _ = _case(8, 100, torch.bfloat16)
+    for reduction, formed in (("mean", True), ("none", False)):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append((tuple(s.shape), s.dtype)) or s, lambda s: s):
+            crossent.cross_entropy(x.clone().requires_grad_(), t, reduction=reduction)
+        assert (((8, 100), torch.bfloat16) in saved[1:]) == formed  # saved[0]: the input itself
+        assert ((8,), torch.float64) in saved  # the lse
