@@ -22,7 +22,8 @@ def _seed():
 
 @pytest.fixture(autouse=True)
 def _o_n_path_at_every_size(request, monkeypatch):
-    """The tests exercise crossent's O(N) kernels at every size (their shapes are small); the small-input path
-    (PyTorch's fused ops, ``crossent._materialized``) runs only in tests marked ``materialized``."""
+    """The tests exercise crossent's O(N) kernels at every size (their shapes are small); the small-input paths
+    (``crossent._small_cpu``'s one C pass and ``crossent._materialized``'s PyTorch ops, both below
+    ``MATERIALIZED_MAX_ELEMENTS``) run only in tests marked ``materialized``."""
     if request.node.get_closest_marker("materialized") is None:
         monkeypatch.setattr(_materialized, "MATERIALIZED_MAX_ELEMENTS", -1)

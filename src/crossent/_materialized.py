@@ -2,9 +2,10 @@
 
 Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU (``HALF_WITH_C_MAX_ELEMENTS`` for 16-bit logits when the C
 row kernels are built) the fixed cost of the O(N) path (the autograd Function, per-row bookkeeping, the
-reduction's nodes: ~100 µs) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) runs
-PyTorch's fused ``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the
-N×C log-probabilities for backward — at most a few MiB at this size. Not on CUDA, not while compiling or under
+reduction's nodes: ~100 µs) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) — where
+``crossent._small_cpu`` (the C kernels' one pass, tried first) does not take the call — runs PyTorch's fused
+``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the N×C
+log-probabilities for backward — at most a few MiB at this size. Not on CUDA, not while compiling or under
 a ``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent
 promises still holds: a float32 loss for 16-bit input, z-loss and softcap, a mean over zero total weight is 0
 with a zero gradient, a ValueError for a class index out of range, ignored all −inf rows get a zero gradient

@@ -34,7 +34,7 @@ def reduce_rows(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ki
 
 def host_total(total: float, row_scale: float) -> Tensor:
     """``row_scale · Σ_i loss_i`` (a float64 sum on the host, the kernel's) as a 0-d float32 loss."""
-    return torch.tensor(total * row_scale, dtype=torch.float32)
+    return torch.scalar_tensor(total * row_scale, dtype=torch.float32)
 
 
 def index_mean_denominator(

@@ -75,7 +75,9 @@ def cross_entropy(
     Differences from PyTorch, on purpose: a ``"mean"`` over zero total weight (e.g. every target ignored)
     is 0 with a zero gradient, not NaN; for float16/bfloat16 input the loss is float32 (gradients stay in
     the input's dtype). Only O(N) is saved for backward: the input itself (no copy), the target and one
-    float64 log-sum-exp per position, instead of the N×C log-probabilities.
+    float64 log-sum-exp per position, instead of the N×C log-probabilities — except for inputs of at most 2^20
+    logits on the CPU in eager mode (class indices, ``impl="auto"``), where speed wins over a few MiB: the
+    gradient is formed in forward by one C pass (or PyTorch's log-probabilities are kept) and held for backward.
 
     Works under ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``), double backward
     (``create_graph=True``: the gradient is then formed from plain torch ops, exactly), ``torch.autocast``
