@@ -37,8 +37,8 @@ def _log_probs_recipe(x, w, ids, g_lp, g_h, **_):
     return (lp * g_lp.to(lp.dtype)).sum() + (h * g_h.to(h.dtype)).sum()
 
 
-def _log_probs_fused(x, w, ids, g_lp, g_h, **_):
-    out = crossent.linear_token_log_probs(x, w, ids, entropy=True, chunk_size=24)
+def _log_probs_fused(x, w, ids, g_lp, g_h, chunk_size, **_):
+    out = crossent.linear_token_log_probs(x, w, ids, entropy=True, chunk_size=chunk_size)
     return (out.log_probs * g_lp).sum() + (out.entropy * g_h).sum()
 
 
@@ -49,8 +49,8 @@ def _distill_recipe(x, w, ids, x_t, w_t, **_):
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean()
 
 
-def _distill_fused(x, w, ids, x_t, w_t, **_):
-    return crossent.linear_distill_loss(x, w, x_t, w_t, chunk_size=24)
+def _distill_fused(x, w, ids, x_t, w_t, chunk_size, **_):
+    return crossent.linear_distill_loss(x, w, x_t, w_t, chunk_size=chunk_size)
 
 
 FAMILIES = {"log_probs": (_log_probs_recipe, _log_probs_fused), "distill": (_distill_recipe, _distill_fused)}
@@ -61,10 +61,11 @@ def _grads(fn, x, w, **kw):
     return torch.autograd.grad(fn(xs, ws, **kw), (xs, ws))
 
 
+@pytest.mark.parametrize("chunk_size", [24, None], ids=["blocks", "one-block"])
 @pytest.mark.parametrize("products", ["fast", "emulated"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("dtype", list(ULP), ids=["bf16", "f16"])
-def test_fused_gradients_no_worse_than_the_naive_recipe(dtype, family, products, monkeypatch):
+def test_fused_gradients_no_worse_than_the_naive_recipe(dtype, family, products, chunk_size, monkeypatch):
     monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt: products == "fast")
     monkeypatch.setattr(linear_loop, "HALF_DW_SLICE_BYTES", 100 * D * 2)  # several dW slices per block
     recipe, fused = FAMILIES[family]
@@ -72,7 +73,7 @@ def test_fused_gradients_no_worse_than_the_naive_recipe(dtype, family, products,
     kw = dict(ids=ids, g_lp=g_lp, g_h=g_h, x_t=x_t, w_t=w_t)
     ref = _grads(recipe, x.double(), w.double(), **{**kw, "x_t": x_t.double(), "w_t": w_t.double()})
     naive = _grads(recipe, x, w, **kw)
-    got = _grads(fused, x, w, **kw)
+    got = _grads(fused, x, w, chunk_size=chunk_size, **kw)
     for name, g, n, r in zip(("dX", "dW"), got, naive, ref):
         assert g.dtype == dtype
         err, naive_err = (g.double() - r).abs().max(), (n.double() - r).abs().max()

@@ -19,7 +19,7 @@ from crossent._precision import compute_dtype
 from crossent._reduction import host_total
 from crossent.kernels import composite, cpu_rows, distill_ops, linear_ops, logprob_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
-from crossent._modes import transforms_active
+from crossent._modes import forward_ad_active, transforms_active
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.shard import VocabShard
 
@@ -107,34 +107,37 @@ class CrossEntropySmall(torch.autograd.Function):
     """Small CPU inputs in plain eager mode (``crossent._small_cpu``): ``(loss, lse)`` of logits (N, C), the loss
     ``Σ_i row_scale · loss_i`` (or per row where ``row_scale`` is None).
 
-    A reduced loss's gradient for grad_output 1 comes from the forward's C pass and is saved (N×C in the logits'
-    dtype); backward hands it out as it is when grad_output is 1 (a host read: CPU), and otherwise, as for per-row
-    losses, runs the C gradient pass from the saved float64 lse (each element rounded once). Where the gradient must
-    be differentiable itself (``create_graph=True``), the composite formulas run as for :class:`CrossEntropyRows`.
-    Old-style (``forward(ctx, ...)``): it never runs under ``torch.func`` or a compiler.
+    A reduced loss's gradient for grad_output 1 comes from the forward's C pass and is kept as ``ctx.formed`` (N×C in
+    the logits' dtype; not a saved tensor, so that it can be handed out without a copy: the first backward with
+    grad_output 1 — a host read: CPU — returns it and drops it). Any other backward (another grad_output, a second
+    one with ``retain_graph=True``, per-row losses) runs the C gradient pass from the saved float64 lse, each
+    element rounded once. Where the gradient must be differentiable itself (``create_graph=True``), the composite
+    formulas run as for :class:`CrossEntropyRows`. Old-style (``forward(ctx, ...)``): ``_small_cpu`` calls it only in
+    plain eager mode without forward-mode AD.
     """
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, call: SmallCall):
-        loss, lse, total, grad = cpu_rows.small_forward(logits, target, call.weights, call.opts, call.row_scale)
-        ctx.save_for_backward(logits, target, class_weight, lse, grad)
+        loss, lse, total, ctx.formed = cpu_rows.small_forward(logits, target, call.weights, call.opts, call.row_scale)
+        ctx.save_for_backward(logits, target, class_weight, lse)
         ctx.mark_non_differentiable(lse)
         ctx.call = call
         return (loss if call.row_scale is None else host_total(total, call.row_scale)), lse
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse):
-        logits, target, class_weight, lse, grad = ctx.saved_tensors
-        c = ctx.call
+        c, formed = ctx.call, ctx.formed
+        ctx.formed = None  # handed out at most once: the caller may keep and modify it
+        if formed is not None and not torch.is_grad_enabled() and float(grad_loss) == 1.0:
+            return formed, None, None, None
+        logits, target, class_weight, lse = ctx.saved_tensors
         if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
             rows = grad_loss if c.row_scale is None else (grad_loss * c.row_scale).expand(target.shape)
             return composite.logits_grad(logits, target, class_weight, rows, c.opts), None, None, None
         if c.row_scale is None:
             return cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, grad_loss), None, None, None
-        g = float(grad_loss)
-        if g != 1.0:
-            grad = cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, None, g * c.row_scale)
-        return grad, None, None, None
+        grad_value = float(grad_loss) * c.row_scale
+        return cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, None, grad_value), None, None, None
 
 
 def _whole_rows_only(call: RowCall, what: str) -> RowOptions:
@@ -600,6 +603,6 @@ def apply_function(function, *args):
 def with_transform_rules(function):
     """``function``, or its subclass with vmap/jvp rules while a ``torch.func`` transform or a forward-mode AD
     level (``torch.autograd.forward_ad.dual_level``) is active."""
-    if transforms_active() or torch.autograd.forward_ad._current_level >= 0:
+    if transforms_active() or forward_ad_active():
         return _TRANSFORMABLE[function]
     return function

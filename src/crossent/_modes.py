@@ -14,6 +14,11 @@ def transforms_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is open around this call."""
+    return torch.autograd.forward_ad._current_level >= 0
+
+
 def plain_eager(*tensors) -> bool:
     """Whether this call runs in plain eager mode on plain tensors: not compiling or exporting, no ``torch.func``
     transform, no Python dispatch mode (FakeTensorMode, FlopCounterMode), no tensor subclass among ``tensors``

@@ -32,6 +32,16 @@ def reduce_rows(loss: Tensor, target: Tensor, class_weight: Optional[Tensor], ki
     return torch.where(denom == 0, 0.0, total / torch.where(denom == 0, 1.0, denom))
 
 
+def host_row_scale(opts: LossOptions, total_weight: float) -> Optional[float]:
+    """:func:`reduction_row_scale` from a class-index mean's denominator already on the host: 1 for ``"sum"``,
+    ``1 / Σ_i w_{t_i}`` for ``"mean"`` (0 when that sum is 0), None for ``"none"`` (per-row losses)."""
+    if opts.reduction == "none":
+        return None
+    if opts.reduction == "sum":
+        return 1.0
+    return 1.0 / total_weight if total_weight != 0.0 else 0.0
+
+
 def host_total(total: float, row_scale: float) -> Tensor:
     """``row_scale · Σ_i loss_i`` (a float64 sum on the host, the kernel's) as a 0-d float32 loss."""
     return torch.scalar_tensor(total * row_scale, dtype=torch.float32)

@@ -1,7 +1,7 @@
 """Small inputs on the CPU with the C row kernels: one pass forms the loss and, for a reduced loss, its gradient.
 
-For (N, C) logits of at most ``_materialized.MATERIALIZED_MAX_ELEMENTS`` (the one small-input size limit; fp32, bf16 or fp16, class dim contiguous, class-index
-targets, no softcap, no in-place backward) in plain eager mode, with the C kernels built: the O(N) path's fixed
+For (N, C) logits of at most ``_materialized.MATERIALIZED_MAX_ELEMENTS`` (the small-input size limit; fp32, bf16 or fp16, class dim contiguous, class-index
+targets, no softcap, no in-place backward) in plain eager mode without forward-mode AD, with the C kernels built: the O(N) path's fixed
 cost (~150 µs: the custom ops' bookkeeping, a separate range check, the reduction's autograd nodes) is several times
 its work at these sizes, and PyTorch's fused ops need an fp32 copy of 16-bit logits. Here instead one read of the
 targets gives the range check and the mean's denominator; one C pass per row gives its loss, lse and — when the
@@ -22,9 +22,9 @@ from torch import Tensor
 from crossent import _materialized
 from crossent._autograd import CrossEntropySmall, SmallCall, apply_function
 from crossent._checks import check_target_range
-from crossent._modes import plain_eager
+from crossent._modes import forward_ad_active, plain_eager
 from crossent._options import CrossEntropyOptions
-from crossent._reduction import host_total
+from crossent._reduction import host_row_scale, host_total
 from crossent._results import loss_result
 from crossent.kernels import cpu_rows
 
@@ -33,7 +33,8 @@ def applies(input: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, 
     """Whether a checked ``cross_entropy`` call takes this path (module docstring)."""
     return (kind == "index" and opts.impl == "auto" and input.dim() == 2 and input.device.type == "cpu"
             and input.numel() <= _materialized.MATERIALIZED_MAX_ELEMENTS and not opts.inplace_backward
-            and cpu_rows.covers(input, None, opts.row) and plain_eager(input, target, weight))  # fmt: skip
+            and cpu_rows.covers(input, None, opts.row) and plain_eager(input, target, weight)
+            and not forward_ad_active())  # fmt: skip
 
 
 def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts: CrossEntropyOptions):
@@ -45,9 +46,7 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     total_weight, out_of_range = cpu_rows.target_weight(target, weights, num_classes, row.ignore_index)
     if out_of_range:
         check_target_range(target, num_classes, row.ignore_index)  # raises the ValueError naming the index
-    row_scale = None
-    if opts.reduction != "none":  # ∂loss/∂loss_i; a mean over zero total weight is 0 with a zero gradient
-        row_scale = 1.0 if opts.reduction == "sum" else (1.0 / total_weight if total_weight != 0.0 else 0.0)
+    row_scale = host_row_scale(opts, total_weight)
     if torch.is_grad_enabled() and input.requires_grad:
         loss, lse = apply_function(CrossEntropySmall, input, target, weight, SmallCall(row, weights, row_scale))
     else:

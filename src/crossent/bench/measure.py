@@ -57,8 +57,11 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def saved_bytes(fn: Callable[[], torch.Tensor], *exclude: torch.Tensor) -> int:
-    """Bytes autograd saves for backward while ``fn()`` builds its graph, minus tensors sharing storage
-    with ``exclude`` (the caller's own inputs, which are alive anyway). Each storage counts once."""
+    """Bytes autograd keeps for backward while ``fn()`` builds its graph, minus tensors sharing storage with
+    ``exclude`` (the caller's own inputs, which are alive anyway). Each storage counts once. Counted: the saved
+    tensors, and a gradient a Function formed in forward and keeps on its ``ctx`` as ``formed`` (crossent's small
+    CPU path hands it out without a copy, so it is not a saved tensor), found from the graph of ``fn()``'s result.
+    """
     skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen: dict[int, int] = {}
 
@@ -69,7 +72,17 @@ def saved_bytes(fn: Callable[[], torch.Tensor], *exclude: torch.Tensor) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
+        out = fn()
+    nodes, visited = [getattr(out, "grad_fn", None)], set()
+    while nodes:
+        node = nodes.pop()
+        if node is None or node in visited:
+            continue
+        visited.add(node)
+        formed = getattr(node, "formed", None)
+        if isinstance(formed, torch.Tensor):
+            pack(formed)
+        nodes.extend(next_node for next_node, _ in node.next_functions)
     return sum(seen.values())
 
 

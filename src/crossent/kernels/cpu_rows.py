@@ -8,7 +8,8 @@ vector lanes, sums in float64 (lanes, or per block of 256 columns), per-row fact
 results (fp32 loss, float64 lse) and gradients in the logits' dtype. They cover:
 
 - cross-entropy with class indices over whole rows, every option but softcap (:func:`forward`, :func:`backward`,
-  :func:`loss_and_grad`: ``torch_rows``' whole-row path and the fused CE's 16-bit blocks in ``linear_loop``);
+  :func:`loss_and_grad`: ``torch_rows``' whole-row path and the fused CE's 16-bit blocks in ``linear_loop``;
+  :func:`small_forward`, :func:`small_backward` and :func:`target_weight`: the small-input path, ``_small_cpu``);
 - the per-token log-probs' row stats and gradient (:func:`log_prob_stats`, :func:`log_prob_grad`: ``logprob_rows``);
 - distillation's forward / reverse KL block step (:func:`distill`: ``distill_rows``).
 
@@ -210,7 +211,7 @@ def distill(student: Tensor, teacher: Tensor, temperature: float, reverse: bool,
 
 def _flat(values: Tensor, dtype: torch.dtype, rows: int) -> Tensor:
     """A per-row tensor as a contiguous (rows,) tensor of ``dtype`` (a copy only where needed)."""
-    if values.dtype == dtype and values.dim() == 1 and values.is_contiguous():
+    if values.dtype == dtype and values.dim() == 1 and values.is_contiguous() and values.numel() == rows:
         return values
     return values.to(dtype).reshape(rows).contiguous()
 
@@ -219,7 +220,7 @@ def class_weights(class_weight: Optional[Tensor], num_classes: int):
     """(weights in float64, the same in float32, their sum W in float64); (None, None, C) without weights."""
     if class_weight is None:
         return None, None, float(num_classes)
-    w64 = class_weight.to(torch.float64).contiguous()
+    w64 = class_weight.detach().to(torch.float64).contiguous()
     return w64, w64.to(torch.float32), float(w64.sum())
 
 

@@ -155,17 +155,13 @@ def linear_loss_and_grads(
                 loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels,
             ).lse  # fmt: skip
         return LinearForward(loss, lse, sub.grads._replace(input=_scattered(sub.grads.input, keep, input.shape[0], 0.0)))
-    plan = None
-    if _c_half_step(input, linear_weight, opts, loop, shard, combine, kernels):
-        # one block spares the fp32 dW sum (when dW is asked for, summed in fp32): it may use those bytes
-        fp32_dw = grad_scale is not None and needs.need_weight and loop.accumulate == "float32"
-        plan = loop.plan(input, linear_weight, fp32_block=False,
-                         one_block_spares=linear_weight.numel() * 4 if fp32_dw else 0)  # fmt: skip
-    half_step = plan is not None and plan.cols >= linear_weight.shape[0]  # one piece: whole rows
+    plan = _half_plan(input, linear_weight, opts, loop, shard, combine, kernels is TORCH_KERNELS,
+                      grad_scale is not None and needs.need_weight)  # fmt: skip
+    half_step = plan is not None
     # one block of rows as well: the C step writes the finished gradient, and dW is that block's 16-bit product
     finished = half_step and plan.rows >= input.shape[0]
     ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, 0.0 if finished else _smoothing(opts),
-                    loop, needs, shard, grad_scale is not None, plan if half_step else None, half_block=half_step,
+                    loop, needs, shard, grad_scale is not None, plan, half_block=half_step,
                     single_block=finished)  # fmt: skip
     loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)  # O(N); keeps lse − z_t's digits
@@ -238,14 +234,22 @@ def _smoothing(opts: RowOptions) -> float:
     return opts.label_smoothing if opts.softcap is None else 0.0
 
 
-def _c_half_step(x, linear_weight, opts: RowOptions, loop: LoopArgs, shard, combine, kernels) -> bool:
-    """Whether the forward loop's blocks take :func:`_half_block_step`: 16-bit input multiplied in 16 bits on the
-    CPU, the torch backend with the C kernels built, whole rows (no vocabulary shard or stats hook, no softcap),
-    and dW's block products not asked in fp32 (``accumulate_dtype="float32_products"``)."""
+def _half_plan(x, linear_weight, opts, loop: LoopArgs, shard, combine, torch_backend: bool,
+               dw_wanted: bool) -> Optional[ChunkPlan]:  # fmt: skip
+    """The plan of a loop whose blocks stay in 16 bits for the C kernels, or None where they do not: 16-bit input
+    multiplied in 16 bits on the CPU, the torch backend (``torch_backend``) with the C kernels built, whole rows
+    (no vocabulary shard or stats hook, no softcap, and a plan of one vocabulary piece), dW's block products not
+    asked in fp32 (``accumulate_dtype="float32_products"``). The block then takes 2 bytes per logit instead of 6
+    (no fp32 copy), and one block of rows may also use the bytes of the fp32 dW sum it spares (``dw_wanted``:
+    the loop forms dW)."""
     whole = shard is None or (shard.vocab_start == 0 and shard.num_classes == linear_weight.shape[0])
-    return (kernels is TORCH_KERNELS and x.device.type == "cpu" and x.dtype in HALF_DTYPES
-            and linear_weight.dtype == x.dtype and fast_half_products("cpu", x.dtype) and cpu_rows.available()
-            and opts.softcap is None and whole and combine is None and loop.accumulate != "float32_products")  # fmt: skip
+    if not (torch_backend and x.device.type == "cpu" and x.dtype in HALF_DTYPES and linear_weight.dtype == x.dtype
+            and fast_half_products("cpu", x.dtype) and cpu_rows.available() and opts.softcap is None and whole
+            and combine is None and loop.accumulate != "float32_products"):  # fmt: skip
+        return None
+    fp32_dw = dw_wanted and loop.accumulate == "float32"
+    plan = loop.plan(x, linear_weight, fp32_block=False, one_block_spares=linear_weight.numel() * 4 if fp32_dw else 0)
+    return plan if plan.cols >= linear_weight.shape[0] else None
 
 
 def _half_block_step(ws, r0, r1, target, class_weight, grad_scale, opts: RowOptions, loss, lse, finished) -> None:
@@ -302,8 +306,10 @@ def linear_log_probs(
         n = input.shape[0]
         return LogProbRows(_scattered(sub.log_probs, keep, n, 0.0), _scattered(sub.entropy, keep, n, 0.0),
                            _scattered(sub.lse, keep, n, math.nan))  # fmt: skip
+    # 16-bit blocks stay 16-bit where the C stats read them (their step, shard_stats, takes any block dtype)
+    plan = _half_plan(input, linear_weight, opts, loop, shard, combine, kernels is TORCH_LOGPROB_KERNELS, False)
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, GradNeeds(False, False, False), shard,
-                    False)  # fmt: skip
+                    False, plan, half_block=plan is not None)  # fmt: skip
     log_probs = torch.empty(index.shape, dtype=ws.cdt, device=input.device)
     entropy = torch.empty(ws.n, dtype=ws.cdt, device=input.device) if opts.entropy else None
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)
@@ -350,7 +356,12 @@ def linear_log_probs_grads(
         sub = linear_log_probs_grads(input[keep], linear_weight, linear_bias, *kept, opts,
                                      loop._replace(skip_ignored=False), needs=needs, shard=shard, kernels=kernels)  # fmt: skip
         return sub._replace(input=_scattered(sub.input, keep, input.shape[0], 0.0))
-    ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, needs, shard, True)
+    # 16-bit blocks: the C gradient writes the finished G over the block, rounded once; one block of rows: dW is its
+    # 16-bit product (as in linear_loss_and_grads)
+    plan = _half_plan(input, linear_weight, opts, loop, shard, None, kernels is TORCH_LOGPROB_KERNELS,
+                      needs.need_weight)  # fmt: skip
+    ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, needs, shard, True, plan,
+                    half_block=plan is not None, single_block=plan is not None and plan.rows >= input.shape[0])
 
     def rows(t, r0, r1):
         return None if t is None else t[r0:r1]
