@@ -1,18 +1,25 @@
-"""Issue 14: the fused linear cross-entropy with 16-bit input against the 16-bit GEMM floor and the naive recipe.
+"""Issue 14: the fused linear losses with 16-bit input against the 16-bit GEMM floor and the naive recipe.
 
-Per (N, D, V) and dtype, forward+backward (gradients for X and W), methods interleaved in one process (medians of
---reps, the order reversed every other round, so a ratio compares like with like under the same load):
+Per family, (N, D, V) and dtype, forward+backward (gradients for X and W), methods interleaved in one process
+(medians of --reps, the order reversed every other round, so a ratio compares like with like under the same load):
 
-- ``floor``: the 3 products alone in the input dtype (``X Wᵀ`` into a preallocated N×V block, ``G W``, ``Gᵀ X``);
-- ``naive``: ``F.cross_entropy((x @ w.T).float(), t)`` with autograd (the recipe the fused loss replaces);
-- ``float32`` (crossent's default), ``float32_products``, ``weight``: ``linear_cross_entropy`` with that
-  ``accumulate_dtype``.
+- ``floor``: the family's products alone in the input dtype, the N×V block preallocated once outside the timed
+  calls (so no fresh pages for it: the strictest floor) — cross-entropy 3 products (``X Wᵀ`` into the block,
+  ``G W``, ``Gᵀ X``); per-token log-probs 4 (the logits again for backward); distillation 4 (the teacher's
+  logits, the student's, ``G W``, ``Gᵀ X``);
+- ``floor_alloc``: the same products as ``x @ w.T`` runs them, each N×V block a fresh tensor (what any
+  implementation that does not keep an N×V buffer between calls pays: first-touch page faults, ~0.5 ms per MiB
+  on the project's VM);
+- ``naive``: the PyTorch recipe the fused loss replaces, 16-bit ``x @ w.T`` then fp32 (``.float()``) with autograd;
+- the fused loss: for the cross-entropy each ``accumulate_dtype`` (``float32`` the default, ``float32_products``,
+  ``weight``); for the others ``fused`` (the default).
 
-Errors (max |error| of the loss, dX, dW, and ‖dW error‖ / ‖dW‖) are against the float64 computation on the same
+Errors (max |error| of the loss, dX, dW, and ‖dW err‖ / ‖dW‖) are against the float64 computation on the same
 rounded inputs. float16 on a CPU without fp16 matrix instructions is emulated (hundreds of times slower than
 fp32): the floor and the naive recipe then take minutes at the bf16 sizes, so use a small --shape for it.
 
-Run:  .venv/bin/python benchmarks/half_precision.py [--shape 2048 1024 32768] [--dtype bfloat16] [--reps 3]
+Run:  .venv/bin/python benchmarks/half_precision.py [--family ce log_probs distill] [--shape 2048 1024 32768]
+      [--dtype bfloat16] [--reps 3] [--skip-errors]
 """
 
 from __future__ import annotations
@@ -27,54 +34,94 @@ from crossent._precision import fast_half_products
 from crossent.bench.measure import interleaved_medians
 
 ACCUMULATE = ("float32", "float32_products", "weight")
+FAMILIES = ("ce", "log_probs", "distill")
 
 
 def make(shape, dtype, seed=0):
+    """x (N, D), w (V, D), ids (N,), the teacher's x_t, w_t, and per-token upstream gradients (float32)."""
     n, d, v = shape
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, d, generator=g).to(dtype)
     w = (torch.randn(v, d, generator=g) * (2.0 / d**0.5)).to(dtype)
-    return x, w, torch.randint(0, v, (n,), generator=g)
+    x_t = torch.randn(n, d, generator=g).to(dtype)
+    w_t = (torch.randn(v, d, generator=g) * (2.0 / d**0.5)).to(dtype)
+    return dict(x=x, w=w, ids=torch.randint(0, v, (n,), generator=g), x_t=x_t, w_t=w_t,
+                g_lp=torch.randn(n, generator=g), g_h=torch.randn(n, generator=g))  # fmt: skip
 
 
-def methods(x, w, t):
-    """name → a callable running forward+backward once, returning (loss, dX, dW)."""
+def losses(family, case):
+    """name → ``loss(x, w)``, a scalar whose gradients are the family's forward+backward (x, w leaves)."""
+    ids, x_t, w_t, g_lp, g_h = (case[k] for k in ("ids", "x_t", "w_t", "g_lp", "g_h"))
+    if family == "ce":
+        out = {"naive": lambda x, w: F.cross_entropy((x @ w.T).float(), ids)}
+        for acc in ACCUMULATE:
+            out[acc] = lambda x, w, acc=acc: crossent.linear_cross_entropy(x, w, ids, accumulate_dtype=acc)
+        return out
+    if family == "log_probs":
+        def naive(x, w):
+            logp = (x @ w.T).float().log_softmax(-1)
+            lp, h = logp.gather(-1, ids[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
+            return (lp * g_lp.to(lp.dtype)).sum() + (h * g_h.to(h.dtype)).sum()
 
-    def step(loss_fn):
-        xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
-        loss = loss_fn(xs, ws)
-        loss.backward()
-        return loss.detach(), xs.grad, ws.grad
+        def fused(x, w):
+            out = crossent.linear_token_log_probs(x, w, ids, entropy=True)
+            return (out.log_probs * g_lp.to(out.log_probs.dtype)).sum() + (out.entropy * g_h.to(out.entropy.dtype)).sum()
 
+        return {"naive": naive, "fused": fused}
+
+    def naive_kl(x, w):  # forward KL(p ‖ q), batch mean, the teacher without gradient
+        log_p = (x_t.to(x.dtype) @ w_t.to(w.dtype).T).float().log_softmax(-1).detach()
+        return F.kl_div((x @ w.T).float().log_softmax(-1), log_p, log_target=True, reduction="batchmean")
+
+    return {"naive": naive_kl, "fused": lambda x, w: crossent.linear_distill_loss(x, w, x_t.to(x.dtype), w_t.to(w.dtype))}
+
+
+def floors(family, case):
+    """``floor`` (the block preallocated) and ``floor_alloc`` (a fresh block per logits product)."""
+    x, w, x_t, w_t = (case[k] for k in ("x", "w", "x_t", "w_t"))
     block = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
 
-    def floor():
-        torch.mm(x, w.T, out=block)
-        return None, block @ w, block.T @ x
+    def logits(a, b, fresh):
+        return a @ b.T if fresh else torch.mm(a, b.T, out=block)
 
-    out = {"floor": floor, "naive": lambda: step(lambda a, b: F.cross_entropy((a @ b.T).float(), t))}
-    for acc in ACCUMULATE:
-        out[acc] = lambda acc=acc: step(lambda a, b: crossent.linear_cross_entropy(a, b, t, accumulate_dtype=acc))
-    return out
+    def products(fresh):
+        def run():
+            if family == "distill":
+                logits(x_t, w_t, fresh)  # the teacher's logits
+            elif family == "log_probs":
+                logits(x, w, fresh)  # the forward's logits; backward computes them again
+            g = logits(x, w, fresh)
+            return g @ w, g.T @ x
+
+        return run
+
+    return {"floor": products(False), "floor_alloc": products(True)}
 
 
-def errors(fns, x, w, t):
-    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
-    ref = F.cross_entropy(x64 @ w64.T, t)
-    ref.backward()
+def step(loss_fn, x, w):
+    """Forward+backward once: (loss, dX, dW)."""
+    xs, ws = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = loss_fn(xs, ws)
+    loss.backward()
+    return loss.detach(), xs.grad, ws.grad
+
+
+def errors(fns, case):
+    """Per method, the errors against the float64 computation (the ``naive`` recipe in float64)."""
+    x64, w64 = case["x"].double(), case["w"].double()
+    ref = step(fns["naive"], x64, w64)
     result = {}
     for name, fn in fns.items():
-        if name == "floor":
-            continue
-        loss, dx, dw = fn()
-        dw_err = dw.double() - w64.grad
-        result[name] = dict(loss=abs(loss.double() - ref).item(), dx=(dx.double() - x64.grad).abs().max().item(),
-                            dw=dw_err.abs().max().item(), dw_rel=(dw_err.norm() / w64.grad.norm()).item())  # fmt: skip
+        loss, dx, dw = step(fn, case["x"], case["w"])
+        dw_err = dw.double() - ref[2]
+        result[name] = dict(loss=abs(loss.double() - ref[0]).item(), dx=(dx.double() - ref[1]).abs().max().item(),
+                            dw=dw_err.abs().max().item(), dw_rel=(dw_err.norm() / ref[2].norm()).item())  # fmt: skip
     return result
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("N", "D", "V"))
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--reps", type=int, default=3)
@@ -82,23 +129,26 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     shapes = [tuple(s) for s in args.shape] if args.shape else [(2048, 1024, 32768), (4096, 1024, 32768)]
-    print(f"fused linear CE, {args.dtype}, forward+backward, CPU, torch {torch.__version__}, "
+    print(f"fused linear losses, {args.dtype}, forward+backward, CPU, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {args.reps} (interleaved); 16-bit products fast here: "
           f"{fast_half_products('cpu', dtype)}")  # fmt: skip
-    for shape in shapes:
-        x, w, t = make(shape, dtype)
-        fns = methods(x, w, t)
-        errs = {} if args.skip_errors else errors(fns, x, w, t)
-        for fn in fns.values():
-            fn()  # warm-up
-        times = interleaved_medians(fns, args.reps)
-        print(f"\n(N, D, V) = {shape}")
-        print(f"{'method':17} {'time (s)':>9} {'× floor':>8} {'× naive':>8} {'|loss err|':>11} {'max|dX err|':>12} "
-              f"{'max|dW err|':>12} {'‖dW err‖/‖dW‖':>15}")  # fmt: skip
-        for name, sec in times.items():
-            e = errs.get(name)
-            err_cols = "" if e is None else f" {e['loss']:11.2e} {e['dx']:12.2e} {e['dw']:12.2e} {e['dw_rel']:15.2e}"
-            print(f"{name:17} {sec:9.3f} {sec / times['floor']:8.3f} {sec / times['naive']:8.3f}{err_cols}")
+    for family in args.family:
+        for shape in shapes:
+            case = make(shape, dtype)
+            fns = losses(family, case)
+            errs = {} if args.skip_errors else errors(fns, case)
+            timed = {**floors(family, case), **{k: (lambda f=f: step(f, case["x"], case["w"])) for k, f in fns.items()}}
+            for fn in timed.values():
+                fn()  # warm-up
+            times = interleaved_medians(timed, args.reps)
+            print(f"\n{family}, (N, D, V) = {shape}")
+            print(f"{'method':17} {'time (s)':>9} {'× floor':>8} {'× alloc':>8} {'× naive':>8} {'|loss err|':>11} "
+                  f"{'max|dX err|':>12} {'max|dW err|':>12} {'‖dW err‖/‖dW‖':>15}")  # fmt: skip
+            for name, sec in times.items():
+                e = errs.get(name)
+                err_cols = "" if e is None else f" {e['loss']:11.2e} {e['dx']:12.2e} {e['dw']:12.2e} {e['dw_rel']:15.2e}"
+                print(f"{name:17} {sec:9.3f} {sec / times['floor']:8.3f} {sec / times['floor_alloc']:8.3f} "
+                      f"{sec / times['naive']:8.3f}{err_cols}")  # fmt: skip
     return 0
 
 

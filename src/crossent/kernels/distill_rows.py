@@ -82,12 +82,14 @@ def divergence(sums: Tensor, opts: DistillRowOptions) -> Tensor:
 
 def block_step_(
     s: Tensor, t: Tensor, target: Optional[Tensor], grad_scale: Optional[Tensor], opts: DistillRowOptions,
-    scratch: Scratch,
+    scratch: Optional[Scratch],
 ) -> Tensor:  # fmt: skip
     """Per-row loss of a block of whole rows; with ``grad_scale`` (rows,) the gradient ``g ∂loss/∂z_s`` into ``s``.
+    ``scratch``: the torch passes' blocks (None where the C step takes the block: it needs none).
 
     ``s``, ``t``: (rows, V) raw logits (teacher log-probabilities with ``opts.teacher_log_probs``) in the compute
-    dtype, contiguous, ours (overwritten). ``target``: None or (rows,) int64 (the hard loss's labels; rows equal
+    dtype — or 16-bit, as the fused loop's CPU products wrote them, where :func:`cpu_rows.covers_distill` takes
+    them — contiguous, ours (overwritten). ``target``: None or (rows,) int64 (the hard loss's labels; rows equal
     to ``ignore_index`` give loss and gradient 0). Returns the loss (rows,) in the compute dtype.
     """
     grads = grad_scale is not None
@@ -115,13 +117,14 @@ def _native_step_(s: Tensor, t: Tensor, target: Optional[Tensor], grad_scale: Op
                   opts: DistillRowOptions) -> Tensor:  # fmt: skip
     """:func:`block_step_` by :func:`cpu_rows.distill`: the gradient's row factor ``g / T`` (0 on ignored rows) is
     applied in C, as :func:`_finish_grad_` applies it (α = 0, a = 1)."""
+    cdt = compute_dtype(s.dtype)  # 16-bit blocks (the fused loops' on the CPU): the factors and loss stay fp32
     row_scale = None
     if grad_scale is not None:
         valid, _ = _valid_targets(target, opts, s.shape[-1])
-        g = grad_scale.to(s.dtype).expand(s.shape[:1])
+        g = grad_scale.to(cdt).expand(s.shape[:1])
         row_scale = (g if valid is None else torch.where(valid, g, 0.0)) / opts.temperature
     div = cpu_rows.distill(s, t, opts.temperature, opts.beta == 1.0, row_scale)
-    return _row_loss(div.to(s.dtype), None, target, opts, None)
+    return _row_loss(div.to(cdt), None, target, opts, None)
 
 
 def _teacher_log_probs_(t: Tensor, opts: DistillRowOptions) -> Optional[Tensor]:

@@ -234,6 +234,15 @@ def _smoothing(opts: RowOptions) -> float:
     return opts.label_smoothing if opts.softcap is None else 0.0
 
 
+def half_blocks(x, linear_weight, opts, loop: LoopArgs, shard, combine, torch_backend: bool) -> bool:
+    """Whether a loop's blocks may stay in 16 bits for the C kernels (the rule :func:`_half_plan` states; the
+    distillation loop adds its own)."""
+    whole = shard is None or (shard.vocab_start == 0 and shard.num_classes == linear_weight.shape[0])
+    return (torch_backend and x.device.type == "cpu" and x.dtype in HALF_DTYPES and linear_weight.dtype == x.dtype
+            and fast_half_products("cpu", x.dtype) and cpu_rows.available() and opts.softcap is None and whole
+            and combine is None and loop.accumulate != "float32_products")  # fmt: skip
+
+
 def _half_plan(x, linear_weight, opts, loop: LoopArgs, shard, combine, torch_backend: bool,
                dw_wanted: bool) -> Optional[ChunkPlan]:  # fmt: skip
     """The plan of a loop whose blocks stay in 16 bits for the C kernels, or None where they do not: 16-bit input
@@ -242,10 +251,7 @@ def _half_plan(x, linear_weight, opts, loop: LoopArgs, shard, combine, torch_bac
     asked in fp32 (``accumulate_dtype="float32_products"``). The block then takes 2 bytes per logit instead of 6
     (no fp32 copy), and one block of rows may also use the bytes of the fp32 dW sum it spares (``dw_wanted``:
     the loop forms dW)."""
-    whole = shard is None or (shard.vocab_start == 0 and shard.num_classes == linear_weight.shape[0])
-    if not (torch_backend and x.device.type == "cpu" and x.dtype in HALF_DTYPES and linear_weight.dtype == x.dtype
-            and fast_half_products("cpu", x.dtype) and cpu_rows.available() and opts.softcap is None and whole
-            and combine is None and loop.accumulate != "float32_products"):  # fmt: skip
+    if not half_blocks(x, linear_weight, opts, loop, shard, combine, torch_backend):
         return None
     fp32_dw = dw_wanted and loop.accumulate == "float32"
     plan = loop.plan(x, linear_weight, fp32_block=False, one_block_spares=linear_weight.numel() * 4 if fp32_dw else 0)
