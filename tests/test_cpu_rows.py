@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import crossent
-from crossent import reference
-from crossent._options import RowOptions
+from crossent import _small_cpu, reference
+from crossent._options import CrossEntropyOptions, RowOptions
 from crossent.kernels import cpu_rows, linear_loop
 
 pytestmark = pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)")
@@ -144,9 +144,12 @@ def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, c
     torch.testing.assert_close(grad.float(), grad_t.float(), rtol=ulp, atol=atol)
 
 
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype, monkeypatch):
+def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype, path, monkeypatch):
+    # path: the O(N) kernels, or (marked materialized: the small-input paths stay on) crossent._small_cpu's one pass
     x, t, _ = _case(64, 3000, dtype, scale=3.0)
+    assert _small_cpu.applies(x, t, None, "index", CrossEntropyOptions.build()) == (path == "small")
     loss, grad, _ = _run(x, t, None, {}, reduction="mean", monkeypatch=monkeypatch)
     xr = x.clone().requires_grad_()
     naive = F.cross_entropy(xr, t)

@@ -175,22 +175,6 @@ def test_out_of_range_target_raises_before_any_work():
     assert x.grad is None
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype):
-    x, t, _ = _case(64, 3000, dtype, scale=3.0)
-    xr = x.clone().requires_grad_()
-    loss = crossent.cross_entropy(xr, t)
-    loss.backward()
-    xn = x.clone().requires_grad_()
-    naive = F.cross_entropy(xn, t)
-    naive.backward()
-    xd = x.double().requires_grad_()
-    ref = F.cross_entropy(xd, t)  # float64 on the rounded logits
-    ref.backward()
-    assert abs(loss.double() - ref.detach()) <= abs(naive.double() - ref.detach()) + 1e-6
-    assert (xr.grad.double() - xd.grad).abs().max() <= (xn.grad.double() - xd.grad).abs().max() + 1e-6
-
-
 def test_keeps_the_formed_gradient_and_o_n_otherwise():
     x, t, _ = _case(8, 100, torch.bfloat16)
     for reduction, formed in (("mean", True), ("none", False)):
