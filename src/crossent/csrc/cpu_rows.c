@@ -559,7 +559,9 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
  * taken as (s − t) / T − (lse_s − lse_t)),
  *   D = Σ_c p_c (lp_c − lq_c)   or   D = Σ_c q_c (lq_c − lp_c)                    (float64 row sums)
  * and, with row_scale, s ← row_scale · ∂D/∂(s / T) = row_scale · (q − p)   or   row_scale · q (lq − lp − D).
- * Three passes over a row (stats, D, gradient): the last two read it from the cache. */
+ * Three passes over a row (stats, D, gradient): the last two read it from the cache. Rows of ≤ CACHED_MAX columns
+ * keep both rows' exponentials in the row buffer (row_distill_kept: 2 exps per logit); longer ones recompute them
+ * in each pass (5 for the forward KL, 4 for the reverse). */
 static inline float shifted_log(float x, float hi, float lo) {
     float y = (x - hi) - lo;
     return y < -FLT_MAX ? -FLT_MAX : y;
@@ -627,11 +629,104 @@ static double row_lse_shift(const Rows *z, const void *row, double temperature, 
     return lse;
 }
 
+/* Σ p (lp − lq) (forward) or Σ q (lq − lp) (reverse) over a block, the weight p = e_t / S_t or q = e_s / S_s from the
+ * row buffer's exponentials (`e`, `inv_sum` the matching 1 / S): no exp (float64 lanes, as block_kl) */
+MULTIVERSIONED static double block_kl_kept(const float *s, const float *t, const float *e, int n, const float *shift,
+                                           int reverse, float inv_sum) {
+    double acc = 0.0;
+    const float sign = reverse ? 1.0f : -1.0f;
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < n; i++) {
+        float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+        acc += (double)(sign * (e[i] * inv_sum) * log_ratio(s[i], t[i], lq, lp, shift));
+    }
+    return acc;
+}
+
+/* out_i = scale · (q_i − p_i) from the kept exponentials (forward KL's gradient; no exp) */
+MULTIVERSIONED static void block_kl_grad_kept(const float *es, const float *et, float *out, int n, float inv_s,
+                                              float inv_t, float scale) {
+    for (int i = 0; i < n; i++) out[i] = scale * (es[i] * inv_s - et[i] * inv_t);
+}
+
+/* out_i = scale · q_i (lq_i − lp_i − D), q from the kept exponentials (reverse KL's gradient; no exp) */
+MULTIVERSIONED static void block_rkl_grad_kept(const float *s, const float *t, const float *es, float *out, int n,
+                                               const float *shift, float inv_s, float divergence, float scale) {
+    for (int i = 0; i < n; i++) {
+        float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
+        float q = es[i] * inv_s;
+        out[i] = scale * (q * log_ratio(s[i], t[i], lq, lp, shift) - divergence * q);
+    }
+}
+
+/* Row `row` of z / T as fp32 into dst (C floats); returns its max, at least −FLT_MAX (as row_lse_shift's) */
+static float tempered_row(const Rows *z, const void *row, double temperature, float *dst) {
+    float m = -FLT_MAX;
+    for (int64_t c = 0; c < z->classes; c += BLOCK) {
+        int n = z->classes - c < BLOCK ? (int)(z->classes - c) : BLOCK;
+        const float *x = load_block(row, z->dtype, c, n, dst + c);
+        if (temperature != 1.0)
+            divide_block(x, n, (float)temperature, dst + c);
+        else if (x != dst + c)
+            memcpy(dst + c, x, (size_t)n * sizeof(float));
+        float bm = block_max(dst + c, n);
+        m = bm > m ? bm : m;
+    }
+    return m;
+}
+
+/* One row of rows_distill from the row buffer (2C floats, C ≤ CACHED_MAX): e_s = exp(s / T − m_s) and
+ * e_t = exp(t / T − m_t) are kept, so p = e_t / S_t and q = e_s / S_s cost no more exps: 2 per logit in all, where
+ * the streaming passes below take 5 (forward KL) or 4 (reverse). The logs (lq, lp, lq − lp) are as theirs. */
+static void row_distill_kept(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
+                             double *divergence, int64_t r, float *buf) {
+    const int64_t C = s->classes;
+    float *es = buf, *et = buf + C, s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
+    void *s_row = (void *)row_at(s, r);
+    const void *t_row = row_at(t, r);
+    float m_s = tempered_row(s, s_row, temperature, es), m_t = tempered_row(t, t_row, temperature, et);
+    double sum_s = block_exp_sum(es, (int)C, m_s, es), sum_t = block_exp_sum(et, (int)C, m_t, et);
+    double lse_s = (double)m_s + log(sum_s), lse_t = (double)m_t + log(sum_t);
+    split2(lse_s, shift, shift + 1);
+    split2(lse_t, shift + 2, shift + 3);
+    split2(lse_s - lse_t, shift + 4, shift + 5);
+    float inv_s = (float)(1.0 / sum_s), inv_t = (float)(1.0 / sum_t);
+    double d = 0.0;
+    for (int64_t c = 0; c < C; c += BLOCK) {
+        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        d += block_kl_kept(tempered_block(s, s_row, c, n, temperature, s_buf),
+                           tempered_block(t, t_row, c, n, temperature, t_buf), (reverse ? es : et) + c, n, shift,
+                           reverse, reverse ? inv_s : inv_t);
+    }
+    divergence[r] = d;
+    if (!row_scale) return;
+    float scale = row_scale[r];
+    if (scale == 0.0f) { /* ignored rows: exactly 0, also where the softmax is NaN */
+        fill_row(s_row, s->dtype, C, 0.0f);
+        return;
+    }
+    for (int64_t c = 0; c < C; c += BLOCK) {
+        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        if (reverse)
+            block_rkl_grad_kept(tempered_block(s, s_row, c, n, temperature, s_buf),
+                                tempered_block(t, t_row, c, n, temperature, t_buf), es + c, out_buf, n, shift, inv_s,
+                                (float)d, scale);
+        else
+            block_kl_grad_kept(es + c, et + c, out_buf, n, inv_s, inv_t, scale);
+        store_block(s_row, s->dtype, c, n, out_buf);
+    }
+}
+
 static void rows_distill(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
                          double *divergence, int64_t rows, int threads) {
     const int64_t C = s->classes;
 #pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
     for (int64_t r = 0; r < rows; r++) {
+        float *buf = C <= CACHED_MAX ? row_buffer(2 * C) : NULL;
+        if (buf) {
+            row_distill_kept(s, t, temperature, reverse, row_scale, divergence, r, buf);
+            continue;
+        }
         float s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
         void *s_row = (void *)row_at(s, r);
         const void *t_row = row_at(t, r);
