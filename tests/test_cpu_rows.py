@@ -337,10 +337,12 @@ def test_log_prob_stats_match_the_reference_and_the_torch_path(dtype, temperatur
 @pytest.mark.parametrize("beta", [0.0, 1.0, 0.5])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("form", ["logits", "fused"])
-def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature, form, monkeypatch):
-    # β = 0 and 1 take the C step (β = 0.5 stays on the torch step: both paths must agree with the oracle anyway)
+@pytest.mark.parametrize("vocab", [700, 70_000], ids=["kept", "streaming"])
+def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature, form, vocab, monkeypatch):
+    # β = 0 and 1 take the C step (β = 0.5 stays on the torch step: both paths must agree with the oracle anyway);
+    # rows of 700 keep their exponentials in the row buffer, rows of 70000 (past 2^16) take the streaming passes
     g = torch.Generator().manual_seed(7)
-    n, d, v = 12, 8, 700
+    n, d, v = (12 if vocab < 10_000 else 3), 8, vocab
     xs, xt = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
     ws, wt = torch.randn(v, d, generator=g), torch.randn(v, d, generator=g)
     target = torch.randint(0, v, (n,), generator=g)
@@ -363,7 +365,8 @@ def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature
     assert bool(calls) == (beta in (0.0, 1.0))
     want = run(False)
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7)
+    # dX sums V terms in fp32 in both paths: at 70000 columns each is ~1e-5 off float64 (the C one no further)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7 if v < 10_000 else 4e-5)
     z_s, z_t = (xs @ ws.T).double().numpy(), (xt @ wt.T).double().numpy()
     ref = reference.generalized_jsd(z_s, z_t, beta=beta, temperature=temperature, target=target.numpy())
     torch.testing.assert_close(got[0].double(), torch.tensor(float(ref), dtype=torch.float64), rtol=1e-5, atol=1e-6)
