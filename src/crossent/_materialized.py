@@ -28,9 +28,10 @@ from crossent._reduction import index_row_weight, reduce_rows
 from crossent._results import loss_result
 from crossent.kernels import cpu_rows
 
-# Measured on the 2-core x86 VM (forward+backward, fp32 and bf16, docs/benchmarks.md "Small shapes"): the
-# O(N) kernels' fixed cost is ~0.7 ms, PyTorch's fused path costs ~1 ns per logit; 2^20 logits is where they
-# meet within noise (and 4 MiB of fp32 log-probabilities is what the relaxed saving costs at most).
+# Chosen on the 2-core x86 VM (forward+backward, fp32 and bf16, docs/benchmarks.md "Small shapes") when the O(N)
+# kernels' fixed cost was ~0.7 ms and PyTorch's fused path cost ~1 ns per logit: 2^20 logits is where they met.
+# The O(N) path's fixed cost is ~150 µs now (C kernels, eager fast path); the limit stays as the bound on what the
+# small paths keep for backward (4 MiB of fp32 at most), and crossent._small_cpu shares it.
 MATERIALIZED_MAX_ELEMENTS = 1 << 20
 # 16-bit logits where the C row kernels are built (kernels/cpu_rows.py): they read bf16/fp16 as stored, where this
 # path upcasts to an fp32 copy first; forward+backward against F.cross_entropy, interleaved (docs/benchmarks.md):
