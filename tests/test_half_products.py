@@ -95,3 +95,37 @@ def test_fast_half_products_rule(bf16_units, fp16_units, monkeypatch):
         assert fast_half_products("cpu", torch.float16) is fp16_units
     finally:
         fast_half_products.cache_clear()  # the next call asks the real oneDNN again
+
+
+def test_16_bit_distillation_plans(monkeypatch):
+    """The distillation loop's plan for 16-bit blocks (the C step): by default one block of rows when it fits with
+    the fp32 dW it spares; an explicit budget that splits the vocabulary plans fp32 blocks again (the C step takes
+    whole rows only), within the budget."""
+    from crossent._options import DistillRowOptions
+    from crossent.kernels import distill_loop
+    from crossent.kernels.linear_plan import ChunkPlan
+
+    x = torch.empty(3000, 1024, dtype=torch.bfloat16)
+    spared = 32768 * 1024 * 4
+    opts = distill_loop.LoopArgs()
+    assert distill_loop.plan(x, 1024, 32768, DistillRowOptions(), opts, True, True, spared) == ChunkPlan(3000, 32768)
+    assert distill_loop.plan(x, 1024, 32768, DistillRowOptions(), opts, True, True, 0).rows < 3000
+
+    monkeypatch.setattr(linear_loop, "fast_half_products", lambda device_type, dt: True)
+    seen = []
+    workspace = distill_loop._Workspace
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["plan"], kwargs.get("half_block", False)))
+        return workspace(*args, **kwargs)
+
+    monkeypatch.setattr(distill_loop, "_Workspace", recording)
+    x, w, x_t, w_t, *_ = _inputs(torch.bfloat16)
+    budget = 200_000  # 16-bit blocks would split the vocabulary at this size: 64 rows of ~540 columns
+    loss = crossent.linear_distill_loss(x, w, x_t, w_t, memory_budget=budget)
+    plan, half = seen[0]
+    assert not half  # fp32 blocks (and their 16-bit copies), each within its share of the budget
+    per_block = budget // distill_loop.block_count(DistillRowOptions(), True)
+    assert plan.rows * plan.cols * (4 + 2) <= per_block
+    ref = _distill_recipe(x.double(), w.double(), None, x_t.double(), w_t.double())
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-2, atol=1e-3)

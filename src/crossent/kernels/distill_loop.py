@@ -47,7 +47,13 @@ from crossent.kernels.linear_loop import (
     _Workspace,
     half_blocks,
 )
-from crossent.kernels.linear_plan import ChunkPlan, check_memory_budget, default_memory_budget, plan_chunks
+from crossent.kernels.linear_plan import (
+    ChunkPlan,
+    check_memory_budget,
+    default_memory_budget,
+    plan_chunks,
+    scratch_bytes,
+)
 from crossent.kernels.linear_step import FINISHED
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import RowStats, combine_stats
@@ -92,14 +98,16 @@ def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArg
     ``half``: 16-bit blocks for the C step (2 bytes per logit, no scratch blocks; one block of rows may use the
     ``dw_spared`` bytes of the fp32 dW sum it does without, as the fused CE's plan)."""
     blocks = 2 if half else block_count(opts, grads)
-    if loop.memory_budget is None:
-        share = default_memory_budget(x.device, vocab, dim, x.dtype)
-    else:
-        share = loop.memory_budget // blocks
     if loop.chunk_size is not None and loop.memory_budget is None:
         share = None  # as the fused CE: chunk_size alone fixes the rows and keeps the vocabulary whole
-    return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share, fp32_block=not half,
-                       one_block_spares=dw_spared // blocks)  # fmt: skip
+    elif loop.memory_budget is None:
+        share = default_memory_budget(x.device, vocab, dim, x.dtype)
+        rows = max(x.shape[0], 1)  # the default budget: one block of rows when it fits with the dW bytes it spares
+        if half and scratch_bytes(rows, vocab, dim, x.dtype, fp32_block=False) <= share + dw_spared // blocks:
+            return ChunkPlan(rows, vocab)
+    else:
+        share = loop.memory_budget // blocks
+    return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share, fp32_block=not half)
 
 
 @scratch.reused
@@ -142,9 +150,10 @@ def linear_distill(
     vocab = loop.plan_vocab or linear_weight.shape[0]
     half = _half_blocks(input, linear_weight, teacher_input, teacher_weight, opts, loop, shard, hooks, step)
     fp32_dw = half and grads and needs.need_weight and loop.accumulate == "float32"
-    block_plan = plan(input, max(input.shape[1], teacher_input.shape[1]), vocab, opts, loop, grads, half,
-                      linear_weight.numel() * 4 if fp32_dw else 0)  # fmt: skip
-    half = half and block_plan.cols >= vocab  # whole rows only
+    dim = max(input.shape[1], teacher_input.shape[1])
+    block_plan = plan(input, dim, vocab, opts, loop, grads, half, linear_weight.numel() * 4 if fp32_dw else 0)
+    if half and block_plan.cols < vocab:  # the C step takes whole rows: a vocabulary split plans fp32 blocks again
+        half, block_plan = False, plan(input, dim, vocab, opts, loop, grads)
     labels = target if target is not None else torch.zeros(n, dtype=torch.int64, device=input.device)
     student = _Workspace(input, linear_weight, linear_bias, labels, None, 0.0, loop, needs, shard, grads,
                          plan=block_plan, half_block=half, single_block=half and block_plan.rows >= n)  # fmt: skip

@@ -95,6 +95,9 @@ def block_step_(
     grads = grad_scale is not None
     if cpu_rows.covers_distill(s, t, opts):  # forward / reverse KL in C: three passes per row, from the cache
         return _native_step_(s, t, target, grad_scale, opts)
+    if scratch is None:  # the fused loop planned 16-bit blocks for the C step (distill_loop._half_blocks)
+        raise RuntimeError("distillation block step: no scratch blocks, but the C step does not cover these blocks "
+                           f"({s.dtype}, options {opts}); distill_loop._half_blocks must mirror cpu_rows.covers_distill")
     _cap_(s, opts.softcap, scratch.chain if grads else None)
     hard_nll = None
     if opts.hard_weight:  # log softmax(z_s), before the temperature; the hard loss is −log h_t
