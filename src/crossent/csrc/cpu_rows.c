@@ -30,6 +30,9 @@
 
 #include <float.h>
 #include <math.h>
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -376,17 +379,54 @@ MULTIVERSIONED static void block_scaled(const float *e, float *out, int n, float
 }
 
 /* This thread's row buffer of at least `floats` floats (kept between calls: at most 2 · CACHED_MAX floats per
- * thread), or NULL when it cannot be allocated */
-static float *row_buffer(int64_t floats) {
-    static _Thread_local float *buf = NULL;
-    static _Thread_local int64_t capacity = 0;
-    if (capacity < floats) {
-        free(buf);
-        buf = (float *)malloc(sizeof(float) * (size_t)floats);
-        capacity = buf ? floats : 0;
+ * thread), or NULL when it cannot be allocated. With POSIX threads it is freed when its thread exits (a Python
+ * thread that ran a kernel on itself); elsewhere it lives as long as its thread's storage. */
+typedef struct {
+    float *data;
+    int64_t capacity;
+} RowBuffer;
+
+static float *grown(RowBuffer *b, int64_t floats) {
+    if (b->capacity < floats) {
+        free(b->data);
+        b->data = (float *)malloc(sizeof(float) * (size_t)floats);
+        b->capacity = b->data ? floats : 0;
     }
-    return buf;
+    return b->data;
 }
+
+#if defined(_WIN32)
+static float *row_buffer(int64_t floats) {
+    static _Thread_local RowBuffer buffer = {NULL, 0};
+    return grown(&buffer, floats);
+}
+#else
+static pthread_key_t buffer_key;
+static pthread_once_t buffer_key_once = PTHREAD_ONCE_INIT;
+static int buffer_key_ok = 0;
+
+static void free_row_buffer(void *p) {
+    RowBuffer *b = (RowBuffer *)p;
+    free(b->data);
+    free(b);
+}
+
+static void make_buffer_key(void) { buffer_key_ok = pthread_key_create(&buffer_key, free_row_buffer) == 0; }
+
+static float *row_buffer(int64_t floats) {
+    pthread_once(&buffer_key_once, make_buffer_key);
+    if (!buffer_key_ok) return NULL; /* the streaming passes then */
+    RowBuffer *b = (RowBuffer *)pthread_getspecific(buffer_key);
+    if (!b) {
+        b = (RowBuffer *)calloc(1, sizeof(RowBuffer));
+        if (!b || pthread_setspecific(buffer_key, b) != 0) {
+            free(b);
+            return NULL;
+        }
+    }
+    return grown(b, floats);
+}
+#endif
 
 static void fill_row(void *out, int dtype, int64_t C, float v) {
     float vals[BLOCK];
