@@ -1,15 +1,16 @@
 """Small inputs on the CPU with the C row kernels: one pass forms the loss and, for a reduced loss, its gradient.
 
-For (N, C) logits of at most ``_materialized.MATERIALIZED_MAX_ELEMENTS`` (the small-input size limit; fp32, bf16 or fp16, class dim contiguous, class-index
-targets, no softcap, no in-place backward) in plain eager mode without forward-mode AD, with the C kernels built: the O(N) path's fixed
-cost (~150 µs: the custom ops' bookkeeping, a separate range check, the reduction's autograd nodes) is several times
-its work at these sizes, and PyTorch's fused ops need an fp32 copy of 16-bit logits. Here instead one read of the
-targets gives the range check and the mean's denominator; one C pass per row gives its loss, lse and — when the
-logits need a gradient and the loss is reduced — the gradient for grad_output 1, from the same exponentials (one
-exp per logit in all); :class:`~crossent._autograd.CrossEntropySmall` keeps that (N, C) gradient for backward (the
-size of the log-probabilities PyTorch's loss keeps: the O(N) promise is relaxed below this size, as on the
-materialized path). Every semantic is the O(N) path's, the results equal up to rounding (the gradient here is
-``(scale / S) e_c`` where the O(N) backward computes ``scale · exp(z_c − lse)``): tests/test_small_cpu.py.
+For (N, C) logits of at most ``_materialized.MATERIALIZED_MAX_ELEMENTS`` (the small-input size limit; fp32, bf16
+or fp16, class dim contiguous, class-index targets, no softcap, no in-place backward) in plain eager mode without
+forward-mode AD, with the C kernels built: the O(N) path's fixed cost (~150 µs: the custom ops' bookkeeping, a
+separate range check, the reduction's autograd nodes) is several times its work at these sizes, and PyTorch's
+fused ops need an fp32 copy of 16-bit logits. Here instead one read of the targets gives the range check and the
+mean's denominator; one C pass per row gives its loss, lse and — when the logits need a gradient and the loss is
+reduced — the gradient for grad_output 1, from the same exponentials (one exp per logit in all);
+:class:`~crossent._autograd.CrossEntropySmall` keeps that (N, C) gradient for backward (the size of the
+log-probabilities PyTorch's loss keeps: the O(N) promise is relaxed below this size, as on the materialized path).
+Every semantic is the O(N) path's, the results equal up to rounding (the gradient here is ``(scale / S) e_c``
+where the O(N) backward computes ``scale · exp(z_c − lse)``): tests/test_small_cpu.py.
 """
 
 from __future__ import annotations
