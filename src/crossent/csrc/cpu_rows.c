@@ -21,9 +21,10 @@
  * threads as PyTorch's ops instead of a second pool that would fight its spinning workers for the cores (on Linux;
  * elsewhere, or in a wheel that bundles its own libgomp, there may be two runtimes).
  *
- * Sums are ``omp simd`` reductions over blocks of 256 columns: the sum of exponentials and the divergence in
- * float64 lanes (an error in either moves a loss by as much), the smoothing dot and the entropy's Σ p log p in
- * fp32 lanes; every block's sum is added into a float64 row sum.
+ * Sums are ``omp simd`` reductions: the cross-entropy's sum of exponentials and the divergence in float64 lanes
+ * (an error in either moves a loss by as much) — over a whole row where it sits in the row buffer (rows of at most
+ * CACHED_MAX columns), else per block of 256 columns; the smoothing dot and the log-probs' S and Σ p log p in fp32
+ * lanes per block of 256 columns; every block's sum is added into a float64 row sum.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -253,8 +254,6 @@ typedef struct {
     double label_smoothing, z_loss;
 } RowOptions;
 
-/* One pass per row: the running max m is raised block by block (the sum so far rescaled by exp(m_old − m)), and
- * the smoothing dot is kept as Σ_b (d_b + W_b m_b), made relative to the final max at the end (float64). */
 /* Σ w_c over each block of columns, then over all of them (smoothing's dot; NULL without smoothing), or NULL with
  * *failed set */
 static double *block_weights(const RowOptions *o, int64_t C, int *failed) {
@@ -277,12 +276,55 @@ static double *block_weights(const RowOptions *o, int64_t C, int *failed) {
     return block_weight;
 }
 
+/* Row r's target: its class index, whether it counts (not ignore_index), whether it lies outside [0, C), and
+ * ω = w_t (1 without weights or where it does not count) */
+typedef struct {
+    int64_t index;
+    int valid, bad;
+    double omega;
+} Target;
+
+static inline Target row_target(const RowOptions *o, int64_t r, int64_t C) {
+    Target t = {o->target[r], 0, 0, 1.0};
+    t.valid = t.index != o->ignore_index;
+    t.bad = t.valid && (t.index < 0 || t.index >= C);
+    if (t.valid && !t.bad && o->weight) t.omega = o->weight[t.index];
+    return t;
+}
+
+/* loss_r from lse = m + log S, the target logit x_t and dot = Σ_c w_c (x_c − m) (read only with smoothing):
+ * 0 on ignored rows, NaN where the class index is out of range */
+static float row_loss(const RowOptions *o, Target t, double row_lse, double log_s, float x_t, double dot, int64_t C) {
+    if (!t.valid) return 0.0f;
+    if (t.bad) return NAN;
+    const double eps = o->label_smoothing;
+    double l = t.omega * ((1.0 - eps) * (row_lse - (double)x_t) + o->z_loss * row_lse * row_lse);
+    if (eps != 0.0) l += (eps / (double)C) * (o->total_weight * log_s - dot); /* Σ_c w_c (lse − z_c) */
+    return (float)l;
+}
+
+/* The gradient's factor on p: g (ω (1 − ε + 2 s lse) + ε W / C) */
+static inline double grad_scale(const RowOptions *o, Target t, double row_lse, double g, int64_t C) {
+    const double eps = o->label_smoothing;
+    return g * (t.omega * (1.0 - eps + 2.0 * o->z_loss * row_lse) + eps * o->total_weight / (double)C);
+}
+
+/* The address of row r of an output laid out as the logits z, with strides (out_s_n, out_s_m) */
+static inline void *out_row(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, int64_t r) {
+    return out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
+}
+
+static void fill_row(void *out, int dtype, int64_t C, float v) {
+    float vals[BLOCK];
+    for (int i = 0; i < BLOCK; i++) vals[i] = v;
+    for (int64_t c = 0; c < C; c += BLOCK) store_block(out, dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, vals);
+}
+
 /* Row r's loss and lse (one pass: the running max m is raised block by block, the sum so far rescaled by
  * exp(m_old − m); the smoothing dot is kept as Σ_b (d_b + W_b m_b), made relative to the final max at the end) */
 static void row_forward(const Rows *z, const RowOptions *o, const double *block_weight, int64_t r, float *loss,
                         double *lse) {
     const int64_t C = z->classes;
-    const double eps = o->label_smoothing;
     float buf[BLOCK];
     const void *x = row_at(z, r);
     float m = -FLT_MAX; /* an all −inf row keeps it: sumexp 0, lse −inf (not NaN) */
@@ -301,22 +343,11 @@ static void row_forward(const Rows *z, const RowOptions *o, const double *block_
         }
     }
     double log_s = log(sumexp);
-    double row_lse = (double)m + log_s;
-    *lse = row_lse;
-    int64_t t = o->target[r];
-    if (t == o->ignore_index) {
-        *loss = 0.0f;
-        return;
-    }
-    if (t < 0 || t >= C) {
-        *loss = NAN;
-        return;
-    }
-    double omega = o->weight ? o->weight[t] : 1.0;
-    double l = omega * ((1.0 - eps) * (row_lse - (double)load_one(x, z->dtype, t)) + o->z_loss * row_lse * row_lse);
-    if (block_weight) /* Σ_c w_c (x_c − m) = dot − W m, W the blocks' weights summed as dot saw them */
-        l += (eps / (double)C) * (o->total_weight * log_s - (dot - block_weight[(C + BLOCK - 1) / BLOCK] * (double)m));
-    *loss = (float)l;
+    *lse = (double)m + log_s;
+    Target t = row_target(o, r, C);
+    float x_t = t.valid && !t.bad ? load_one(x, z->dtype, t.index) : 0.0f;
+    if (block_weight) dot -= block_weight[(C + BLOCK - 1) / BLOCK] * (double)m; /* W m, W as dot saw the weights */
+    *loss = row_loss(o, t, *lse, log_s, x_t, dot, C);
 }
 
 /* Row r's g · ∂loss/∂z into out; factored: only scale · p (the fused loops apply the target and smoothing terms
@@ -328,29 +359,25 @@ static void row_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t
     const float *w = eps != 0.0 ? o->weight_f32 : NULL;
     float in_buf[BLOCK], out_buf[BLOCK];
     const void *x = row_at(z, r);
-    void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
-    int64_t t = o->target[r];
-    int valid = t != o->ignore_index;
-    int bad = valid && (t < 0 || t >= C);
-    double omega = valid && !bad && o->weight ? o->weight[t] : 1.0;
-    double scale = g * (omega * (1.0 - eps + 2.0 * o->z_loss * row_lse) + eps * o->total_weight / C);
-    if (!valid || bad || scale == 0.0) {
-        for (int i = 0; i < BLOCK; i++) out_buf[i] = bad ? NAN : 0.0f;
-        for (int64_t c = 0; c < C; c += BLOCK) store_block(out, z->dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, out_buf);
+    void *out = out_row(z, out_base, out_s_n, out_s_m, r);
+    Target t = row_target(o, r, C);
+    double scale = grad_scale(o, t, row_lse, g, C);
+    if (!t.valid || t.bad || scale == 0.0) {
+        fill_row(out, z->dtype, C, t.bad ? NAN : 0.0f);
         return;
     }
     float hi, lo;
     split2(row_lse, &hi, &lo);
     float smooth = factored ? 0.0f : (float)(g * eps / C), sc = (float)scale;
-    float x_t = load_one(x, z->dtype, t); /* read before the row is written: out may alias the logits */
+    float x_t = load_one(x, z->dtype, t.index); /* read before the row is written: out may alias the logits */
     for (int64_t c = 0; c < C; c += BLOCK) {
         int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
         block_grad(load_block(x, z->dtype, c, n, in_buf), out_buf, n, hi, lo, sc, smooth, w ? w + c : NULL);
         store_block(out, z->dtype, c, n, out_buf);
     }
     if (factored) return;
-    float at_t = sc * exp_f32((x_t - hi) - lo) - smooth * (w ? w[t] : 1.0f);
-    store_one(out, z->dtype, t, at_t - (float)((1.0 - eps) * g * omega));
+    float at_t = sc * exp_f32((x_t - hi) - lo) - smooth * (w ? w[t.index] : 1.0f);
+    store_one(out, z->dtype, t.index, at_t - (float)((1.0 - eps) * g * t.omega));
 }
 
 /* Rows of at most CACHED_MAX columns are done in a per-thread row buffer instead (2 × 256 KiB of fp32: it stays in
@@ -428,12 +455,6 @@ static float *row_buffer(int64_t floats) {
 }
 #endif
 
-static void fill_row(void *out, int dtype, int64_t C, float v) {
-    float vals[BLOCK];
-    for (int i = 0; i < BLOCK; i++) vals[i] = v;
-    for (int64_t c = 0; c < C; c += BLOCK) store_block(out, dtype, c, C - c < BLOCK ? (int)(C - c) : BLOCK, vals);
-}
-
 /* Row r's loss and lse and, with `out`, g · ∂loss/∂z (factored: only scale · p), from the row buffer buf (2C
  * floats). The same formulas as row_forward + row_backward. */
 static void row_cached(const Rows *z, const RowOptions *o, int64_t r, float *loss, double *lse, char *out_base,
@@ -442,42 +463,29 @@ static void row_cached(const Rows *z, const RowOptions *o, int64_t r, float *los
     const int n = (int)C;
     const double eps = o->label_smoothing;
     const float *w = eps != 0.0 ? o->weight_f32 : NULL;
-    const void *row = row_at(z, r);
-    const float *x = load_block(row, z->dtype, 0, n, buf);
+    const float *x = load_block(row_at(z, r), z->dtype, 0, n, buf);
     float *e = buf + C;
     float m = block_max(x, n);
     m = m < -FLT_MAX ? -FLT_MAX : m; /* an all −inf row: sumexp 0, lse −inf (not NaN) */
     double s = out_base ? block_exp_sum(x, n, m, e) : block_sumexp(x, n, m);
     double log_s = log(s);
-    double row_lse = (double)m + log_s;
-    *lse = row_lse;
-    int64_t t = o->target[r];
-    int valid = t != o->ignore_index;
-    int bad = valid && (t < 0 || t >= C);
-    double omega = valid && !bad && o->weight ? o->weight[t] : 1.0;
-    if (!valid || bad) {
-        *loss = bad ? NAN : 0.0f;
-    } else {
-        double l = omega * ((1.0 - eps) * (row_lse - (double)x[t]) + o->z_loss * row_lse * row_lse);
-        if (eps != 0.0) { /* Σ_c w_c (lse − z_c) = W log S − Σ_c w_c (z_c − m) */
-            double dot = 0.0;
-            for (int64_t c = 0; c < C; c += BLOCK)
-                dot += block_dot(x + c, C - c < BLOCK ? (int)(C - c) : BLOCK, m, w ? w + c : NULL);
-            l += (eps / (double)C) * (o->total_weight * log_s - dot);
-        }
-        *loss = (float)l;
-    }
+    *lse = (double)m + log_s;
+    Target t = row_target(o, r, C);
+    double dot = 0.0; /* Σ_c w_c (z_c − m), only with smoothing */
+    if (eps != 0.0 && t.valid && !t.bad)
+        for (int64_t c = 0; c < C; c += BLOCK) dot += block_dot(x + c, C - c < BLOCK ? (int)(C - c) : BLOCK, m, w ? w + c : NULL);
+    *loss = row_loss(o, t, *lse, log_s, t.valid && !t.bad ? x[t.index] : 0.0f, dot, C);
     if (!out_base) return;
-    void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
-    double scale = g * (omega * (1.0 - eps + 2.0 * o->z_loss * row_lse) + eps * o->total_weight / C);
-    if (!valid || bad || scale == 0.0) {
-        fill_row(out, z->dtype, C, bad ? NAN : 0.0f);
+    void *out = out_row(z, out_base, out_s_n, out_s_m, r);
+    double scale = grad_scale(o, t, *lse, g, C);
+    if (!t.valid || t.bad || scale == 0.0) {
+        fill_row(out, z->dtype, C, t.bad ? NAN : 0.0f);
         return;
     }
     float smooth = factored ? 0.0f : (float)(g * eps / C);
     float *dst = z->dtype == DTYPE_FLOAT32 ? (float *)out : e; /* fp32: straight into out (x is no longer read) */
     block_scaled(e, dst, n, (float)(scale / s), smooth, w);
-    if (!factored) dst[t] -= (float)((1.0 - eps) * g * omega);
+    if (!factored) dst[t.index] -= (float)((1.0 - eps) * g * t.omega);
     if (dst == e) store_block(out, z->dtype, 0, n, e);
 }
 
@@ -490,16 +498,19 @@ static int rows_loss(const Rows *z, char *out_base, int64_t out_s_n, int64_t out
     int failed;
     double *block_weight = block_weights(o, z->classes, &failed);
     if (failed) return -1;
-#pragma omp parallel for schedule(dynamic, chunk_rows(z->classes)) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        double g = grad ? (double)grad[r] : grad_value;
-        float *buf = z->classes <= CACHED_MAX ? row_buffer(2 * z->classes) : NULL;
-        if (buf) {
-            row_cached(z, o, r, loss + r, lse + r, out_base, out_s_n, out_s_m, g, factored, buf);
-            continue;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *buf = z->classes <= CACHED_MAX ? row_buffer(2 * z->classes) : NULL; /* once per thread and call */
+#pragma omp for schedule(dynamic, chunk_rows(z->classes))
+        for (int64_t r = 0; r < rows; r++) {
+            double g = grad ? (double)grad[r] : grad_value;
+            if (buf) {
+                row_cached(z, o, r, loss + r, lse + r, out_base, out_s_n, out_s_m, g, factored, buf);
+                continue;
+            }
+            row_forward(z, o, block_weight, r, loss + r, lse + r);
+            if (out_base) row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], g, factored, r);
         }
-        row_forward(z, o, block_weight, r, loss + r, lse + r);
-        if (out_base) row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], g, factored, r);
     }
     free(block_weight);
     *total = 0.0;
@@ -576,7 +587,7 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
     for (int64_t r = 0; r < rows; r++) {
         float in_buf[BLOCK], out_buf[BLOCK];
         const void *x = row_at(z, r);
-        void *out = out_base + ((r / z->m) * out_s_n + (r % z->m) * out_s_m) * z->itemsize;
+        void *out = out_row(z, out_base, out_s_n, out_s_m, r);
         float hi, lo;
         split2(shift[r], &hi, &lo);
         float es = entropy_scale ? entropy_scale[r] : 0.0f;
@@ -757,41 +768,50 @@ static void row_distill_kept(const Rows *s, const Rows *t, double temperature, i
     }
 }
 
+/* One row of rows_distill by the streaming passes (longer rows, or no row buffer): lse of both rows, then D, then
+ * the gradient, each exp recomputed per pass */
+static void row_distill_streaming(const Rows *s, const Rows *t, double temperature, int reverse,
+                                  const float *row_scale, double *divergence, int64_t r) {
+    const int64_t C = s->classes;
+    float s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
+    void *s_row = (void *)row_at(s, r);
+    const void *t_row = row_at(t, r);
+    double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
+                      row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
+    split2(lse_diff, shift + 4, shift + 5);
+    double d = 0.0;
+    for (int64_t c = 0; c < C; c += BLOCK) {
+        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        d += block_kl(tempered_block(s, s_row, c, n, temperature, s_buf),
+                      tempered_block(t, t_row, c, n, temperature, t_buf), n, shift, reverse);
+    }
+    divergence[r] = d;
+    if (!row_scale) return;
+    float scale = row_scale[r];
+    if (scale == 0.0f) { /* ignored rows: exactly 0, also where the softmax is NaN */
+        fill_row(s_row, s->dtype, C, 0.0f);
+        return;
+    }
+    for (int64_t c = 0; c < C; c += BLOCK) {
+        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        block_kl_grad(tempered_block(s, s_row, c, n, temperature, s_buf),
+                      tempered_block(t, t_row, c, n, temperature, t_buf), out_buf, n, shift, reverse, (float)d, scale);
+        store_block(s_row, s->dtype, c, n, out_buf);
+    }
+}
+
 static void rows_distill(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
                          double *divergence, int64_t rows, int threads) {
     const int64_t C = s->classes;
-#pragma omp parallel for schedule(dynamic, chunk_rows(C)) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; r++) {
-        float *buf = C <= CACHED_MAX ? row_buffer(2 * C) : NULL;
-        if (buf) {
-            row_distill_kept(s, t, temperature, reverse, row_scale, divergence, r, buf);
-            continue;
-        }
-        float s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
-        void *s_row = (void *)row_at(s, r);
-        const void *t_row = row_at(t, r);
-        double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
-                          row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
-        split2(lse_diff, shift + 4, shift + 5);
-        double d = 0.0;
-        for (int64_t c = 0; c < C; c += BLOCK) {
-            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-            d += block_kl(tempered_block(s, s_row, c, n, temperature, s_buf),
-                          tempered_block(t, t_row, c, n, temperature, t_buf), n, shift, reverse);
-        }
-        divergence[r] = d;
-        if (!row_scale) continue;
-        float scale = row_scale[r];
-        for (int64_t c = 0; c < C; c += BLOCK) {
-            int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-            if (scale == 0.0f) { /* ignored rows: exactly 0, also where the softmax is NaN */
-                for (int i = 0; i < n; i++) out_buf[i] = 0.0f;
-            } else {
-                block_kl_grad(tempered_block(s, s_row, c, n, temperature, s_buf),
-                              tempered_block(t, t_row, c, n, temperature, t_buf), out_buf, n, shift, reverse, (float)d,
-                              scale);
-            }
-            store_block(s_row, s->dtype, c, n, out_buf);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        float *buf = C <= CACHED_MAX ? row_buffer(2 * C) : NULL; /* once per thread and call */
+#pragma omp for schedule(dynamic, chunk_rows(C))
+        for (int64_t r = 0; r < rows; r++) {
+            if (buf)
+                row_distill_kept(s, t, temperature, reverse, row_scale, divergence, r, buf);
+            else
+                row_distill_streaming(s, t, temperature, reverse, row_scale, divergence, r);
         }
     }
 }
