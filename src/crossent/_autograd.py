@@ -118,7 +118,13 @@ class CrossEntropySmall(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, class_weight, call: SmallCall):
-        loss, lse, total, ctx.formed = cpu_rows.small_forward(logits, target, call.weights, call.opts, call.row_scale)
+        ctx.formed = None
+        if call.row_scale is None:  # per-row losses: the upstream gradient comes in backward
+            loss, lse, total = cpu_rows.forward(logits, target, None, call.opts, call.weights)
+        else:
+            ctx.formed = torch.empty(logits.shape, dtype=logits.dtype)
+            loss, lse, total = cpu_rows.loss_and_grad(logits, target, None, call.row_scale, call.opts, ctx.formed,
+                                                      weights=call.weights)  # fmt: skip
         ctx.save_for_backward(logits, target, class_weight, lse)
         ctx.mark_non_differentiable(lse)
         ctx.call = call
@@ -134,10 +140,10 @@ class CrossEntropySmall(torch.autograd.Function):
         if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
             rows = grad_loss if c.row_scale is None else (grad_loss * c.row_scale).expand(target.shape)
             return composite.logits_grad(logits, target, class_weight, rows, c.opts), None, None, None
-        if c.row_scale is None:
-            return cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, grad_loss), None, None, None
-        grad_value = float(grad_loss) * c.row_scale
-        return cpu_rows.small_backward(logits, target, c.weights, lse, c.opts, None, grad_value), None, None, None
+        grad = torch.empty(logits.shape, dtype=logits.dtype)
+        upstream = grad_loss if c.row_scale is None else float(grad_loss) * c.row_scale
+        cpu_rows.backward(logits, target, None, lse, upstream, c.opts, grad, weights=c.weights)
+        return grad, None, None, None
 
 
 def _whole_rows_only(call: RowCall, what: str) -> RowOptions:

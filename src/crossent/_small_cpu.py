@@ -51,6 +51,6 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
     if torch.is_grad_enabled() and input.requires_grad:
         loss, lse = apply_function(CrossEntropySmall, input, target, weight, SmallCall(row, weights, row_scale))
     else:
-        loss, lse, total, _ = cpu_rows.small_forward(input, target, weights, row, None)
+        loss, lse, total = cpu_rows.forward(input, target, None, row, weights)
         loss = loss if row_scale is None else host_total(total, row_scale)
     return loss_result(loss, lse, target, weight, "index", opts, input.dtype) if opts.return_stats else loss

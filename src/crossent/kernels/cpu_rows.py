@@ -9,7 +9,7 @@ results (fp32 loss, float64 lse) and gradients in the logits' dtype. They cover:
 
 - cross-entropy with class indices over whole rows, every option but softcap (:func:`forward`, :func:`backward`,
   :func:`loss_and_grad`: ``torch_rows``' whole-row path and the fused CE's 16-bit blocks in ``linear_loop``;
-  :func:`small_forward`, :func:`small_backward` and :func:`target_weight`: the small-input path, ``_small_cpu``);
+  and the small-input path, ``_small_cpu``, with :func:`target_weight`);
 - the per-token log-probs' row stats and gradient (:func:`log_prob_stats`, :func:`log_prob_grad`: ``logprob_rows``);
 - distillation's forward / reverse KL block step (:func:`distill`: ``distill_rows``).
 
@@ -23,7 +23,8 @@ OpenMP runtime (the C file's header says how), in small dynamic chunks of rows: 
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import math
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -36,7 +37,8 @@ except ImportError:  # built without a C compiler: torch_rows runs instead
     _native = None
 
 ENABLED = True
-"""Switch for tests and comparisons: False sends every call to :mod:`torch_rows`'s torch ops."""
+"""Switch for tests and comparisons: False sends every call to the torch ops (``torch_rows``, ``logprob_rows``,
+``distill_rows``, the fused loops' fp32-copy blocks, ``_materialized`` for small inputs)."""
 
 # Below this many logits a call runs on the calling thread (an OpenMP region costs a few µs to wake; the
 # kernels process ~3 logits per ns per core on the 2-core x86 VM, fp32 and bf16).
@@ -51,76 +53,68 @@ def available() -> bool:
 
 
 def covers(logits: Tensor, out: Optional[Tensor], opts) -> bool:
-    """Whether the C row kernels take rows ``logits`` (N, M, C) (and write ``out``, same shape): CPU, fp32 / bf16 /
-    fp16, no softcap (``opts``: the cross-entropy's or the log-probs' row options), the class dim contiguous."""
+    """Whether the C row kernels take rows ``logits`` (N, M, C) or (N, C) (and write ``out``, same shape): CPU,
+    fp32 / bf16 / fp16, no softcap (``opts``: the cross-entropy's or the log-probs' row options), the class dim
+    contiguous."""
     return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
             and logits.shape[-1] > 0 and logits.stride(-1) == 1
             and (out is None or (out.dtype == logits.dtype and out.stride(-1) == 1)))  # fmt: skip
 
 
-def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions) -> Tuple[Tensor, Tensor]:
-    """Per-row loss (float32) and lse (float64), flat (N · M,), of logits (N, M, C) and int targets (N, M)."""
-    rows = logits.shape[0] * logits.shape[1]
-    loss = torch.empty(rows, dtype=torch.float32)
-    lse = torch.empty(rows, dtype=torch.float64)
-    _cross_entropy_rows(0, logits, target, class_weight, opts, loss=loss, lse=lse)
-    return loss, lse
+def forward(
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, weights=None
+) -> Tuple[Tensor, Tensor, float]:  # fmt: skip
+    """Per-row loss (float32) and lse (float64), flat (rows,), of logits (N, M, C) or (N, C) and int targets of
+    the batch shape, and the float64 sum of the losses. ``weights``: :func:`class_weights` of ``class_weight``,
+    when the caller has them."""
+    return _loss_rows(0, logits, target, class_weight, opts, weights=weights)
 
 
 def backward(
-    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, grad_loss: Tensor, opts: RowOptions,
-    out: Tensor,
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, grad_loss: Union[Tensor, float],
+    opts: RowOptions, out: Tensor, weights=None,
 ) -> None:  # fmt: skip
-    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (N, M, C), the logits' dtype (may be the logits)."""
-    rows = logits.shape[0] * logits.shape[1]
+    """Write ``grad_loss · ∂loss/∂logits`` into ``out`` (the logits' shape and dtype; may be the logits), from the
+    float64 ``lse`` of the rows; ``grad_loss`` per row (``lse``'s shape, or broadcast to it) or one value."""
+    rows = math.prod(logits.shape[:-1])
+    grad, grad_value = _upstream(grad_loss, lse.shape)
     _cross_entropy_rows(1, logits, target, class_weight, opts, out=out, lse=_flat(lse, torch.float64, rows),
-                        grad=_flat(grad_loss.to(torch.float32).expand(lse.shape), torch.float32, rows))  # fmt: skip
+                        grad=grad, grad_value=grad_value, weights=weights)  # fmt: skip
 
 
 def loss_and_grad(
-    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], grad_loss: Tensor, opts: RowOptions, out: Tensor,
-    factored: bool = False,
-) -> Tuple[Tensor, Tensor]:  # fmt: skip
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], grad_loss: Union[Tensor, float], opts: RowOptions,
+    out: Tensor, factored: bool = False, weights=None,
+) -> Tuple[Tensor, Tensor, float]:  # fmt: skip
     """:func:`forward` and then :func:`backward` (into ``out``, which may be the logits), each row while it is in the
-    cache: the fused loops know the upstream gradient ``grad_loss`` (N, M) in forward. Returns (loss, lse) flat.
+    cache — one exp per logit where the row fits the kernels' row buffer: the fused loops and the small-input path
+    know the upstream gradient ``grad_loss`` in forward. Returns (loss, lse) flat and the float64 sum of the losses.
 
     ``factored``: write only the gradient's ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0
     on ignored rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their
     products."""
-    rows = logits.shape[0] * logits.shape[1]
+    grad, grad_value = _upstream(grad_loss, logits.shape[:-1])
+    return _loss_rows(2, logits, target, class_weight, opts, out=out, grad=grad, grad_value=grad_value,
+                      factored=factored, weights=weights)  # fmt: skip
+
+
+def _loss_rows(mode, logits, target, class_weight, opts, **kwargs) -> Tuple[Tensor, Tensor, float]:
+    """:func:`_cross_entropy_rows` in mode 0 or 2 into new per-row loss (float32) and lse (float64) tensors."""
+    rows = math.prod(logits.shape[:-1])
     loss = torch.empty(rows, dtype=torch.float32)
     lse = torch.empty(rows, dtype=torch.float64)
-    g = _flat(grad_loss.to(torch.float32).expand(logits.shape[:2]), torch.float32, rows)
-    _cross_entropy_rows(2, logits, target, class_weight, opts, out=out, loss=loss, lse=lse, grad=g, factored=factored)
-    return loss, lse
+    total = _cross_entropy_rows(mode, logits, target, class_weight, opts, loss=loss, lse=lse, **kwargs)
+    return loss, lse, total
 
 
-def small_forward(
-    logits: Tensor, target: Tensor, weights, opts: RowOptions, grad_value: Optional[float]
-) -> Tuple[Tensor, Tensor, float, Optional[Tensor]]:  # fmt: skip
-    """Rows (N, C) (class dim contiguous) and int64 targets (N,) of a small input: per-row loss (float32) and lse
-    (float64), the float64 sum of the losses and, given ``grad_value``, ``grad_value · ∂loss_r/∂z`` (N, C) in the
-    logits' dtype from the same pass (one exp per logit). ``weights``: :func:`class_weights`."""
-    rows = logits.shape[0]
-    loss = torch.empty(rows, dtype=torch.float32)
-    lse = torch.empty(rows, dtype=torch.float64)
-    grad = None if grad_value is None else torch.empty(logits.shape, dtype=logits.dtype)
-    total = _cross_entropy_rows(0 if grad is None else 2, logits, target, None, opts, out=grad, loss=loss, lse=lse,
-                                weights=weights, grad_value=0.0 if grad_value is None else grad_value)  # fmt: skip
-    return loss, lse, total, grad
-
-
-def small_backward(
-    logits: Tensor, target: Tensor, weights, lse: Tensor, opts: RowOptions, grad_rows: Optional[Tensor],
-    grad_value: float = 0.0,
-) -> Tensor:  # fmt: skip
-    """:func:`small_forward`'s rows again: ``g_r · ∂loss_r/∂z`` (N, C) in the logits' dtype, ``g_r`` = ``grad_rows``
-    (N,) or ``grad_value`` on every row, from the saved float64 ``lse`` (N,)."""
-    out = torch.empty(logits.shape, dtype=logits.dtype)
-    grad = None if grad_rows is None else _flat(grad_rows, torch.float32, logits.shape[0])
-    _cross_entropy_rows(1, logits, target, None, opts, out=out, lse=lse, grad=grad, weights=weights,
-                        grad_value=grad_value)  # fmt: skip
-    return out
+def _upstream(grad_loss: Union[Tensor, float], batch_shape) -> Tuple[Optional[Tensor], float]:
+    """The upstream gradient as the C entry takes it: (None, the value) for one value on every row (a float, or a
+    one-element CPU tensor: a free host read), else (per-row float32 values, 0)."""
+    if isinstance(grad_loss, float):
+        return None, grad_loss
+    if grad_loss.numel() == 1:
+        return None, float(grad_loss)
+    return _flat(grad_loss.expand(batch_shape), torch.float32, math.prod(batch_shape)), 0.0
 
 
 def target_weight(target: Tensor, weights, num_classes: int, ignore_index: int) -> Tuple[float, int]:
@@ -132,9 +126,8 @@ def target_weight(target: Tensor, weights, num_classes: int, ignore_index: int) 
 def _cross_entropy_rows(mode, logits, target, class_weight, opts, *, out=None, loss=None, lse=None, grad=None,
                         factored=False, weights=None, grad_value=0.0):  # fmt: skip
     """The C entry point ``cross_entropy_rows`` (mode 0 forward, 1 backward, 2 both) on (N, M, C) or (N, C) logits
-    (``out`` alike); returns the
-    float64 sum of the row losses (modes 0 and 2). ``weights``: :func:`class_weights` of ``class_weight``, when the
-    caller has them; ``grad`` None: ``grad_value`` on every row."""
+    (``out`` alike); returns the float64 sum of the row losses (modes 0 and 2). ``weights``: :func:`class_weights` of
+    ``class_weight``, when the caller has them; ``grad`` None: ``grad_value`` on every row."""
     if logits.dim() == 2:  # (N, C): one position per batch row
         (n, num_classes), m, strides = logits.shape, 1, (logits.stride(0), 0)
         out_strides = (0, 0) if out is None else (out.stride(0), 0)

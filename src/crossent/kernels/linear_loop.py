@@ -268,10 +268,11 @@ def _half_block_step(ws, r0, r1, target, class_weight, grad_scale, opts: RowOpti
     q = ws.logits(r0, r1, ws.pieces[0])
     q3, t3 = q.unsqueeze(1), target.unsqueeze(1)
     if grad_scale is None:
-        loss[r0:r1], lse[r0:r1] = cpu_rows.forward(q3, t3, class_weight, opts)
+        loss[r0:r1], lse[r0:r1], _ = cpu_rows.forward(q3, t3, class_weight, opts, ws.c_weights)
         return
     g = grad_scale.unsqueeze(1)
-    loss[r0:r1], lse[r0:r1] = cpu_rows.loss_and_grad(q3, t3, class_weight, g, opts, q3, factored=not finished)
+    loss[r0:r1], lse[r0:r1], _ = cpu_rows.loss_and_grad(q3, t3, class_weight, g, opts, q3, factored=not finished,
+                                                         weights=ws.c_weights)  # fmt: skip
     if finished:
         ws.add_block_grad(q, FINISHED, r0, r1, ws.pieces[0], first=True)
         return
@@ -431,6 +432,8 @@ class _Workspace:
         dev = x.device
         # half_block: the block stays in 16 bits (the C step); else its compute-dtype copy is what the step works on
         self.buf = None if half_block else torch.empty(rows * width, dtype=self.cdt, device=dev)
+        # the class weights as the C kernels take them, once per loop (the C step's blocks hold whole rows)
+        self.c_weights = cpu_rows.class_weights(class_weight, self.vocab) if half_block else None
         # 16-bit inputs: the logits product writes here; the gradient products read the block cast back
         self.buf_in = None if x.dtype == self.cdt else torch.empty(rows * width, dtype=x.dtype, device=dev)
         need_x, need_w, need_b = (bool(v) for v in needs)

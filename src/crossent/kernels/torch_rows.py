@@ -271,7 +271,7 @@ def _whole_rows_forward(logits, target, class_weight, opts):
     ``lse = x_t − log p_t`` and (with smoothing) ``Σ_c w_c (lse − x_c) = −Σ_c w_c log p_c``."""
     z3, t3, shape = _as_3d(logits, target)
     if cpu_rows.covers(z3, None, opts):  # the same math in C, reading the logits as stored
-        loss, lse = cpu_rows.forward(z3, t3, class_weight, opts)
+        loss, lse, _ = cpu_rows.forward(z3, t3, class_weight, opts)
         return loss.reshape(shape), lse.reshape(shape)
     cdt = compute_dtype(logits.dtype)
     num_classes = z3.shape[-1]
