@@ -1,15 +1,15 @@
 """Small inputs: PyTorch's own fused ``log_softmax`` + ``nll_loss``, with crossent's semantics layered on.
 
-Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU (``HALF_WITH_C_MAX_ELEMENTS`` for 16-bit logits when the C
-row kernels are built) the fixed cost of the O(N) path (the autograd Function, per-row bookkeeping, the
-reduction's nodes: ~100 µs) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) — where
+Below ``MATERIALIZED_MAX_ELEMENTS`` logits on the CPU the fixed cost of the O(N) path (the autograd Function,
+per-row bookkeeping, the reduction's nodes: ~150 µs) outweighs its work, so ``cross_entropy`` (``impl="auto"``, class-index targets) — where
 ``crossent._small_cpu`` (the C kernels' one pass, tried first) does not take the call — runs PyTorch's fused
 ``log_softmax`` and ``nll_loss`` on the fp32 (fp64) log-probabilities instead, which saves the N×C
 log-probabilities for backward — at most a few MiB at this size. Not on CUDA, not while compiling or under
 a ``torch.func`` transform (the host reads below cannot be traced): the O(N) path then. Everything crossent
 promises still holds: a float32 loss for 16-bit input, z-loss and softcap, a mean over zero total weight is 0
 with a zero gradient, a ValueError for a class index out of range, ignored all −inf rows get a zero gradient
-(such calls take the O(N) path), and ``return_stats``. tests/test_materialized.py holds the two paths equal over the option grid.
+(such calls take the O(N) path), and ``return_stats``. tests/test_materialized.py holds the paths equal over the
+option grid.
 """
 
 from __future__ import annotations
@@ -20,23 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from crossent._modes import plain_eager
 from crossent._checks import check_target_range
+from crossent._modes import plain_eager
 from crossent._options import CrossEntropyOptions
-from crossent._precision import HALF_DTYPES, compute_dtype
+from crossent._precision import compute_dtype
 from crossent._reduction import index_row_weight, reduce_rows
 from crossent._results import loss_result
-from crossent.kernels import cpu_rows
 
 # Chosen on the 2-core x86 VM (forward+backward, fp32 and bf16, docs/benchmarks.md "Small shapes") when the O(N)
 # kernels' fixed cost was ~0.7 ms and PyTorch's fused path cost ~1 ns per logit: 2^20 logits is where they met.
 # The O(N) path's fixed cost is ~150 µs now (C kernels, eager fast path); the limit stays as the bound on what the
 # small paths keep for backward (4 MiB of fp32 at most), and crossent._small_cpu shares it.
 MATERIALIZED_MAX_ELEMENTS = 1 << 20
-# 16-bit logits where the C row kernels are built (kernels/cpu_rows.py): they read bf16/fp16 as stored, where this
-# path upcasts to an fp32 copy first; forward+backward against F.cross_entropy, interleaved (docs/benchmarks.md):
-# bf16 64 × 1000 1.7× here, 3.4× there (the O(N) path's fixed cost); 256 × 1000 1.9× / 1.6×; 512 × 2048 2.5× / 1.1×.
-HALF_WITH_C_MAX_ELEMENTS = 1 << 17
 
 
 def applies(input: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions) -> bool:
@@ -44,10 +39,8 @@ def applies(input: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, 
     PyTorch's nll_loss would assert on an out-of-range class instead of crossent's NaN row, and the host reads
     below would be syncs), plain eager mode (``_modes.plain_eager``: a compiled graph, a vmap, FakeTensorMode or a
     tensor subclass cannot read values on the host)."""
-    limit = MATERIALIZED_MAX_ELEMENTS
-    if input.dtype in HALF_DTYPES and cpu_rows.available():
-        limit = min(limit, HALF_WITH_C_MAX_ELEMENTS)
-    return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu" and input.numel() <= limit
+    return (kind == "index" and opts.impl == "auto" and input.device.type == "cpu"
+            and input.numel() <= MATERIALIZED_MAX_ELEMENTS
             and plain_eager(input, target, weight))  # fmt: skip
 
 
