@@ -279,6 +279,20 @@ def test_row_buffers_of_finished_threads_are_freed():
     assert rss_mib() - before < 8.0
 
 
+def test_fused_distillation_blocks_for_the_c_step_get_no_scratch(monkeypatch):
+    # fp32 blocks of whole rows go to the C step too (β = 0 or 1): the torch step's scratch blocks are not made
+    from crossent.kernels import distill_loop
+
+    made = []
+    monkeypatch.setattr(distill_loop, "_scratch", lambda *a: made.append(1))
+    g = torch.Generator().manual_seed(2)
+    x, x_t = torch.randn(20, 8, generator=g), torch.randn(20, 8, generator=g)
+    w, w_t = torch.randn(300, 8, generator=g), torch.randn(300, 8, generator=g)
+    xr = x.requires_grad_()
+    crossent.linear_distill_loss(xr, w, x_t, w_t, beta=1.0).backward()
+    assert not made and torch.isfinite(xr.grad).all()
+
+
 # --- the fused linear CE's 16-bit block step ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -180,13 +180,19 @@ def log_prob_grad(logits: Tensor, out: Tensor, temperature: float, shift: Tensor
 
 
 def covers_distill(student: Tensor, teacher: Tensor, opts) -> bool:
-    """Whether :func:`distill` takes a block of student and teacher logits (rows, V): forward or reverse KL (β 0 or
-    1), no softcap, no hard loss, teacher logits (not log-probabilities), the same dtype and shape, rows contiguous."""
-    return (available() and student.device.type == "cpu" and student.dtype in _DTYPE_CODES
-            and teacher.dtype == student.dtype and teacher.shape == student.shape and student.dim() == 2
-            and student.shape[-1] > 0 and student.stride(-1) == 1 and teacher.stride(-1) == 1
-            and opts.beta in (0.0, 1.0) and opts.softcap is None and not opts.hard_weight
-            and not opts.teacher_log_probs)  # fmt: skip
+    """Whether :func:`distill` takes a block of student and teacher logits (rows, V): options it covers
+    (:func:`covers_distill_options`), the same dtype (fp32 / bf16 / fp16) and shape, rows contiguous."""
+    return (covers_distill_options(opts, student.device, student.dtype) and teacher.dtype == student.dtype
+            and teacher.shape == student.shape and student.dim() == 2 and student.shape[-1] > 0
+            and student.stride(-1) == 1 and teacher.stride(-1) == 1)  # fmt: skip
+
+
+def covers_distill_options(opts, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether :func:`distill` takes blocks of ``dtype`` on ``device`` with distillation options ``opts``: the C
+    kernels built, CPU, forward or reverse KL (β 0 or 1), no softcap, no hard loss, teacher logits (not
+    log-probabilities)."""
+    return (available() and device.type == "cpu" and dtype in _DTYPE_CODES and opts.beta in (0.0, 1.0)
+            and opts.softcap is None and not opts.hard_weight and not opts.teacher_log_probs)  # fmt: skip
 
 
 def distill(student: Tensor, teacher: Tensor, temperature: float, reverse: bool, row_scale: Optional[Tensor]) -> Tensor:

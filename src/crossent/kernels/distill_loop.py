@@ -28,7 +28,7 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent._precision import compute_dtype
-from crossent.kernels import scratch
+from crossent.kernels import cpu_rows, scratch
 from crossent.kernels.distill_rows import (
     Scratch,
     block_step_,
@@ -47,13 +47,7 @@ from crossent.kernels.linear_loop import (
     _Workspace,
     half_blocks,
 )
-from crossent.kernels.linear_plan import (
-    ChunkPlan,
-    check_memory_budget,
-    default_memory_budget,
-    plan_chunks,
-    scratch_bytes,
-)
+from crossent.kernels.linear_plan import ChunkPlan, check_memory_budget, plan_chunks
 from crossent.kernels.linear_step import FINISHED
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import RowStats, combine_stats
@@ -88,26 +82,20 @@ def check_distill_budget(num_rows, dim, vocab, dtype, opts: DistillRowOptions, c
                          f"heads' logits and the step's scratch), {memory_budget // blocks} bytes each: {e}") from None
 
 
-def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool, half: bool = False,
-         dw_spared: int = 0) -> ChunkPlan:  # fmt: skip
+def plan(x: Tensor, dim: int, vocab: int, opts: DistillRowOptions, loop: LoopArgs, grads: bool, c_step: bool = False,
+         half: bool = False, dw_spared: int = 0) -> ChunkPlan:  # fmt: skip
     """The block shape: :func:`linear_plan.plan_chunks` for one block with 1 / ``block_count`` of an explicit
     ``memory_budget``, or by default the fused CE's default budget (``default_memory_budget``) for each block,
     ``dim`` the larger hidden size of the two heads. Why not share the default: blocks of a third the rows run
     the four products ~10% slower on the CPU (measured at (4096, 1024, 32768): 1.22× the floor at ~330 rows,
     1.11× at ~1000; docs/benchmarks.md, "Distillation"), and the scratch stays far below the recipe's.
-    ``half``: 16-bit blocks for the C step (2 bytes per logit, no scratch blocks; one block of rows may use the
-    ``dw_spared`` bytes of the fp32 dW sum it does without, as the fused CE's plan)."""
-    blocks = 2 if half else block_count(opts, grads)
-    if loop.chunk_size is not None and loop.memory_budget is None:
-        share = None  # as the fused CE: chunk_size alone fixes the rows and keeps the vocabulary whole
-    elif loop.memory_budget is None:
-        share = default_memory_budget(x.device, vocab, dim, x.dtype)
-        rows = max(x.shape[0], 1)  # the default budget: one block of rows when it fits with the dW bytes it spares
-        if half and scratch_bytes(rows, vocab, dim, x.dtype, fp32_block=False) <= share + dw_spared // blocks:
-            return ChunkPlan(rows, vocab)
-    else:
-        share = loop.memory_budget // blocks
-    return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share, fp32_block=not half)
+    ``c_step``: whole-row blocks go to the C step (no scratch blocks); ``half``: and they stay 16-bit (2 bytes per
+    logit; one block of rows may use the ``dw_spared`` bytes of the fp32 dW sum it does without, as the fused
+    CE's plan). ``chunk_size`` alone fixes the rows and keeps the vocabulary whole, as in the fused CE."""
+    blocks = 2 if c_step else block_count(opts, grads)
+    share = None if loop.memory_budget is None else loop.memory_budget // blocks  # None: the default, per block
+    return plan_chunks(x.shape[0], dim, vocab, x.dtype, x.device, loop.chunk_size, share, fp32_block=not half,
+                       one_block_spares=dw_spared // blocks)  # fmt: skip
 
 
 @scratch.reused
@@ -148,12 +136,14 @@ def linear_distill(
         return _scattered(loss, keep, n, 0.0), grads._replace(input=_scattered(grads.input, keep, n, 0.0))
     grads = grad_scale is not None
     vocab = loop.plan_vocab or linear_weight.shape[0]
-    half = _half_blocks(input, linear_weight, teacher_input, teacher_weight, opts, loop, shard, hooks, step)
+    c_step = _c_step(input, linear_weight, teacher_input, opts, shard, hooks, step)
+    half = c_step and half_blocks(input, linear_weight, opts, loop, shard, None, True)
     fp32_dw = half and grads and needs.need_weight and loop.accumulate == "float32"
     dim = max(input.shape[1], teacher_input.shape[1])
-    block_plan = plan(input, dim, vocab, opts, loop, grads, half, linear_weight.numel() * 4 if fp32_dw else 0)
-    if half and block_plan.cols < vocab:  # the C step takes whole rows: a vocabulary split plans fp32 blocks again
-        half, block_plan = False, plan(input, dim, vocab, opts, loop, grads)
+    block_plan = plan(input, dim, vocab, opts, loop, grads, c_step, half, linear_weight.numel() * 4 if fp32_dw else 0)
+    if c_step and block_plan.cols < vocab:  # the C step takes whole rows: a vocabulary split plans again
+        c_step = half = False
+        block_plan = plan(input, dim, vocab, opts, loop, grads)
     labels = target if target is not None else torch.zeros(n, dtype=torch.int64, device=input.device)
     student = _Workspace(input, linear_weight, linear_bias, labels, None, 0.0, loop, needs, shard, grads,
                          plan=block_plan, half_block=half, single_block=half and block_plan.rows >= n)  # fmt: skip
@@ -161,7 +151,7 @@ def linear_distill(
                          GradNeeds(False, False, False), shard, False, plan=block_plan, half_block=half)  # fmt: skip
     width = student.pieces[0][1] - student.pieces[0][0]
     rows = max(1, min(block_plan.rows, n))
-    n_bufs = 0 if half else scratch_blocks(opts, grads)  # the C step needs no scratch
+    n_bufs = 0 if c_step else scratch_blocks(opts, grads)  # the C step needs no scratch
     bufs = [torch.empty(rows * width, dtype=student.cdt, device=input.device) for _ in range(n_bufs)]
     loss = torch.empty(n, dtype=compute_dtype(input.dtype), device=input.device)
     g_rows = None if grad_scale is None else grad_scale.to(student.cdt).expand(n)
@@ -171,7 +161,7 @@ def linear_distill(
         if len(student.pieces) == 1 and hooks.stats is None:
             piece = student.pieces[0]
             s, t = student.logits(r0, r1, piece), teacher.logits(r0, r1, piece)
-            loss[r0:r1] = step(s, t, t_blk, g, opts, None if half else _scratch(bufs, s.shape, opts, grads))
+            loss[r0:r1] = step(s, t, t_blk, g, opts, None if c_step else _scratch(bufs, s.shape, opts, grads))
             if g is not None:
                 student.add_block_grad(s, FINISHED, r0, r1, piece, first=True)
             continue
@@ -179,13 +169,13 @@ def linear_distill(
     return loss, student.finish()
 
 
-def _half_blocks(x, w, x_t, w_t, opts: DistillRowOptions, loop: LoopArgs, shard, hooks: DistillHooks, step) -> bool:
-    """Whether both heads' blocks stay in 16 bits for the C step (:func:`cpu_rows.distill` reads and writes them as
-    stored): the fused loops' rule (``linear_loop.half_blocks``) for the student, the teacher's head in the same
-    dtype, and options the C step covers (β ∈ {0, 1}, no hard loss, teacher logits)."""
-    return (step is block_step_ and half_blocks(x, w, opts, loop, shard, hooks.stats, True) and x_t.dtype == x.dtype
-            and w_t.dtype == x.dtype and opts.beta in (0.0, 1.0) and not opts.hard_weight
-            and not opts.teacher_log_probs)  # fmt: skip
+def _c_step(x, w, x_t, opts: DistillRowOptions, shard, hooks: DistillHooks, step) -> bool:
+    """Whether whole-row blocks go to the C step (:func:`cpu_rows.distill`, through ``block_step_``): options and
+    the blocks' dtype it covers (:func:`cpu_rows.covers_distill_options`: the blocks are the compute dtype's, or
+    16-bit where ``half_blocks`` keeps them so), both heads in one dtype, no vocabulary shard or stats hook."""
+    whole = shard is None or (shard.vocab_start == 0 and shard.num_classes == w.shape[0])
+    return (step is block_step_ and whole and hooks.stats is None and x_t.dtype == x.dtype
+            and cpu_rows.covers_distill_options(opts, x.device, compute_dtype(x.dtype)))  # fmt: skip
 
 
 def _scratch(bufs, shape, opts, grads) -> Scratch:
