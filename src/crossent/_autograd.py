@@ -16,7 +16,7 @@ import torch
 
 from crossent._options import DistillRowOptions, LogProbRowOptions, RowOptions
 from crossent._precision import compute_dtype
-from crossent._reduction import host_total
+from crossent._reduction import host_total, scaled_sum
 from crossent.kernels import composite, cpu_rows, distill_ops, linear_ops, logprob_ops, ops
 from crossent.kernels.collectives import sum_over_ranks_
 from crossent._modes import forward_ad_active, transforms_active
@@ -238,7 +238,7 @@ class LinearCrossEntropyFused(torch.autograd.Function):
             call.needs, call.impl,
         )  # fmt: skip
         grads = [out.lse.new_empty(0) if g is None else g for g in out.grads]  # outputs must be tensors
-        return _scaled_sum(out.loss, row_scale), out.lse, *grads
+        return scaled_sum(out.loss, row_scale), out.lse, *grads
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -251,12 +251,6 @@ class LinearCrossEntropyFused(torch.autograd.Function):
     def backward(ctx, grad_out, *_unused):
         dx, dw, db = scale_forward_grads(ctx, grad_out, "linear_cross_entropy")
         return dx, dw, db, None, None, None, None
-
-
-def _scaled_sum(loss, row_scale):
-    """``Σ_i row_scale · loss_i`` summed in float64 and returned in the loss's dtype (an fp32 sum of N losses
-    rounds at the size of the sum: 1e-6 of a mean over 4096 rows of ~10, as much as the rest of its error)."""
-    return (loss.sum(dtype=torch.float64) * row_scale.double()).to(loss.dtype)
 
 
 def scale_forward_grads(ctx, grad_out, name: str):
@@ -368,7 +362,7 @@ class LinearDistillFused(torch.autograd.Function):
             input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target, scale, call.opts,
             call.shard, call.loop, call.needs, call.impl,
         )  # fmt: skip
-        return _scaled_sum(loss, row_scale), *(loss.new_empty(0) if g is None else g for g in grads)
+        return scaled_sum(loss, row_scale), *(loss.new_empty(0) if g is None else g for g in grads)
 
     @staticmethod
     def setup_context(ctx, inputs, output):

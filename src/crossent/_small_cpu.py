@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from crossent import _materialized
-from crossent._autograd import CrossEntropySmall, SmallCall, apply_function
+from crossent._autograd import CrossEntropySmall, SmallCall
 from crossent._checks import check_target_range
 from crossent._modes import forward_ad_active, plain_eager
 from crossent._options import CrossEntropyOptions
@@ -49,7 +49,8 @@ def cross_entropy(input: Tensor, target: Tensor, weight: Optional[Tensor], opts:
         check_target_range(target, num_classes, row.ignore_index)  # raises the ValueError naming the index
     row_scale = host_row_scale(opts, total_weight)
     if torch.is_grad_enabled() and input.requires_grad:
-        loss, lse = apply_function(CrossEntropySmall, input, target, weight, SmallCall(row, weights, row_scale))
+        # old-style Function: its apply binds no arguments; never under a transform (applies)
+        loss, lse = CrossEntropySmall.apply(input, target, weight, SmallCall(row, weights, row_scale))
     else:
         loss, lse, total = cpu_rows.forward(input, target, None, row, weights)
         loss = loss if row_scale is None else host_total(total, row_scale)

@@ -146,7 +146,7 @@ def linear_distill(
         block_plan = plan(input, dim, vocab, opts, loop, grads)
     labels = target if target is not None else torch.zeros(n, dtype=torch.int64, device=input.device)
     student = _Workspace(input, linear_weight, linear_bias, labels, None, 0.0, loop, needs, shard, grads,
-                         plan=block_plan, half_block=half, single_block=half and block_plan.rows >= n)  # fmt: skip
+                         plan=block_plan, half_block=half)  # fmt: skip
     teacher = _Workspace(teacher_input, teacher_weight, teacher_bias, labels, None, 0.0, loop,
                          GradNeeds(False, False, False), shard, False, plan=block_plan, half_block=half)  # fmt: skip
     width = student.pieces[0][1] - student.pieces[0][0]

@@ -158,11 +158,10 @@ def linear_loss_and_grads(
     plan = _half_plan(input, linear_weight, opts, loop, shard, combine, kernels is TORCH_KERNELS,
                       grad_scale is not None and needs.need_weight)  # fmt: skip
     half_step = plan is not None
+    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, _smoothing(opts), loop, needs, shard,
+                    grad_scale is not None, plan, half_block=half_step)  # fmt: skip
     # one block of rows as well: the C step writes the finished gradient, and dW is that block's 16-bit product
-    finished = half_step and plan.rows >= input.shape[0]
-    ws = _Workspace(input, linear_weight, linear_bias, target, class_weight, 0.0 if finished else _smoothing(opts),
-                    loop, needs, shard, grad_scale is not None, plan, half_block=half_step,
-                    single_block=finished)  # fmt: skip
+    finished = ws.single_block
     loss = torch.empty(ws.n, dtype=ws.cdt, device=input.device)
     lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)  # O(N); keeps lse − z_t's digits
     scale_rows = None if grad_scale is None else grad_scale.to(ws.cdt).expand(ws.n)
@@ -368,7 +367,7 @@ def linear_log_probs_grads(
     plan = _half_plan(input, linear_weight, opts, loop, shard, None, kernels is TORCH_LOGPROB_KERNELS,
                       needs.need_weight)  # fmt: skip
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, needs, shard, True, plan,
-                    half_block=plan is not None, single_block=plan is not None and plan.rows >= input.shape[0])
+                    half_block=plan is not None)
 
     def rows(t, r0, r1):
         return None if t is None else t[r0:r1]
@@ -410,7 +409,7 @@ class _Workspace:
     """Buffers and accumulators of one loop: the block buffer, dX/dW/db sums, and the product epilogues."""
 
     def __init__(self, x, linear_weight, linear_bias, target, class_weight, smoothing, loop, needs, shard, grads,
-                 plan=None, half_block=False, single_block=False):  # fmt: skip
+                 plan=None, half_block=False):  # fmt: skip
         w, b, plan = linear_weight, linear_bias, loop.plan(x, linear_weight) if plan is None else plan
         self.cdt = compute_dtype(x.dtype)
         self.grad_dtypes = (x.dtype, w.dtype, None if b is None else b.dtype)
@@ -428,6 +427,9 @@ class _Workspace:
         cols = max(1, min(plan.cols, self.vocab))
         self.pieces = [(p, min(p + cols, self.vocab)) for p in range(0, max(self.vocab, 1), cols)]
         rows = max(1, min(plan.rows, self.n))
+        # one 16-bit block holding every row: the C step writes the finished gradient (no factored smoothing term),
+        # and dW is that block's 16-bit product
+        self.single_block = half_block and plan.rows >= self.n
         width = self.pieces[0][1] - self.pieces[0][0]
         dev = x.device
         # half_block: the block stays in 16 bits (the C step); else its compute-dtype copy is what the step works on
@@ -442,7 +444,7 @@ class _Workspace:
         # through a slice-sized 16-bit partial; else in the compute dtype from the unrounded block gradient
         self.half_dw = self.need_w and loop.accumulate == "float32" and fast_half_products(dev.type, x.dtype)
         # dW summed in the weight's dtype ("weight"), or, for a single 16-bit block of rows, written by its product
-        acc_w = w.dtype if loop.accumulate == "weight" or (single_block and self.half_dw) else self.cdt
+        acc_w = w.dtype if loop.accumulate == "weight" or (self.single_block and self.half_dw) else self.cdt
         self.dw_slice = max(1, min(width, HALF_DW_SLICE_BYTES // (2 * max(self.dim, 1))))
         fp32_dw = self.half_dw and acc_w == self.cdt
         self.dw_part = torch.empty(self.dw_slice, self.dim, dtype=x.dtype, device=dev) if fp32_dw else None
@@ -453,7 +455,7 @@ class _Workspace:
         new_dw = torch.empty if self.n else torch.zeros
         self.dw = new_dw(w.shape, dtype=acc_w, device=dev) if self.need_w else None
         self.db = torch.zeros(self.vocab, dtype=self.cdt, device=dev) if self.need_b else None
-        eps = smoothing if grads else 0.0  # the ε of the factored gradient (0: it comes finished)
+        eps = smoothing if grads and not self.single_block else 0.0  # the factored gradient's ε (0: comes finished)
         class_weight_local = shard_weight(class_weight, self.vocab_start, self.vocab, self.cdt)
         self.class_weight_local = (torch.ones(self.vocab, dtype=self.cdt, device=dev) if class_weight_local is None
                                    else class_weight_local)  # fmt: skip
