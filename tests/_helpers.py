@@ -130,3 +130,50 @@ class LargestAllocation(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.numel() > self.largest:
                 self.largest, self.op = t.numel(), func
         return out
+
+
+# --- the C row kernels' tests (tests/test_cpu_rows.py, tests/test_small_cpu.py) ----------------------------------
+
+# cross-entropy options over which the C kernels are checked; "weight": True takes the case's class weights
+ROW_OPTIONS = {
+    "plain": {},
+    "ignore": {"ignore_index": 3},
+    "weight": {"weight": True},
+    "smoothing": {"label_smoothing": 0.1},
+    "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
+    "z_loss": {"z_loss": 1e-3},
+    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "ignore_index": 3},
+}
+# one unit in the last place at 1.0 of each dtype the C kernels read
+ULP = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}
+
+
+def row_case(n, c, dtype, seed=0, scale=4.0):
+    """Logits (n, c) in ``dtype``, int64 targets (every fourth one class 3, the ``ignore`` option's index, where
+    c > 3) and class weights in [0.5, 1.5)."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    t = torch.randint(0, c, (n,), generator=g)
+    t[::4] = 3 if c > 3 else t[::4]
+    return x, t, torch.rand(c, generator=g) + 0.5
+
+
+def row_kwargs(opts: dict, w: torch.Tensor) -> dict:
+    """``cross_entropy`` keyword arguments of options like ``ROW_OPTIONS``'s, the class weights ``w`` where
+    ``"weight"`` asks for them."""
+    kw = {k: v for k, v in opts.items() if k != "weight"}
+    if opts.get("weight"):
+        kw["weight"] = w
+    return kw
+
+
+def row_reference(x, t, kw: dict, reduction: str = "none"):
+    """float64 loss and gradient (for grad_output 1) from crossent.reference, on the logits as given (rounded to
+    their dtype)."""
+    from crossent import reference
+
+    args = {k: (v.double().numpy() if k == "weight" else v) for k, v in kw.items()}
+    z = x.double().numpy()
+    loss = reference.cross_entropy(z, t.numpy(), reduction=reduction, **args)
+    grad = reference.cross_entropy_grad(z, t.numpy(), reduction=reduction, **args)
+    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(np.asarray(grad))

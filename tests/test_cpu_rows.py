@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+from _helpers import ROW_OPTIONS, ULP, row_case, row_kwargs, row_reference
 from crossent import _small_cpu, reference
 from crossent._options import CrossEntropyOptions, RowOptions
 from crossent.kernels import cpu_rows, linear_loop
@@ -70,55 +71,36 @@ def test_float32_rounds_to_16_bits_as_pytorch_does(dtype):
 
 # --- the kernels against the reference and the torch-ops path ----------------------------------------------
 
-OPTIONS = {
-    "plain": {},
-    "ignore": {"ignore_index": 3},
-    "weight": {"weight": True},
-    "smoothing": {"label_smoothing": 0.1},
-    "weight+smoothing": {"weight": True, "label_smoothing": 0.2},
-    "z_loss": {"z_loss": 1e-3},
-    "all": {"weight": True, "label_smoothing": 0.1, "z_loss": 1e-2, "ignore_index": 3},
-}
-
-
-def _case(n, c, dtype, seed=0, scale=4.0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(n, c, generator=g) * scale).to(dtype)
-    t = torch.randint(0, c, (n,), generator=g)
-    t[::4] = 3 if c > 3 else t[::4]
-    w = torch.rand(c, generator=g) + 0.5
-    return x, t, w
-
-
 def _run(x, t, w, opts, reduction="none", enabled=True, monkeypatch=None):
-    kwargs = {k: v for k, v in opts.items() if k != "weight"}
-    weight = w if opts.get("weight") else None
+    """Loss, gradient and upstream gradient of ``cross_entropy`` with the C kernels on or off — checking that they
+    ran exactly when on (a ``covers`` that declined would compare the torch ops with themselves)."""
     monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+    calls = []
+    native = cpu_rows._cross_entropy_rows
+    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", lambda *a, **k: calls.append(a[0]) or native(*a, **k))
     xr = x.clone().requires_grad_()
-    loss = crossent.cross_entropy(xr, t, weight=weight, reduction=reduction, **kwargs)
+    loss = crossent.cross_entropy(xr, t, reduction=reduction, **row_kwargs(opts, w))
     g = torch.Generator().manual_seed(1)
     upstream = torch.randn(loss.shape, generator=g) if loss.dim() else torch.tensor(1.0)
     loss.backward(upstream)
+    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", native)
+    assert bool(calls) == enabled, calls
     return loss.detach(), xr.grad, upstream
 
 
 def _reference(x, t, w, opts, upstream):
-    """float64 loss rows and gradient from crossent.reference, on the logits as given (rounded to their dtype)."""
-    z = x.double().numpy()
-    kwargs = {k: v for k, v in opts.items() if k != "weight"}
-    weight = w.double().numpy() if opts.get("weight") else None
-    loss = reference.cross_entropy(z, t.numpy(), weight=weight, reduction="none", **kwargs)
-    grad = reference.cross_entropy_grad(z, t.numpy(), weight=weight, reduction="none", **kwargs)
-    return torch.from_numpy(np.asarray(loss)), torch.from_numpy(np.asarray(grad)) * upstream.double().unsqueeze(-1)
+    """float64 loss rows and gradient (times the per-row ``upstream``) from crossent.reference."""
+    loss, grad = row_reference(x, t, row_kwargs(opts, w))
+    return loss, grad * upstream.double().unsqueeze(-1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("option", list(OPTIONS))
+@pytest.mark.parametrize("option", list(ROW_OPTIONS))
 @pytest.mark.parametrize("classes", [1, 7, 256, 257, 3000])
 def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, classes, monkeypatch):
-    x, t, w = _case(9, classes, dtype)
+    x, t, w = row_case(9, classes, dtype)
     t = t.clamp(max=classes - 1)
-    opts = dict(OPTIONS[option])
+    opts = dict(ROW_OPTIONS[option])
     if classes <= 3:
         opts.pop("ignore_index", None)
     loss, grad, upstream = _run(x, t, w, opts, monkeypatch=monkeypatch)
@@ -126,7 +108,7 @@ def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, c
     torch.testing.assert_close(loss.double(), ref_loss, rtol=2e-6, atol=2e-6 * math.log(classes + 1))
     # the gradient is rounded once to the input dtype: within an ulp of it, or of its largest term (|g| · 1:
     # p − onehot cancels where p ≈ 1)
-    ulp = {torch.float32: 2**-23, torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    ulp = ULP[dtype]
     atol = 2 * ulp * float(upstream.abs().max())
     torch.testing.assert_close(grad.double(), ref_grad, rtol=ulp, atol=atol)
     # off the target column the terms are scale · p_c and the smoothing term, each O(|g| (p_c + ε w_c / C)), and
@@ -150,7 +132,7 @@ def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, c
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype, path, monkeypatch):
     # path: the O(N) kernels, or (marked materialized: the small-input paths stay on) crossent._small_cpu's one pass
-    x, t, _ = _case(64, 3000, dtype, scale=3.0)
+    x, t, _ = row_case(64, 3000, dtype, scale=3.0)
     assert _small_cpu.applies(x, t, None, "index", CrossEntropyOptions.build()) == (path == "small")
     loss, grad, _ = _run(x, t, None, {}, reduction="mean", monkeypatch=monkeypatch)
     xr = x.clone().requires_grad_()
@@ -178,7 +160,7 @@ def test_the_max_in_a_later_block_rescales_the_sum(monkeypatch):
 def test_strided_rows_and_batch_dims(monkeypatch):
     # rows of a wider buffer (row stride > C) and (N, d, C) class-last batches take the kernels; a (N, C, d)
     # input's class dim is not contiguous after it is moved last and takes the torch ops
-    x, t, w = _case(8, 600, torch.float32)
+    x, t, w = row_case(8, 600, torch.float32)
     wide = torch.randn(8, 1000)
     wide[:, 100:700] = x
     strided = wide[:, 100:700]
@@ -196,11 +178,12 @@ def test_strided_rows_and_batch_dims(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_in_place_backward_writes_over_the_logits(dtype, monkeypatch):
-    x, t, _ = _case(6, 700, dtype)
+    x, t, _ = row_case(6, 700, dtype)
     _, expected, _ = _run(x, t, None, {}, reduction="sum", monkeypatch=monkeypatch)
     leaf = x.float().requires_grad_()
-    logits = leaf.to(dtype)
+    logits = leaf.to(dtype) * 1.0  # its own storage, which the backward overwrites
     crossent.cross_entropy(logits, t, reduction="sum", inplace_backward=True).backward()
+    torch.testing.assert_close(logits.detach(), expected, rtol=0, atol=0)
     torch.testing.assert_close(leaf.grad.to(dtype), expected, rtol=0, atol=0)
 
 
@@ -224,8 +207,9 @@ def test_edge_rows(monkeypatch):
     assert (grad[2, :150] == 0).all()
 
 
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one thread: nothing to compare")
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
-    x, t, w = _case(64, 3000, torch.bfloat16)
+    x, t, w = row_case(64, 3000, torch.bfloat16)
     results = []
     for threshold in (0, 1 << 40):  # every call on all threads / on the calling thread only
         monkeypatch.setattr(cpu_rows, "PARALLEL_MIN_ELEMENTS", threshold)
@@ -234,19 +218,36 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_out_of_range_class_raises_before_any_result(monkeypatch):
-    x = torch.randn(4, 500)
-    monkeypatch.setattr(cpu_rows, "ENABLED", True)
-    with pytest.raises(ValueError, match="500"):
-        crossent.cross_entropy(x, torch.tensor([0, 1, 500, 2]))
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
+def test_out_of_range_class_raises_before_any_kernel_runs(path, monkeypatch):
+    calls = []
+    native = cpu_rows._cross_entropy_rows
+    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", lambda *a, **k: calls.append(1) or native(*a, **k))
+    x = torch.randn(4, 500, requires_grad=True)
+    assert _small_cpu.applies(x, torch.zeros(4, dtype=torch.long), None, "index", CrossEntropyOptions.build()) == (
+        path == "small")
+    with pytest.raises(ValueError, match="class index 500, outside"):
+        crossent.cross_entropy(x, torch.tensor([0, 1, 500, -100]))
+    assert not calls
+    crossent.cross_entropy(x, torch.tensor([0, 1, 499, -100]))
+    assert calls  # the spy sees the kernels where they run
 
 
-def test_without_the_extension_the_torch_ops_run(monkeypatch):
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_without_the_extension_the_torch_ops_run(path, dtype, monkeypatch):
+    # small: the small-input C path declines, PyTorch's fused path (_materialized) takes the call
     monkeypatch.setattr(cpu_rows, "_native", None)
     assert not cpu_rows.available()
     assert not cpu_rows.covers(torch.zeros(1, 1, 4), None, RowOptions())
-    x, t, _ = _case(5, 40, torch.float32)
-    torch.testing.assert_close(crossent.cross_entropy(x, t), F.cross_entropy(x, t))
+    x, t, _ = row_case(5, 40, dtype)
+    assert not _small_cpu.applies(x, t, None, "index", CrossEntropyOptions.build())
+    xr, xt = x.clone().requires_grad_(), x.float().requires_grad_()
+    loss = crossent.cross_entropy(xr, t)
+    loss.backward()
+    F.cross_entropy(xt, t).backward()
+    torch.testing.assert_close(loss, F.cross_entropy(x.float(), t), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(xr.grad, xt.grad.to(dtype), rtol=2**-7, atol=1e-6)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
@@ -312,7 +313,7 @@ def test_fused_16_bit_step_matches_the_torch_step(dtype, blocks, option, reducti
     w = (torch.randn(v, d, generator=g) * 0.5).to(dtype)
     t = torch.randint(0, v, (n,), generator=g)
     t[::5] = -100
-    kwargs = dict(OPTIONS[option])
+    kwargs = dict(ROW_OPTIONS[option])
     weight = torch.rand(v, generator=g) + 0.5 if kwargs.pop("weight", False) else None
     if "ignore_index" in kwargs:
         kwargs["ignore_index"] = -100
@@ -329,7 +330,7 @@ def test_fused_16_bit_step_matches_the_torch_step(dtype, blocks, option, reducti
     if reduction != "none":  # the recompute backward ("none") keeps the torch step; its forward takes the C one
         assert calls and all(f is (blocks == "several") for f in calls), calls
     want = run(False)
-    ulp = {torch.bfloat16: 2**-7, torch.float16: 2**-10}[dtype]
+    ulp = ULP[dtype]
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(got[1:], want[1:]):  # rounded to 16 bits in different places: a few ulps of the largest entry
         torch.testing.assert_close(a.float(), b.float(), rtol=4 * ulp, atol=4 * ulp * float(b.float().abs().max()))
@@ -352,6 +353,11 @@ def test_log_prob_stats_match_the_reference_and_the_torch_path(dtype, temperatur
     ids[4, 1] = -100
     upstream = torch.randn(7, 3, generator=g), torch.randn(7, generator=g)
 
+    calls = []
+    for name in ("log_prob_stats", "log_prob_grad"):
+        native = getattr(cpu_rows, name)
+        monkeypatch.setattr(cpu_rows, name, lambda *a, _f=native, _n=name: calls.append(_n) or _f(*a))
+
     def run(enabled):
         monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
         zr = z.clone().requires_grad_()
@@ -359,7 +365,11 @@ def test_log_prob_stats_match_the_reference_and_the_torch_path(dtype, temperatur
         (out.log_probs * upstream[0]).sum().add((out.entropy * upstream[1]).sum()).backward()
         return out.log_probs, out.entropy, zr.grad
 
-    got, want = run(True), run(False)
+    got = run(True)
+    assert set(calls) == {"log_prob_stats", "log_prob_grad"}  # the C kernels ran (and not below)
+    calls.clear()
+    want = run(False)
+    assert not calls
     ref_lp = reference.token_log_probs(z.double().numpy(), ids.numpy(), temperature=temperature)
     ref_h = reference.token_entropy(z.double().numpy(), ids.numpy(), temperature=temperature)
     finite = ~torch.from_numpy(np.isnan(ref_h))

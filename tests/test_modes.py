@@ -40,11 +40,18 @@ def test_eager_calls_skip_the_custom_ops_and_fake_tensors_use_them(monkeypatch):
     assert calls == ["_ce_forward", "_ce_backward"]
 
 
-def test_small_inputs_under_fake_tensors_skip_the_host_reading_path():
-    # below 2^20 logits eager calls take PyTorch's fused ops with host reads; fake tensors have no values to read
+@pytest.mark.materialized  # the small-input paths stay on (tests/conftest.py)
+@pytest.mark.parametrize("dtype, kwargs", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"softcap": 5.0})],
+                         ids=["fp32", "bf16", "softcap"])  # fmt: skip
+def test_small_inputs_under_fake_tensors_skip_the_host_reading_path(dtype, kwargs):
+    # below 2^20 logits eager calls take the C pass (_small_cpu) or PyTorch's fused ops (_materialized, softcap), both
+    # reading values on the host; fake tensors have none to read (a data pointer the C kernels would dereference)
     with FakeTensorMode() as mode:
-        x, t = mode.from_tensor(torch.randn(8, 10)), mode.from_tensor(torch.zeros(8, dtype=torch.long))
-        assert crossent.cross_entropy(x, t).shape == ()
+        x = mode.from_tensor(torch.randn(8, 10, dtype=dtype, requires_grad=True))
+        t = mode.from_tensor(torch.zeros(8, dtype=torch.long))
+        loss = crossent.cross_entropy(x, t, **kwargs)
+        loss.backward()
+        assert loss.shape == () and x.grad.shape == (8, 10)
 
 
 def test_in_place_backward_counts_as_a_mutation_in_eager_mode():
