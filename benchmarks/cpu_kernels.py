@@ -3,7 +3,12 @@
 Per (N, C) and dtype, cross-entropy forward+backward (mean, class indices): ``F.cross_entropy``; crossent with the C
 kernels (``crossent._cpu_rows``); crossent with ``cpu_rows.ENABLED = False`` (the torch-ops kernels, what a machine
 without a C compiler runs). Methods interleaved (``bench.measure.interleaved_medians``); ratios to PyTorch.
-Shapes above 2^20 logits only: below, ``cross_entropy`` takes PyTorch's fused ops (``_materialized.py``) anyway.
+Shapes above 2^20 logits only: below, ``cross_entropy`` takes the small-input path (``_small_cpu.py``, the same C
+kernels in one pass; ``benchmarks/small_shapes.py`` measures it).
+
+Then the kernels alone on one thread, ns per logit: the C cross-entropy forward (``cpu_rows.forward``) and forward +
+gradient in one pass (``cpu_rows.loss_and_grad``) against PyTorch's ``log_softmax`` (forward only, in the input
+dtype) on the same rows, interleaved.
 
 Run:  .venv/bin/python benchmarks/cpu_kernels.py [--reps 5] [--load loaded]
 """
@@ -18,6 +23,7 @@ import torch.nn.functional as F
 import crossent
 from crossent.bench import load
 from crossent.bench.measure import interleaved_medians
+from crossent._options import RowOptions
 from crossent.kernels import cpu_rows
 
 SHAPES = [(128, 32000), (4096, 32768), (1024, 131072)]
@@ -67,6 +73,40 @@ def main(argv=None):
             base = sec["torch"]
             print(f"{n:>5}x{c:<6} {str(dtype)[6:]:>9} {base * 1e3:7.1f}ms {sec['C kernels'] / base:9.2f}x "
                   f"{sec['torch ops'] / base:9.2f}x")  # fmt: skip
+    with load.condition(args.load):
+        kernels_alone(args.reps)
+
+
+KERNEL_SHAPES = [(64, 1000), (64, 32000)]
+
+
+def kernels_alone(reps: int) -> None:
+    """ns per logit on one thread: the C forward, the C forward + gradient, PyTorch's log_softmax."""
+    print(f"\nkernels alone, one thread, ns per logit, median of {reps} (interleaved)")
+    print(f"{'N x C':>12} {'dtype':>9} {'C forward':>10} {'C fwd+grad':>11} {'log_softmax':>12}")
+    opts = RowOptions()
+    threads, saved = torch.get_num_threads(), cpu_rows.PARALLEL_MIN_ELEMENTS
+    torch.set_num_threads(1)
+    cpu_rows.PARALLEL_MIN_ELEMENTS = 1 << 62  # every C call on the calling thread
+    try:
+        for n, c in KERNEL_SHAPES:
+            for dtype in (torch.float32, torch.bfloat16):
+                g = torch.Generator().manual_seed(0)
+                x = torch.randn(n, c, generator=g).to(dtype)
+                t = torch.randint(0, c, (n,), generator=g)
+                grad = torch.empty_like(x)
+                fns = {
+                    "forward": lambda: cpu_rows.forward(x, t, None, opts),
+                    "both": lambda: cpu_rows.loss_and_grad(x, t, None, 1.0 / n, opts, grad),
+                    "torch": lambda: torch.log_softmax(x, -1),
+                }
+                for fn in fns.values():
+                    fn()
+                ns = {k: v / (n * c) * 1e9 for k, v in interleaved_medians(fns, reps, min_sample=0.02).items()}
+                print(f"{n:>5}x{c:<6} {str(dtype)[6:]:>9} {ns['forward']:10.2f} {ns['both']:11.2f} {ns['torch']:12.2f}")
+    finally:
+        torch.set_num_threads(threads)
+        cpu_rows.PARALLEL_MIN_ELEMENTS = saved
 
 
 if __name__ == "__main__":

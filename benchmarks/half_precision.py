@@ -10,7 +10,8 @@ Per family, (N, D, V) and dtype, forward+backward (gradients for X and W), metho
 - ``floor_alloc``: the same products as ``x @ w.T`` runs them, each N×V block a fresh tensor (what any
   implementation that does not keep an N×V buffer between calls pays: first-touch page faults, ~0.5 ms per MiB
   on the project's VM);
-- ``naive``: the PyTorch recipe the fused loss replaces, 16-bit ``x @ w.T`` then fp32 (``.float()``) with autograd;
+- ``naive``: the PyTorch recipe the fused loss replaces, 16-bit ``x @ w.T`` then fp32 with autograd (the float64
+  reference is the same recipe on float64 inputs, kept in float64);
 - the fused loss: for the cross-entropy each ``accumulate_dtype`` (``float32`` the default, ``float32_products``,
   ``weight``); for the others ``fused`` (the default).
 
@@ -19,7 +20,7 @@ rounded inputs. float16 on a CPU without fp16 matrix instructions is emulated (h
 fp32): the floor and the naive recipe then take minutes at the bf16 sizes, so use a small --shape for it.
 
 Run:  .venv/bin/python benchmarks/half_precision.py [--family ce log_probs distill] [--shape 2048 1024 32768]
-      [--dtype bfloat16] [--reps 3] [--skip-errors]
+      [--dtype bfloat16] [--reps 3] [--skip-errors] [--load loaded]   (loaded: one busy process beside the rounds)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent._precision import fast_half_products
+from crossent.bench import load
 from crossent.bench.measure import interleaved_medians
 
 ACCUMULATE = ("float32", "float32_products", "weight")
@@ -49,17 +51,22 @@ def make(shape, dtype, seed=0):
                 g_lp=torch.randn(n, generator=g), g_h=torch.randn(n, generator=g))  # fmt: skip
 
 
+def _upcast(z):
+    """16-bit logits to fp32 for the recipe; float64 (the reference's) stays float64."""
+    return z.to(torch.promote_types(z.dtype, torch.float32))
+
+
 def losses(family, case):
     """name → ``loss(x, w)``, a scalar whose gradients are the family's forward+backward (x, w leaves)."""
     ids, x_t, w_t, g_lp, g_h = (case[k] for k in ("ids", "x_t", "w_t", "g_lp", "g_h"))
     if family == "ce":
-        out = {"naive": lambda x, w: F.cross_entropy((x @ w.T).float(), ids)}
+        out = {"naive": lambda x, w: F.cross_entropy(_upcast(x @ w.T), ids)}
         for acc in ACCUMULATE:
             out[acc] = lambda x, w, acc=acc: crossent.linear_cross_entropy(x, w, ids, accumulate_dtype=acc)
         return out
     if family == "log_probs":
         def naive(x, w):
-            logp = (x @ w.T).float().log_softmax(-1)
+            logp = _upcast(x @ w.T).log_softmax(-1)
             lp, h = logp.gather(-1, ids[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
             return (lp * g_lp.to(lp.dtype)).sum() + (h * g_h.to(h.dtype)).sum()
 
@@ -70,8 +77,8 @@ def losses(family, case):
         return {"naive": naive, "fused": fused}
 
     def naive_kl(x, w):  # forward KL(p ‖ q), batch mean, the teacher without gradient
-        log_p = (x_t.to(x.dtype) @ w_t.to(w.dtype).T).float().log_softmax(-1).detach()
-        return F.kl_div((x @ w.T).float().log_softmax(-1), log_p, log_target=True, reduction="batchmean")
+        log_p = _upcast(x_t.to(x.dtype) @ w_t.to(w.dtype).T).log_softmax(-1).detach()
+        return F.kl_div(_upcast(x @ w.T).log_softmax(-1), log_p, log_target=True, reduction="batchmean")
 
     return {"naive": naive_kl, "fused": lambda x, w: crossent.linear_distill_loss(x, w, x_t.to(x.dtype), w_t.to(w.dtype))}
 
@@ -126,11 +133,12 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--skip-errors", action="store_true")
+    parser.add_argument("--load", default="quiet", choices=["quiet", "loaded"], help="loaded: one busy process beside")
     args = parser.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     shapes = [tuple(s) for s in args.shape] if args.shape else [(2048, 1024, 32768), (4096, 1024, 32768)]
     print(f"fused linear losses, {args.dtype}, forward+backward, CPU, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, median of {args.reps} (interleaved); 16-bit products fast here: "
+          f"{torch.get_num_threads()} threads, {args.load}, median of {args.reps} (interleaved); 16-bit products fast here: "
           f"{fast_half_products('cpu', dtype)}")  # fmt: skip
     for family in args.family:
         for shape in shapes:
@@ -140,7 +148,8 @@ def main(argv=None) -> int:
             timed = {**floors(family, case), **{k: (lambda f=f: step(f, case["x"], case["w"])) for k, f in fns.items()}}
             for fn in timed.values():
                 fn()  # warm-up
-            times = interleaved_medians(timed, args.reps)
+            with load.condition(args.load):
+                times = interleaved_medians(timed, args.reps)
             print(f"\n{family}, (N, D, V) = {shape}")
             print(f"{'method':17} {'time (s)':>9} {'× floor':>8} {'× alloc':>8} {'× naive':>8} {'|loss err|':>11} "
                   f"{'max|dX err|':>12} {'max|dW err|':>12} {'‖dW err‖/‖dW‖':>15}")  # fmt: skip
