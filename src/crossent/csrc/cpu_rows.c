@@ -611,8 +611,8 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
  *   D = Σ_c p_c (lp_c − lq_c)   or   D = Σ_c q_c (lq_c − lp_c)                    (float64 row sums)
  * and, with row_scale, s ← row_scale · ∂D/∂(s / T) = row_scale · (q − p)   or   row_scale · q (lq − lp − D).
  * Three passes over a row (stats, D, gradient): the last two read it from the cache. Rows of ≤ CACHED_MAX columns
- * keep both rows' exponentials in the row buffer (row_distill_kept: 2 exps per logit); longer ones recompute them
- * in each pass (5 for the forward KL, 4 for the reverse). */
+ * keep both rows' exponentials in the row buffer (row_distill: 2 exps per logit); longer ones recompute them in
+ * each pass (5 for the forward KL, 4 for the reverse). The block kernels take the exponentials either way. */
 static inline float shifted_log(float x, float hi, float lo) {
     float y = (x - hi) - lo;
     return y < -FLT_MAX ? -FLT_MAX : y;
@@ -624,41 +624,6 @@ static inline float shifted_log(float x, float hi, float lo) {
 static inline float log_ratio(float s, float t, float lq, float lp, const float *shift) {
     float d = ((s - t) - shift[4]) - shift[5];
     return d == d && d <= FLT_MAX && d >= -FLT_MAX ? d : lq - lp;
-}
-
-/* summed in float64 lanes: its terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
-MULTIVERSIONED static double block_kl(const float *s, const float *t, int n, const float *shift, int reverse) {
-    double acc = 0.0;
-    if (reverse) { /* Σ q (lq − lp) */
-#pragma omp simd reduction(+ : acc)
-        for (int i = 0; i < n; i++) {
-            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-            acc += (double)(exp_f32(lq) * log_ratio(s[i], t[i], lq, lp, shift));
-        }
-    } else { /* Σ p (lp − lq) */
-#pragma omp simd reduction(+ : acc)
-        for (int i = 0; i < n; i++) {
-            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-            acc -= (double)(exp_f32(lp) * log_ratio(s[i], t[i], lq, lp, shift));
-        }
-    }
-    return acc;
-}
-
-MULTIVERSIONED static void block_kl_grad(const float *s, const float *t, float *out, int n, const float *shift,
-                                         int reverse, float divergence, float scale) {
-    if (reverse) {
-        for (int i = 0; i < n; i++) {
-            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-            float q = exp_f32(lq);
-            out[i] = scale * (q * log_ratio(s[i], t[i], lq, lp, shift) - divergence * q);
-        }
-    } else {
-        for (int i = 0; i < n; i++) {
-            float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-            out[i] = scale * (exp_f32(lq) - exp_f32(lp));
-        }
-    }
 }
 
 /* lse of z / T over a row, by the running max (returned); its two-part fp32 shift (hi, lo) into shift[0..1] */
@@ -680,10 +645,11 @@ static double row_lse_shift(const Rows *z, const void *row, double temperature, 
     return lse;
 }
 
-/* Σ p (lp − lq) (forward) or Σ q (lq − lp) (reverse) over a block, the weight p = e_t / S_t or q = e_s / S_s from the
- * row buffer's exponentials (`e`, `inv_sum` the matching 1 / S): no exp (float64 lanes, as block_kl) */
-MULTIVERSIONED static double block_kl_kept(const float *s, const float *t, const float *e, int n, const float *shift,
-                                           int reverse, float inv_sum) {
+/* Σ p (lp − lq) (forward) or Σ q (lq − lp) (reverse) over a block, the weight p = e_t / S_t or q = e_s / S_s from
+ * the block's exponentials (`e`, `inv_sum` the matching 1 / S; 1 where e is already p or q), in float64 lanes: its
+ * terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
+MULTIVERSIONED static double block_kl(const float *s, const float *t, const float *e, int n, const float *shift,
+                                      int reverse, float inv_sum) {
     double acc = 0.0;
     const float sign = reverse ? 1.0f : -1.0f;
 #pragma omp simd reduction(+ : acc)
@@ -694,15 +660,15 @@ MULTIVERSIONED static double block_kl_kept(const float *s, const float *t, const
     return acc;
 }
 
-/* out_i = scale · (q_i − p_i) from the kept exponentials (forward KL's gradient; no exp) */
-MULTIVERSIONED static void block_kl_grad_kept(const float *es, const float *et, float *out, int n, float inv_s,
-                                              float inv_t, float scale) {
+/* out_i = scale · (q_i − p_i) from the exponentials (forward KL's gradient; no exp) */
+MULTIVERSIONED static void block_kl_grad(const float *es, const float *et, float *out, int n, float inv_s, float inv_t,
+                                         float scale) {
     for (int i = 0; i < n; i++) out[i] = scale * (es[i] * inv_s - et[i] * inv_t);
 }
 
-/* out_i = scale · q_i (lq_i − lp_i − D), q from the kept exponentials (reverse KL's gradient; no exp) */
-MULTIVERSIONED static void block_rkl_grad_kept(const float *s, const float *t, const float *es, float *out, int n,
-                                               const float *shift, float inv_s, float divergence, float scale) {
+/* out_i = scale · q_i (lq_i − lp_i − D), q from the exponentials (reverse KL's gradient; no exp) */
+MULTIVERSIONED static void block_rkl_grad(const float *s, const float *t, const float *es, float *out, int n,
+                                          const float *shift, float inv_s, float divergence, float scale) {
     for (int i = 0; i < n; i++) {
         float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
         float q = es[i] * inv_s;
@@ -726,64 +692,52 @@ static float tempered_row(const Rows *z, const void *row, double temperature, fl
     return m;
 }
 
-/* One row of rows_distill from the row buffer (2C floats, C ≤ CACHED_MAX): e_s = exp(s / T − m_s) and
- * e_t = exp(t / T − m_t) are kept, so p = e_t / S_t and q = e_s / S_s cost no more exps: 2 per logit in all, where
- * the streaming passes below take 5 (forward KL) or 4 (reverse). The logs (lq, lp, lq − lp) are as theirs. */
-static void row_distill_kept(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
-                             double *divergence, int64_t r, float *buf) {
-    const int64_t C = s->classes;
-    float *es = buf, *et = buf + C, s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
-    void *s_row = (void *)row_at(s, r);
-    const void *t_row = row_at(t, r);
-    float m_s = tempered_row(s, s_row, temperature, es), m_t = tempered_row(t, t_row, temperature, et);
-    double sum_s = block_exp_sum(es, (int)C, m_s, es), sum_t = block_exp_sum(et, (int)C, m_t, et);
-    double lse_s = (double)m_s + log(sum_s), lse_t = (double)m_t + log(sum_t);
-    split2(lse_s, shift, shift + 1);
-    split2(lse_t, shift + 2, shift + 3);
-    split2(lse_s - lse_t, shift + 4, shift + 5);
-    float inv_s = (float)(1.0 / sum_s), inv_t = (float)(1.0 / sum_t);
-    double d = 0.0;
-    for (int64_t c = 0; c < C; c += BLOCK) {
-        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-        d += block_kl_kept(tempered_block(s, s_row, c, n, temperature, s_buf),
-                           tempered_block(t, t_row, c, n, temperature, t_buf), (reverse ? es : et) + c, n, shift,
-                           reverse, reverse ? inv_s : inv_t);
-    }
-    divergence[r] = d;
-    if (!row_scale) return;
-    float scale = row_scale[r];
-    if (scale == 0.0f) { /* ignored rows: exactly 0, also where the softmax is NaN */
-        fill_row(s_row, s->dtype, C, 0.0f);
-        return;
-    }
-    for (int64_t c = 0; c < C; c += BLOCK) {
-        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-        if (reverse)
-            block_rkl_grad_kept(tempered_block(s, s_row, c, n, temperature, s_buf),
-                                tempered_block(t, t_row, c, n, temperature, t_buf), es + c, out_buf, n, shift, inv_s,
-                                (float)d, scale);
-        else
-            block_kl_grad_kept(es + c, et + c, out_buf, n, inv_s, inv_t, scale);
-        store_block(s_row, s->dtype, c, n, out_buf);
-    }
+/* e_i = exp(max((x_i − hi) − lo, −FLT_MAX)): a block's p or q from its tempered logits and lse (streaming rows) */
+MULTIVERSIONED static void block_exp_shifted(const float *x, int n, float hi, float lo, float *e) {
+    for (int i = 0; i < n; i++) e[i] = exp_f32(shifted_log(x[i], hi, lo));
 }
 
-/* One row of rows_distill by the streaming passes (longer rows, or no row buffer): lse of both rows, then D, then
- * the gradient, each exp recomputed per pass */
-static void row_distill_streaming(const Rows *s, const Rows *t, double temperature, int reverse,
-                                  const float *row_scale, double *divergence, int64_t r) {
+/* Columns [c, c + n) of a row's exponentials: kept in the row buffer (`kept`), or computed from the tempered block
+ * x and the row's lse in two parts (`hilo`) into tmp */
+static inline const float *block_exps(const float *kept, int64_t c, const float *x, int n, const float *hilo,
+                                      float *tmp) {
+    if (kept) return kept + c;
+    block_exp_shifted(x, n, hilo[0], hilo[1], tmp);
+    return tmp;
+}
+
+/* One row of rows_distill. With the row buffer `buf` (2C floats; rows of ≤ CACHED_MAX columns) e_s = exp(s / T −
+ * m_s) and e_t = exp(t / T − m_t) are kept, so p = e_t / S_t and q = e_s / S_s cost no more exps: 2 per logit in
+ * all. Without it (longer rows) the exponentials are recomputed per pass from lq and lp (inverse sums 1): 5 for the
+ * forward KL, 4 for the reverse. The block kernels are the same. */
+static void row_distill(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
+                        double *divergence, int64_t r, float *buf) {
     const int64_t C = s->classes;
-    float s_buf[BLOCK], t_buf[BLOCK], out_buf[BLOCK], shift[6];
+    float s_buf[BLOCK], t_buf[BLOCK], es_buf[BLOCK], et_buf[BLOCK], out_buf[BLOCK], shift[6];
     void *s_row = (void *)row_at(s, r);
     const void *t_row = row_at(t, r);
-    double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
-                      row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
-    split2(lse_diff, shift + 4, shift + 5);
+    float *es = buf, *et = buf ? buf + C : NULL, inv_s = 1.0f, inv_t = 1.0f;
+    if (buf) {
+        float m_s = tempered_row(s, s_row, temperature, es), m_t = tempered_row(t, t_row, temperature, et);
+        double sum_s = block_exp_sum(es, (int)C, m_s, es), sum_t = block_exp_sum(et, (int)C, m_t, et);
+        double lse_s = (double)m_s + log(sum_s), lse_t = (double)m_t + log(sum_t);
+        split2(lse_s, shift, shift + 1);
+        split2(lse_t, shift + 2, shift + 3);
+        split2(lse_s - lse_t, shift + 4, shift + 5);
+        inv_s = (float)(1.0 / sum_s);
+        inv_t = (float)(1.0 / sum_t);
+    } else {
+        double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
+                          row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
+        split2(lse_diff, shift + 4, shift + 5);
+    }
     double d = 0.0;
     for (int64_t c = 0; c < C; c += BLOCK) {
         int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-        d += block_kl(tempered_block(s, s_row, c, n, temperature, s_buf),
-                      tempered_block(t, t_row, c, n, temperature, t_buf), n, shift, reverse);
+        const float *xs = tempered_block(s, s_row, c, n, temperature, s_buf);
+        const float *xt = tempered_block(t, t_row, c, n, temperature, t_buf);
+        const float *e = reverse ? block_exps(es, c, xs, n, shift, es_buf) : block_exps(et, c, xt, n, shift + 2, et_buf);
+        d += block_kl(xs, xt, e, n, shift, reverse, reverse ? inv_s : inv_t);
     }
     divergence[r] = d;
     if (!row_scale) return;
@@ -794,8 +748,14 @@ static void row_distill_streaming(const Rows *s, const Rows *t, double temperatu
     }
     for (int64_t c = 0; c < C; c += BLOCK) {
         int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-        block_kl_grad(tempered_block(s, s_row, c, n, temperature, s_buf),
-                      tempered_block(t, t_row, c, n, temperature, t_buf), out_buf, n, shift, reverse, (float)d, scale);
+        /* the logits are read again where the exponentials are not kept, and for the reverse KL's log ratio */
+        const float *xs = !buf || reverse ? tempered_block(s, s_row, c, n, temperature, s_buf) : NULL;
+        const float *xt = !buf || reverse ? tempered_block(t, t_row, c, n, temperature, t_buf) : NULL;
+        const float *eq = block_exps(es, c, xs, n, shift, es_buf);
+        if (reverse)
+            block_rkl_grad(xs, xt, eq, out_buf, n, shift, inv_s, (float)d, scale);
+        else
+            block_kl_grad(eq, block_exps(et, c, xt, n, shift + 2, et_buf), out_buf, n, inv_s, inv_t, scale);
         store_block(s_row, s->dtype, c, n, out_buf);
     }
 }
@@ -807,12 +767,7 @@ static void rows_distill(const Rows *s, const Rows *t, double temperature, int r
     {
         float *buf = C <= CACHED_MAX ? row_buffer(2 * C) : NULL; /* once per thread and call */
 #pragma omp for schedule(dynamic, chunk_rows(C))
-        for (int64_t r = 0; r < rows; r++) {
-            if (buf)
-                row_distill_kept(s, t, temperature, reverse, row_scale, divergence, r, buf);
-            else
-                row_distill_streaming(s, t, temperature, reverse, row_scale, divergence, r);
-        }
+        for (int64_t r = 0; r < rows; r++) row_distill(s, t, temperature, reverse, row_scale, divergence, r, buf);
     }
 }
 
