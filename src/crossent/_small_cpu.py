@@ -7,7 +7,7 @@ separate range check, the reduction's autograd nodes) is several times its work 
 fused ops need an fp32 copy of 16-bit logits. Here instead one read of the targets gives the range check and the
 mean's denominator; one C pass per row gives its loss, lse and — when the logits need a gradient and the loss is
 reduced — the gradient for grad_output 1, from the same exponentials (one exp per logit in all);
-:class:`~crossent._autograd.CrossEntropySmall` keeps that (N, C) gradient for backward (the size of the
+:class:`~crossent._autograd.cross_entropy.CrossEntropySmall` keeps that (N, C) gradient for backward (the size of the
 log-probabilities PyTorch's loss keeps: the O(N) promise is relaxed below this size, as on the materialized path).
 Every semantic is the O(N) path's, the results equal up to rounding (the gradient here is ``(scale / S) e_c``
 where the O(N) backward computes ``scale · exp(z_c − lse)``): tests/test_small_cpu.py.
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from crossent import _materialized
-from crossent._autograd import CrossEntropySmall, SmallCall
+from crossent._autograd.cross_entropy import CrossEntropySmall, SmallCall
 from crossent._checks import check_target_range
 from crossent._modes import forward_ad_active, plain_eager
 from crossent._options import CrossEntropyOptions

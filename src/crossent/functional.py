@@ -8,15 +8,9 @@ import torch
 from torch import Tensor
 
 from crossent import _materialized, _small_cpu
-from crossent._autograd import (
-    apply_function,
-    CrossEntropyRows,
-    LinearCall,
-    LinearCrossEntropyFused,
-    LinearCrossEntropyRecompute,
-    RowCall,
-    with_transform_rules,
-)
+from crossent._autograd.common import apply_function, with_transform_rules
+from crossent._autograd.cross_entropy import CrossEntropyRows, RowCall
+from crossent._autograd.linear import LinearCall, LinearCrossEntropyFused, LinearCrossEntropyRecompute
 from crossent._checks import check_has_classes, check_linear, check_logits, check_weight, class_indices, target_kind
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
 from crossent._precision import compute_dtype

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from crossent._autograd import DistillCall, DistillRows, LinearDistillCall, LinearDistillFused, LinearDistillRecompute
+from crossent._autograd.distill import DistillCall, DistillRows, LinearDistillCall, LinearDistillFused, LinearDistillRecompute
 from crossent._checks import check_distill_linear, check_distill_logits, check_sparse_teacher, class_indices
 from crossent._options import AccumulateDtype, DistillOptions, Impl, Reduction
 from crossent._precision import compute_dtype

@@ -11,14 +11,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from crossent._autograd import (
-    apply_function,
-    LinearLogProbCall,
-    LinearTokenLogProbs,
-    LogProbCall,
-    TokenLogProbRows,
-    with_transform_rules,
-)
+from crossent._autograd.common import apply_function, with_transform_rules
+from crossent._autograd.log_probs import LinearLogProbCall, LinearTokenLogProbs, LogProbCall, TokenLogProbRows
 from crossent._checks import check_linear, check_logits, check_token_index, class_indices
 from crossent._options import AccumulateDtype, Impl, LinearLogProbOptions, LogProbOptions
 from crossent._results import TokenLogProbs, token_result
