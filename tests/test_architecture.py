@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "crossent"
 LAYERS = {
     "reference": 0,
     "_options": 1, "_modes": 1, "_precision": 1, "_checks": 1, "_reduction": 1, "_results": 1,
+    "_dtensor": 2,
     "kernels": 2,
     "_autograd": 3, "_materialized": 3, "_small_cpu": 3,
     "functional": 4, "functional_log_probs": 4, "functional_distill": 4,

@@ -11,6 +11,7 @@ from crossent import _materialized, _small_cpu
 from crossent._autograd.common import apply_function, with_transform_rules
 from crossent._autograd.cross_entropy import CrossEntropyRows, RowCall
 from crossent._autograd.linear import LinearCall, LinearCrossEntropyFused, LinearCrossEntropyRecompute
+from crossent._dtensor import check_shard_target, local_operands
 from crossent._checks import check_has_classes, check_linear, check_logits, check_weight, class_indices, target_kind
 from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, LinearOptions, Reduction
 from crossent._precision import compute_dtype
@@ -303,11 +304,13 @@ def linear_cross_entropy_with_options(
     opts: LinearOptions,
 ) -> LossOrStats:
     """:func:`linear_cross_entropy` with validated options (the module form builds them once)."""
+    input, linear_weight, linear_bias, target, shard, plan_vocab = local_operands(input, linear_weight, linear_bias, target)
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, target, linear_bias)
-    vocab = linear_weight.shape[0]
-    check_weight(weight, vocab, input.device)
-    return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts, VocabShard.whole(vocab))
+    shard = shard or VocabShard.whole(linear_weight.shape[0])  # a DTensor head sharded over the vocabulary: its rows
+    check_weight(weight, shard.num_classes, input.device)
+    check_shard_target(target, shard, opts.row.ignore_index)
+    return rows_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, opts, shard, plan_vocab)
 
 
 def autocast_operands(input, linear_weight, linear_bias):

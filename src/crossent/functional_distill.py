@@ -14,6 +14,7 @@ from torch import Tensor
 
 from crossent._autograd.distill import DistillCall, DistillRows, LinearDistillCall, LinearDistillFused, LinearDistillRecompute
 from crossent._checks import check_distill_linear, check_distill_logits, check_sparse_teacher, class_indices
+from crossent._dtensor import check_shard_target, local_operands
 from crossent._options import AccumulateDtype, DistillOptions, Impl, Reduction
 from crossent._precision import compute_dtype
 from crossent._reduction import reduction_row_scale
@@ -187,12 +188,21 @@ def linear_distill_loss(
         softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget, accumulate_dtype=accumulate_dtype,
         impl=impl,
     )  # fmt: skip
+    input, linear_weight, linear_bias, target, shard, plan_vocab = local_operands(input, linear_weight, linear_bias, target)
+    teacher_input, teacher_weight, teacher_bias, _, teacher_shard, _ = local_operands(
+        teacher_input, teacher_weight, teacher_bias, None, "teacher_weight")  # fmt: skip
+    if teacher_shard != shard:
+        raise ValueError(f"teacher_weight's vocabulary rows must be placed as linear_weight's: {teacher_shard} vs {shard} "
+                         f"(None: the whole head on this rank)")  # fmt: skip
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     teacher_input, teacher_weight, teacher_bias = autocast_operands(teacher_input, teacher_weight, teacher_bias)
     check_distill_linear(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target,
                          opts.row.hard_weight)  # fmt: skip
+    shard = shard or VocabShard.whole(linear_weight.shape[0])  # a DTensor head sharded over the vocabulary: its rows
+    if opts.row.hard_weight > 0:
+        check_shard_target(target, shard, ignore_index)
     return rows_linear_distill(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias,
-                               target, opts, VocabShard.whole(linear_weight.shape[0]))  # fmt: skip
+                               target, opts, shard, plan_vocab)  # fmt: skip
 
 
 def rows_linear_distill(input, linear_weight, linear_bias, teacher_input, teacher_weight, teacher_bias, target,

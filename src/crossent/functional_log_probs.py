@@ -14,6 +14,7 @@ from torch import Tensor
 from crossent._autograd.common import apply_function, with_transform_rules
 from crossent._autograd.log_probs import LinearLogProbCall, LinearTokenLogProbs, LogProbCall, TokenLogProbRows
 from crossent._checks import check_linear, check_logits, check_token_index, class_indices
+from crossent._dtensor import check_shard_target, local_operands
 from crossent._options import AccumulateDtype, Impl, LinearLogProbOptions, LogProbOptions
 from crossent._results import TokenLogProbs, token_result
 from crossent.functional import autocast_operands
@@ -164,10 +165,12 @@ def linear_token_log_probs(
         temperature=temperature, ignore_index=ignore_index, entropy=entropy, softcap=softcap, chunk_size=chunk_size,
         memory_budget=memory_budget, accumulate_dtype=accumulate_dtype, impl=impl,
     )  # fmt: skip
+    input, linear_weight, linear_bias, index, shard, plan_vocab = local_operands(input, linear_weight, linear_bias, index)
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
     check_linear(input, linear_weight, index, linear_bias, check_target=check_token_index)
-    return rows_linear_token_log_probs(input, linear_weight, index, linear_bias, opts,
-                                       VocabShard.whole(linear_weight.shape[0]))  # fmt: skip
+    shard = shard or VocabShard.whole(linear_weight.shape[0])  # a DTensor head sharded over the vocabulary: its rows
+    check_shard_target(index, shard, ignore_index)
+    return rows_linear_token_log_probs(input, linear_weight, index, linear_bias, opts, shard, plan_vocab)
 
 
 def rows_linear_token_log_probs(
