@@ -28,6 +28,9 @@ Per-token log-probabilities and entropy (the RL / preference-training faces of `
 
     lp_k = log p_{t_k} = x_{t_k} − lse(x)                ∂lp_k/∂z_c = ([c = t_k] − p_c) · chain_c / T
     H    = −Σ_c p_c log p_c = lse(x) − Σ_c p_c x_c       ∂H/∂z_c = −p_c (log p_c + H) · chain_c / T
+
+and three statistics without gradient (TRL's fused head reports them): ``log Σ_c p_c² = lse(2x) − 2 lse(x)``, the mean
+logit ``(1/C) Σ_c x_c`` (of ``x``, after softcap and temperature) and whether ``t_k`` is the first argmax of ``x``.
 """
 
 from __future__ import annotations
@@ -45,6 +48,9 @@ __all__ = [
     "token_log_probs",
     "token_entropy",
     "token_log_probs_grad",
+    "token_log_sum_sq_probs",
+    "token_mean_logits",
+    "token_is_top1",
     "generalized_jsd",
     "generalized_jsd_grad",
     "sparse_distill",
@@ -342,6 +348,54 @@ def token_log_probs_grad(logits, index, grad_log_probs=None, grad_entropy=None, 
             plogp = np.where(p > 0, p * lp, 0.0)
         grad += -g_h[..., None] * (plogp + p * h[..., None])
     return grad * chain
+
+
+def _per_position(values, logits, index, ignore_index, fill):
+    """``values`` per position, ``fill`` where every id of the position's ``index`` is ignored (no ``index``: none)."""
+    if index is None:
+        return values
+    _, valid, _ = _token_ids(logits, index, ignore_index)
+    return np.where(valid.any(-1), values, fill)
+
+
+def token_log_sum_sq_probs(logits, index=None, temperature=1.0, ignore_index=-100, softcap=None):
+    """``log Σ_c p_c²`` of ``p = softmax(x)`` per position, ``x = κ tanh(z / κ) / T``, formed as
+    ``lse(2x) − 2 lse(x)`` (no underflow: ``Σ p² ≥ 1/C``); 0 where every id of the position is ignored.
+
+    >>> round(float(token_log_sum_sq_probs(np.array([0.0, np.log(3.0)]))), 12)  # p = (¼, ¾): log ⅝
+    -0.470003629246
+    >>> round(float(token_log_sum_sq_probs(np.zeros(4))), 12)  # uniform over 4: log ¼
+    -1.38629436112
+    """
+    x, _ = _scaled_logits(logits, temperature, softcap)
+    return _per_position(logsumexp(2.0 * x) - 2.0 * logsumexp(x), x, index, ignore_index, 0.0)
+
+
+def token_mean_logits(logits, index=None, temperature=1.0, ignore_index=-100, softcap=None):
+    """``(1/C) Σ_c x_c`` per position, the mean of the logits the softmax sees, ``x = κ tanh(z / κ) / T`` (after the
+    softcap and the temperature, as TRL's ``mean_logits``); 0 where every id of the position is ignored.
+
+    >>> round(float(token_mean_logits(np.array([0.0, np.log(9.0)]), temperature=2.0)), 12)  # (0 + log 3) / 2
+    0.549306144334
+    """
+    x, _ = _scaled_logits(logits, temperature, softcap)
+    return _per_position(x.mean(-1), x, index, ignore_index, 0.0)
+
+
+def token_is_top1(logits, index, temperature=1.0, ignore_index=-100, softcap=None):
+    """Whether each id is the argmax of ``x = κ tanh(z / κ) / T``, ties going to the first (lowest) column, as
+    ``argmax`` picks it (so an id tied with an earlier column is not top-1); False where the id is ignored.
+
+    Returns:
+        bool array of ``index``'s shape.
+
+    >>> token_is_top1(np.array([[1.0, 3.0, 3.0]] * 3), np.array([1, 2, 0])).tolist()  # a tie: the first wins
+    [True, False, False]
+    """
+    x, _ = _scaled_logits(logits, temperature, softcap)
+    ids, valid, single = _token_ids(x, index, ignore_index)
+    out = valid & (np.argmax(x, axis=-1)[..., None] == ids)
+    return out[..., 0] if single else out
 
 
 # --- distillation: the generalized Jensen-Shannon divergence between two softmaxes -------------------------
