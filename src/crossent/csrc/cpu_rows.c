@@ -40,12 +40,17 @@
 
 #define BLOCK 256 /* columns converted to fp32 at a time: 1 KiB, stays in L1 */
 
-/* Per-instruction-set copies of the row loops, chosen at load time (GCC's function multi-versioning). */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define MULTIVERSIONED __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define MULTIVERSIONED
+/* The extension's name: setup.py builds this file once per x86-64 level, as crossent._cpu_rows_v2 / _v3 / _v4
+ * (-march=x86-64-vN; crossent.kernels.cpu_rows imports the one the CPU and CROSSENT_CPU_CAPABILITY allow), and
+ * once for the compiler's default target, as crossent._cpu_rows. No function multi-versioning: every loop is
+ * branch-free, so each build vectorizes at its own level (tests/test_vectorization.py checks the report). */
+#ifndef CPU_ROWS_NAME
+#define CPU_ROWS_NAME _cpu_rows
 #endif
+#define CPU_ROWS_STR2(x) #x
+#define CPU_ROWS_STR(x) CPU_ROWS_STR2(x)
+#define CPU_ROWS_CAT2(a, b) a##b
+#define CPU_ROWS_CAT(a, b) CPU_ROWS_CAT2(a, b)
 
 enum { DTYPE_FLOAT32 = 0, DTYPE_BFLOAT16 = 1, DTYPE_FLOAT16 = 2 };
 
@@ -83,6 +88,10 @@ static inline uint32_t select_u32(int c, uint32_t a, uint32_t b) {
     return (a & mask) | (b & ~mask);
 }
 
+static inline float select_f32(int c, float a, float b) {
+    return bits_to_float(select_u32(c, float_to_bits(a), float_to_bits(b)));
+}
+
 static inline float f16_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16, em = h & 0x7FFFu;
     uint32_t normal = (em << 13) + (112u << 23);                            /* exponent rebiased from 15 to 127 */
@@ -105,11 +114,12 @@ static inline uint16_t float_to_f16(float v) { /* round to nearest even */
 
 /* exp(x) for x ≤ ~0 in fp32, about 1 ulp: exp(x) = 2^n · P(r), n = round(x / ln 2), r = x − n ln 2 (two-part
  * ln 2), P the degree-7 Taylor polynomial (|r| ≤ ln 2 / 2: truncation 5e-9 relative). Below −87.3 (where 2^n
- * leaves fp32's normal range) the result is 0, so −inf gives 0; NaN gives NaN. Branch-free: vectorizes. */
+ * leaves fp32's normal range) the result is 0, so −inf gives 0; NaN gives NaN. Branch-free (bit-mask selects:
+ * GCC does not if-convert these ternaries below AVX-512's masks), so the loops calling it vectorize at every level. */
 static inline float exp_f32(float x) {
     const float shifter = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
-    float xc = x < -87.3f ? -87.3f : x;
-    xc = xc > 88.0f ? 88.0f : xc;
+    float xc = select_f32(x < -87.3f, -87.3f, x);
+    xc = select_f32(xc > 88.0f, 88.0f, xc);
     float n = (xc * 1.44269504088896341f + shifter) - shifter;
     float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
     float p = 1.0f / 5040.0f;
@@ -121,12 +131,12 @@ static inline float exp_f32(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     float e = p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
-    e = x < -87.3f ? 0.0f : e;
-    return x != x ? x : e;
+    e = select_f32(x < -87.3f, 0.0f, e);
+    return select_f32(x != x, x, e);
 }
 
 /* Columns [c0, c0 + n) of a row as fp32: the row itself for fp32, else converted into buf. */
-MULTIVERSIONED static const float *load_block(const void *row, int dtype, int64_t c0, int n, float *buf) {
+static const float *load_block(const void *row, int dtype, int64_t c0, int n, float *buf) {
     if (dtype == DTYPE_FLOAT32) return (const float *)row + c0;
     const uint16_t *h = (const uint16_t *)row + c0;
     if (dtype == DTYPE_BFLOAT16)
@@ -138,7 +148,7 @@ MULTIVERSIONED static const float *load_block(const void *row, int dtype, int64_
     return buf;
 }
 
-MULTIVERSIONED static void store_block(void *row, int dtype, int64_t c0, int n, const float *v) {
+static void store_block(void *row, int dtype, int64_t c0, int n, const float *v) {
     if (dtype == DTYPE_FLOAT32) {
         memcpy((float *)row + c0, v, (size_t)n * sizeof(float));
         return;
@@ -166,11 +176,11 @@ static inline void store_one(void *row, int dtype, int64_t c, float v) {
 }
 
 /* out_i = x_i / t (x may be out): a division, as the torch path's z / T */
-MULTIVERSIONED static void divide_block(const float *x, int n, float t, float *out) {
+static void divide_block(const float *x, int n, float t, float *out) {
     for (int i = 0; i < n; i++) out[i] = x[i] / t;
 }
 
-MULTIVERSIONED static float block_max(const float *x, int n) {
+static float block_max(const float *x, int n) {
     float m = -INFINITY;
 #pragma omp simd reduction(max : m)
     for (int i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
@@ -178,7 +188,7 @@ MULTIVERSIONED static float block_max(const float *x, int n) {
 }
 
 /* Σ exp(x − m) over a block, in float64 lanes: an error δ in a row's lse moves a divergence by ~(D + 1) δ */
-MULTIVERSIONED static double block_sumexp(const float *x, int n, float m) {
+static double block_sumexp(const float *x, int n, float m) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < n; i++) s += (double)exp_f32(x[i] - m);
@@ -186,7 +196,7 @@ MULTIVERSIONED static double block_sumexp(const float *x, int n, float m) {
 }
 
 /* Σ w_i (x_i − m) over a block (w NULL: all ones) */
-MULTIVERSIONED static double block_dot(const float *x, int n, float m, const float *w) {
+static double block_dot(const float *x, int n, float m, const float *w) {
     float d = 0.0f;
     if (w) {
 #pragma omp simd reduction(+ : d)
@@ -200,12 +210,12 @@ MULTIVERSIONED static double block_dot(const float *x, int n, float m, const flo
 
 /* Σ e_i and Σ e_i y_i over a block, e_i = exp(y_i), y_i = max(x_i − m, −FLT_MAX) (an −inf logit's term is 0, not
  * 0 · (−inf)) */
-MULTIVERSIONED static void block_sumexp_plogp(const float *x, int n, float m, double *sumexp, double *plogp) {
+static void block_sumexp_plogp(const float *x, int n, float m, double *sumexp, double *plogp) {
     float s = 0.0f, a = 0.0f;
 #pragma omp simd reduction(+ : s, a)
     for (int i = 0; i < n; i++) {
         float y = x[i] - m;
-        y = y < -FLT_MAX ? -FLT_MAX : y;
+        y = select_f32(y < -FLT_MAX, -FLT_MAX, y);
         float e = exp_f32(y);
         s += e;
         a += e * y;
@@ -215,8 +225,8 @@ MULTIVERSIONED static void block_sumexp_plogp(const float *x, int n, float m, do
 }
 
 /* out_i = scale · exp((x_i − hi) − lo) − smooth · w_i (w NULL: 1) */
-MULTIVERSIONED static void block_grad(const float *x, float *out, int n, float hi, float lo, float scale, float smooth,
-                                      const float *w) {
+static void block_grad(const float *x, float *out, int n, float hi, float lo, float scale, float smooth,
+                         const float *w) {
     if (w)
         for (int i = 0; i < n; i++) out[i] = scale * exp_f32((x[i] - hi) - lo) - smooth * w[i];
     else
@@ -387,7 +397,7 @@ static void row_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t
 #define CACHED_MAX (1 << 16)
 
 /* e_i = exp(x_i − m); returns Σ e_i (float64 lanes) */
-MULTIVERSIONED static double block_exp_sum(const float *x, int n, float m, float *e) {
+static double block_exp_sum(const float *x, int n, float m, float *e) {
     double s = 0.0;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < n; i++) {
@@ -398,7 +408,7 @@ MULTIVERSIONED static double block_exp_sum(const float *x, int n, float m, float
 }
 
 /* out_i = f · e_i − smooth · w_i (w NULL: 1); out may be e */
-MULTIVERSIONED static void block_scaled(const float *e, float *out, int n, float f, float smooth, const float *w) {
+static void block_scaled(const float *e, float *out, int n, float f, float smooth, const float *w) {
     if (w)
         for (int i = 0; i < n; i++) out[i] = f * e[i] - smooth * w[i];
     else
@@ -561,12 +571,12 @@ static void rows_log_prob_stats(const Rows *z, double temperature, int want_plog
 
 /* out_i = scale · e_i + entropy_scale · (e_i y_i), e_i = exp(y_i), y_i = (x_i − hi) − lo = log p_i, clamped to −FLT_MAX
  * when with_entropy (e y is then 0 · (−FLT_MAX) = 0 where p = 0, as in the torch path) */
-MULTIVERSIONED static void block_log_prob_grad(const float *x, float *out, int n, float hi, float lo, float scale,
-                                               float entropy_scale, int with_entropy) {
+static void block_log_prob_grad(const float *x, float *out, int n, float hi, float lo, float scale,
+                                float entropy_scale, int with_entropy) {
     if (with_entropy) {
         for (int i = 0; i < n; i++) {
             float y = (x[i] - hi) - lo;
-            y = y < -FLT_MAX ? -FLT_MAX : y;
+            y = select_f32(y < -FLT_MAX, -FLT_MAX, y);
             float e = exp_f32(y);
             out[i] = (y * e) * entropy_scale + e * scale;
         }
@@ -615,7 +625,7 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
  * each pass (5 for the forward KL, 4 for the reverse). The block kernels take the exponentials either way. */
 static inline float shifted_log(float x, float hi, float lo) {
     float y = (x - hi) - lo;
-    return y < -FLT_MAX ? -FLT_MAX : y;
+    return select_f32(y < -FLT_MAX, -FLT_MAX, y);
 }
 
 /* lq − lp as (s − t) − (lse_s − lse_t) (shift[4..5]: the lse difference in two parts): rounded once, relative to
@@ -623,7 +633,7 @@ static inline float shifted_log(float x, float hi, float lo) {
  * logit), the clamped lq − lp (a finite value whose weight q or p is then 0) */
 static inline float log_ratio(float s, float t, float lq, float lp, const float *shift) {
     float d = ((s - t) - shift[4]) - shift[5];
-    return d == d && d <= FLT_MAX && d >= -FLT_MAX ? d : lq - lp;
+    return select_f32(fabsf(d) <= FLT_MAX, d, lq - lp); /* false for NaN and ±inf */
 }
 
 /* lse of z / T over a row, by the running max (returned); its two-part fp32 shift (hi, lo) into shift[0..1] */
@@ -648,8 +658,8 @@ static double row_lse_shift(const Rows *z, const void *row, double temperature, 
 /* Σ p (lp − lq) (forward) or Σ q (lq − lp) (reverse) over a block, the weight p = e_t / S_t or q = e_s / S_s from
  * the block's exponentials (`e`, `inv_sum` the matching 1 / S; 1 where e is already p or q), in float64 lanes: its
  * terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
-MULTIVERSIONED static double block_kl(const float *s, const float *t, const float *e, int n, const float *shift,
-                                      int reverse, float inv_sum) {
+static double block_kl(const float *s, const float *t, const float *e, int n, const float *shift,
+                       int reverse, float inv_sum) {
     double acc = 0.0;
     const float sign = reverse ? 1.0f : -1.0f;
 #pragma omp simd reduction(+ : acc)
@@ -661,14 +671,14 @@ MULTIVERSIONED static double block_kl(const float *s, const float *t, const floa
 }
 
 /* out_i = scale · (q_i − p_i) from the exponentials (forward KL's gradient; no exp) */
-MULTIVERSIONED static void block_kl_grad(const float *es, const float *et, float *out, int n, float inv_s, float inv_t,
-                                         float scale) {
+static void block_kl_grad(const float *es, const float *et, float *out, int n, float inv_s, float inv_t,
+                          float scale) {
     for (int i = 0; i < n; i++) out[i] = scale * (es[i] * inv_s - et[i] * inv_t);
 }
 
 /* out_i = scale · q_i (lq_i − lp_i − D), q from the exponentials (reverse KL's gradient; no exp) */
-MULTIVERSIONED static void block_rkl_grad(const float *s, const float *t, const float *es, float *out, int n,
-                                          const float *shift, float inv_s, float divergence, float scale) {
+static void block_rkl_grad(const float *s, const float *t, const float *es, float *out, int n,
+                           const float *shift, float inv_s, float divergence, float scale) {
     for (int i = 0; i < n; i++) {
         float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
         float q = es[i] * inv_s;
@@ -693,7 +703,7 @@ static float tempered_row(const Rows *z, const void *row, double temperature, fl
 }
 
 /* e_i = exp(max((x_i − hi) − lo, −FLT_MAX)): a block's p or q from its tempered logits and lse (streaming rows) */
-MULTIVERSIONED static void block_exp_shifted(const float *x, int n, float hi, float lo, float *e) {
+static void block_exp_shifted(const float *x, int n, float hi, float lo, float *e) {
     for (int i = 0; i < n; i++) e[i] = exp_f32(shifted_log(x[i], hi, lo));
 }
 
@@ -946,8 +956,8 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "crossent._cpu_rows",
+    PyModuleDef_HEAD_INIT, "crossent." CPU_ROWS_STR(CPU_ROWS_NAME),
     "Cross-entropy row kernels for the CPU in C (crossent.kernels.cpu_rows is the Python side).", -1, methods,
 };
 
-PyMODINIT_FUNC PyInit__cpu_rows(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC CPU_ROWS_CAT(PyInit_, CPU_ROWS_NAME)(void) { return PyModule_Create(&module); }

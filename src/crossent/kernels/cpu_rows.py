@@ -1,4 +1,4 @@
-"""C kernels for CPU tensors: the Python side of ``crossent._cpu_rows`` (``src/crossent/csrc/cpu_rows.c``).
+"""C kernels for CPU tensors: the Python side of ``crossent._cpu_rows*`` (``src/crossent/csrc/cpu_rows.c``).
 
 PyTorch's CPU ops have no 16-bit-in, fp32-statistics softmax, so the torch kernels upcast every chunk of bf16 /
 fp16 logits to an fp32 copy and read that again (about twice the bytes of PyTorch's own bf16 loss), and their
@@ -16,6 +16,10 @@ results (fp32 loss, float64 lse) and gradients in the logits' dtype. They cover:
 Everything else, and every CPU without the extension (``pip install`` builds it when a C compiler is present,
 and skips it otherwise), runs the torch ops, with the same results up to rounding (``covers*`` decide).
 
+The extension is built once per x86-64 level (``_cpu_rows_v4``, ``_v3``, ``_v2``) and for the compiler's default
+target (``_cpu_rows``); the highest build that the CPU and ``CROSSENT_CPU_CAPABILITY`` allow is imported
+(:data:`VARIANT`), chosen here from the CPU's flags (``crossent._cpu_level``), not by a compiler's resolver.
+
 Large inputs are spread over ``torch.get_num_threads()`` threads in one OpenMP region per call, on PyTorch's own
 OpenMP runtime (the C file's header says how), in small dynamic chunks of rows: a core taken by another process
 (a data loader) delays only the chunks it holds.
@@ -23,18 +27,35 @@ OpenMP runtime (the C file's header says how), in small dynamic chunks of rows: 
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
 from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from crossent import _cpu_level
 from crossent._options import RowOptions
 
-try:
-    from crossent import _cpu_rows as _native
-except ImportError:  # built without a C compiler: torch_rows runs instead
-    _native = None
+# The build of the C kernels for each level (setup.py: one per x86-64 level, and the compiler's default target)
+BUILDS = {"x86-64-v4": "_cpu_rows_v4", "x86-64-v3": "_cpu_rows_v3", "x86-64-v2": "_cpu_rows_v2", "default": "_cpu_rows"}
+
+
+def _load() -> Tuple[Optional[ModuleType], Optional[str]]:
+    """The highest build at or below the level crossent runs at (the CPU's, or CROSSENT_CPU_CAPABILITY's; see
+    crossent._cpu_level) that was built, and its level; (None, None) where none was (no C compiler)."""
+    levels = _cpu_level.LEVELS[: _cpu_level.LEVELS.index(_cpu_level.level()) + 1]
+    for level in reversed(levels):
+        try:
+            return importlib.import_module(f"crossent.{BUILDS[level]}"), level
+        except ImportError:
+            continue
+    return None, None
+
+
+_native, VARIANT = _load()
+"""VARIANT: the level of the build that runs (``x86-64-v3``, …, ``default``), None without the C kernels."""
 
 ENABLED = True
 """Switch for tests and comparisons: False sends every call to the torch ops (``torch_rows``, ``logprob_rows``,
