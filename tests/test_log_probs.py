@@ -447,10 +447,10 @@ def test_torch_func_plain(option):
                                jvp(lambda a: theirs(a, ids), (z,), (tangent,))[1], **F64)  # fmt: skip
     zb, ib = _logits((3, 5), 7), _ids((3, 5), 7, 2, opts.get("ignore_index", -100))
     torch.testing.assert_close(vmap(grad(ours))(zb, ib), vmap(grad(theirs))(zb, ib), **F64)
-    per_sample = vmap(lambda a, i: crossent.token_log_probs(a, i, entropy=True, **opts))(zb, ib)
+    per_sample = vmap(lambda a, i: crossent.token_log_probs(a, i, entropy=True, **opts)[:2])(zb, ib)  # vmap: no None
     recipe = vmap(lambda a, i: _recipe(a, i, **opts))(zb, ib)
-    torch.testing.assert_close(per_sample.log_probs, recipe[0], **F64)
-    torch.testing.assert_close(per_sample.entropy, recipe[1], **F64)
+    torch.testing.assert_close(per_sample[0], recipe[0], **F64)
+    torch.testing.assert_close(per_sample[1], recipe[1], **F64)
     assert vmap(lambda a, i: crossent.token_log_probs(a, i, **opts).log_probs)(zb, ib).shape == ib.shape
 
 
@@ -508,7 +508,7 @@ def test_custom_ops_opcheck_and_fakes():
     for opts in (LogProbRowOptions(entropy=True, temperature=0.5), LogProbRowOptions()):
         args = [z, ids, *flatten(opts, VocabShard.whole(7)), "torch"]
         torch.library.opcheck(logprob_ops._logprob_forward, args)
-        lp, h, lse = logprob_ops._logprob_forward(*args)
+        lp, h, lse = logprob_ops._logprob_forward(*args)[:3]
         g_h = torch.ones(5, dtype=torch.float64) if opts.entropy else lse.new_empty(0)
         back = [z, ids, lse, h, torch.ones(5, 2, dtype=torch.float64), g_h, *flatten(opts, VocabShard.whole(7)), "torch"]
         torch.library.opcheck(logprob_ops._logprob_backward, back)
@@ -516,7 +516,7 @@ def test_custom_ops_opcheck_and_fakes():
         settings = [*flatten(opts, VocabShard.whole(7), LoopArgs(chunk_size=2), GradNeeds()), "torch"]
         fwd = [x, w, None, ids, *settings]
         torch.library.opcheck(logprob_ops._linear_logprob_forward, fwd)
-        lp, h, lse = logprob_ops._linear_logprob_forward(*fwd)
+        lp, h, lse = logprob_ops._linear_logprob_forward(*fwd)[:3]
         torch.library.opcheck(logprob_ops._linear_logprob_backward,
                               [x, w, None, ids, lse, h, torch.ones(5, 2, dtype=torch.float64), g_h, *settings])
 

@@ -62,12 +62,16 @@ class RowOptions:
 @dataclass(frozen=True)
 class LogProbRowOptions:
     """The options of the per-token log-probability math (:func:`crossent.token_log_probs`): everything its
-    kernels read besides tensors. The logits the math sees are ``κ tanh(z / κ) / T`` (softcap first)."""
+    kernels read besides tensors. The logits the math sees are ``κ tanh(z / κ) / T`` (softcap first). The flags say
+    which outputs besides the log-probabilities to compute (each costs nothing when off)."""
 
     ignore_index: int = -100
     temperature: float = 1.0
     softcap: Optional[float] = None
     entropy: bool = False
+    log_sum_sq_probs: bool = False
+    mean_logits: bool = False
+    is_top1: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "ignore_index", _integer_like("ignore_index", self.ignore_index))
@@ -75,7 +79,8 @@ class LogProbRowOptions:
         if self.softcap is not None:
             _check_real("softcap", self.softcap, "None or a finite float > 0", lambda v: v > 0.0)
             object.__setattr__(self, "softcap", float(self.softcap))
-        _check_bool("entropy", self.entropy)
+        for name in ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1"):
+            _check_bool(name, getattr(self, name))
         object.__setattr__(self, "temperature", float(self.temperature))
 
 

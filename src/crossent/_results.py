@@ -68,15 +68,34 @@ class TokenLogProbs(NamedTuple):
             position: ``input.shape[:-1]``; K ids: ``input.shape[:-1] + (K,)``); 0 where the id is ignored.
         entropy: ``H = −Σ_c p_c log p_c`` of ``p = softmax(x)`` per position (``input.shape[:-1]``), 0 where every
             id of the position is ignored; None unless ``entropy=True``.
+        log_sum_sq_probs: ``log Σ_c p_c²`` per position (``input.shape[:-1]``), formed as ``lse(2x) − 2 lse(x)``; 0
+            where every id of the position is ignored; None unless ``log_sum_sq_probs=True``.
+        mean_logits: ``(1/C) Σ_c x_c`` per position, the mean of the logits after softcap and temperature (as TRL's
+            ``mean_logits``); 0 where every id of the position is ignored; None unless ``mean_logits=True``.
+        is_top1: bool, the index's shape: whether the id is the argmax of ``x`` — on ties the first (lowest) column,
+            as ``torch.argmax``, so an id tied with an earlier column is not top-1; False where the id is ignored;
+            None unless ``is_top1=True``.
 
-    Both float32 for 16-bit and float32 input, float64 for float64, and both carry gradients.
+    The floating fields are float32 for 16-bit and float32 input, float64 for float64. ``log_probs`` and
+    ``entropy`` carry gradients; the other three never do.
     """
 
     log_probs: Tensor
     entropy: Optional[Tensor]
+    log_sum_sq_probs: Optional[Tensor] = None
+    mean_logits: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
 
 
-def token_result(log_probs: Tensor, entropy: Tensor, batch_shape, single: bool, with_entropy: bool) -> TokenLogProbs:
-    """:class:`TokenLogProbs` from the Function's (…, K) log-probs and its entropy output (empty without entropy)."""
+def token_result(outputs, batch_shape, single: bool, opts) -> TokenLogProbs:
+    """:class:`TokenLogProbs` from the Function's six outputs ``(log_probs (…, K), entropy, lse, log_sum_sq_probs,
+    mean_logits, is_top1 (…, K))`` (empty placeholders where ``opts``, the row options, did not ask)."""
+    log_probs, entropy, _, sq, mean, top1 = outputs
     shape = tuple(batch_shape) if single else tuple(batch_shape) + log_probs.shape[-1:]
-    return TokenLogProbs(log_probs.reshape(shape), entropy.reshape(batch_shape) if with_entropy else None)
+
+    def per_position(t, wanted):
+        return t.reshape(batch_shape) if wanted else None
+
+    return TokenLogProbs(log_probs.reshape(shape), per_position(entropy, opts.entropy),
+                         per_position(sq, opts.log_sum_sq_probs), per_position(mean, opts.mean_logits),
+                         top1.reshape(shape) if opts.is_top1 else None)  # fmt: skip

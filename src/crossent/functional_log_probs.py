@@ -33,6 +33,9 @@ def token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
+    is_top1: bool = False,
     softcap: Optional[float] = None,
     impl: Impl = "auto",
 ) -> TokenLogProbs:
@@ -42,7 +45,13 @@ def token_log_probs(
 
         log_probs[..., k] = x_{t_k} − log Σ_c exp(x_c)        entropy = −Σ_c p_c log p_c
 
-    normalized over the full vocabulary. Gradients flow from either output or both:
+    normalized over the full vocabulary. On request, three statistics without gradient (TRL's fused head logs them;
+    docs/math.md, "Three statistics without gradient")::
+
+        log_sum_sq_probs = log Σ_c p_c² = lse(2x) − 2 lse(x)     mean_logits = (1/C) Σ_c x_c     is_top1_k = [t_k = argmax x]
+
+    (the mean of ``x``, after softcap and temperature; on ties the first column is the argmax, as ``torch.argmax``).
+    Each is computed only when asked. Gradients flow from the log-probs or the entropy or both:
     ``∂lp_k/∂z_c = ([c = t_k] − p_c) / T`` and ``∂H/∂z_c = −p_c (log p_c + H) / T`` (times ``1 − tanh²(z/κ)``).
     Saved for backward: the input (no copy), the ids and two numbers per position, never a (..., C) tensor.
 
@@ -54,12 +63,16 @@ def token_log_probs(
         ignore_index: an id whose log-prob is 0 and gets no gradient; a position whose ids are all ignored has
             entropy 0 (and no entropy gradient).
         entropy: also return the entropy per position.
+        log_sum_sq_probs, mean_logits: also return ``log Σ p²`` / the mean of ``x`` per position (0 where every id
+            of the position is ignored).
+        is_top1: also return, per id, whether it is the argmax (False where the id is ignored).
         softcap: κ > 0 caps the logits as ``κ tanh(z / κ)`` before the temperature (Gemma 2), or None.
         impl: ``"auto"`` (Triton on CUDA when installed, else torch ops), ``"torch"`` or ``"triton"``.
 
     Returns:
-        :class:`TokenLogProbs` ``(log_probs, entropy)``: ``log_probs`` with ``index``'s shape, ``entropy``
-        ``input.shape[:-1]`` or None; float32 for 16-bit and float32 input, float64 for float64.
+        :class:`TokenLogProbs` ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``: ``log_probs`` and
+        ``is_top1`` with ``index``'s shape, the others ``input.shape[:-1]``; each optional one None unless asked;
+        float32 for 16-bit and float32 input, float64 for float64 (``is_top1`` bool).
 
     Raises:
         TypeError: non-tensor or non-floating ``input``, non-integer ``index``, options of the wrong type.
@@ -75,9 +88,18 @@ def token_log_probs(
         tensor([-1.3863, -0.6931])
         >>> out.entropy  # log 4; −(3 · ⅙ log ⅙ + ½ log ½)
         tensor([1.3863, 1.2425])
+        >>> z = torch.tensor([[0.0, 3.0, 3.0], [0.0, 0.0, torch.log(torch.tensor(3.0))]])
+        >>> out = crossent.token_log_probs(z, torch.tensor([2, 2]), log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+        >>> out.is_top1  # row 0: tied with column 1, which comes first
+        tensor([False,  True])
+        >>> out.log_sum_sq_probs[1]  # p = (⅕, ⅕, ⅗): log(11 / 25)
+        tensor(-0.8210)
+        >>> out.mean_logits[1]  # log 3 / 3
+        tensor(0.3662)
     """
-    opts = LogProbOptions.build(temperature=temperature, ignore_index=ignore_index, entropy=entropy, softcap=softcap,
-                                impl=impl)  # fmt: skip
+    opts = LogProbOptions.build(temperature=temperature, ignore_index=ignore_index, entropy=entropy,
+                                log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1,
+                                softcap=softcap, impl=impl)  # fmt: skip
     return token_log_probs_with_options(input, index, opts)
 
 
@@ -98,8 +120,7 @@ def rows_token_log_probs(logits: Tensor, index: Tensor, opts: LogProbOptions, sh
     ids = class_indices(index)
     ids = ids.unsqueeze(-1) if single else ids
     call = LogProbCall(opts.row, shard, resolve_impl(opts.impl, logits.device))
-    log_probs, entropy, _ = apply_function(TokenLogProbRows, logits, ids, call)
-    return token_result(log_probs, entropy, batch_shape, single, opts.row.entropy)
+    return token_result(apply_function(TokenLogProbRows, logits, ids, call), batch_shape, single, opts.row)
 
 
 def linear_token_log_probs(
@@ -111,6 +132,9 @@ def linear_token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
+    is_top1: bool = False,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
@@ -139,7 +163,8 @@ def linear_token_log_probs(
         linear_weight: (V, D), the input's dtype and device.
         index: ``input.shape[:-1]`` or ``input.shape[:-1] + (K,)`` integer ids in [0, V) or ``ignore_index``.
         linear_bias: None or (V,).
-        temperature, ignore_index, entropy, softcap, impl: as in :func:`token_log_probs`.
+        temperature, ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1, softcap, impl: as in
+            :func:`token_log_probs`.
         chunk_size, memory_budget, accumulate_dtype: as in :func:`crossent.linear_cross_entropy`.
 
     Returns:
@@ -160,10 +185,13 @@ def linear_token_log_probs(
         >>> out.log_probs.sum().backward()
         >>> bool(torch.allclose(x.grad[0], w.detach()[0] - w.detach().mean(0)))  # (onehot − p) W
         True
+        >>> crossent.linear_token_log_probs(x, w, torch.tensor([0, 2, 4]), log_sum_sq_probs=True).log_sum_sq_probs
+        tensor([-1.6094, -1.6094, -1.6094])
     """
     opts = LinearLogProbOptions.build(
-        temperature=temperature, ignore_index=ignore_index, entropy=entropy, softcap=softcap, chunk_size=chunk_size,
-        memory_budget=memory_budget, accumulate_dtype=accumulate_dtype, impl=impl,
+        temperature=temperature, ignore_index=ignore_index, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits, is_top1=is_top1, softcap=softcap, chunk_size=chunk_size, memory_budget=memory_budget,
+        accumulate_dtype=accumulate_dtype, impl=impl,
     )  # fmt: skip
     input, linear_weight, linear_bias, index, shard, plan_vocab = local_operands(input, linear_weight, linear_bias, index)
     input, linear_weight, linear_bias = autocast_operands(input, linear_weight, linear_bias)
@@ -192,5 +220,5 @@ def rows_linear_token_log_probs(
     check_memory_budget(x.shape[0], dim, vocab, input.dtype, opts.chunk_size, opts.memory_budget)
     loop = LoopArgs(opts.chunk_size, opts.memory_budget, vocab, opts.accumulate_dtype)
     call = LinearLogProbCall(opts.row, shard, loop, resolve_impl(opts.impl, input.device))
-    log_probs, entropy, _ = with_transform_rules(LinearTokenLogProbs).apply(x, linear_weight, linear_bias, ids, call)
-    return token_result(log_probs, entropy, batch_shape, single, opts.row.entropy)
+    outputs = with_transform_rules(LinearTokenLogProbs).apply(x, linear_weight, linear_bias, ids, call)
+    return token_result(outputs, batch_shape, single, opts.row)

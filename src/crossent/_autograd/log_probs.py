@@ -45,9 +45,23 @@ def _entropy_grad(call, grad_entropy):
     return grad_entropy if call.opts.entropy else None
 
 
+def _mark_outputs(ctx, output, opts: LogProbRowOptions) -> None:
+    """The outputs ``(log_probs, entropy, lse, log_sum_sq_probs, mean_logits, is_top1)``: only the log-probs and an
+    asked-for entropy carry gradients; the lse and the three statistics never do (nor the empty placeholders)."""
+    ctx.mark_non_differentiable(*output[2:] if opts.entropy else output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _out_dims(opts: LogProbRowOptions):
+    """vmap's output dims of the six outputs: 0, or None for an empty placeholder."""
+    flags = (True, opts.entropy, True, opts.log_sum_sq_probs, opts.mean_logits, opts.is_top1)
+    return tuple(0 if f else None for f in flags)
+
+
 class TokenLogProbRows(torch.autograd.Function):
-    """``(log_probs (..., K), entropy (...) or an empty tensor, lse (...) float64)`` of logits ``(..., C)`` (or of a
-    vocabulary shard of them) at ids ``(..., K)``.
+    """``(log_probs (..., K), entropy (...), lse (...) float64, log_sum_sq_probs (...), mean_logits (...), is_top1
+    (..., K))`` of logits ``(..., C)`` (or of a vocabulary shard of them) at ids ``(..., K)``, the optional ones empty
+    tensors when not asked (``logprob_ops``).
 
     Saves the logits (no copy), the ids, the float64 LSE and the entropy: O(N·K) beyond the input. The LSE carries
     no gradient; unused outputs' gradients arrive as None (no zero tensors are made). Where the gradient must be
@@ -63,12 +77,11 @@ class TokenLogProbRows(torch.autograd.Function):
         logits, index, call = inputs
         ctx.save_for_backward(logits, index, output[2], output[1])
         ctx.save_for_forward(logits, index)
-        ctx.mark_non_differentiable(*output[2:] if call.opts.entropy else output[1:])
-        ctx.set_materialize_grads(False)
+        _mark_outputs(ctx, output, call.opts)
         ctx.call = call
 
     @staticmethod
-    def backward(ctx, grad_log_probs, grad_entropy, _grad_lse):
+    def backward(ctx, grad_log_probs, grad_entropy, *_no_grads):
         logits, index, lse, entropy = ctx.saved_tensors
         c = ctx.call
         grad_entropy = _entropy_grad(c, grad_entropy)
@@ -98,12 +111,11 @@ class LinearTokenLogProbs(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, linear_weight, linear_bias, index, call = inputs
         ctx.save_for_backward(input, linear_weight, linear_bias, index, output[2], output[1])
-        ctx.mark_non_differentiable(*output[2:] if call.opts.entropy else output[1:])
-        ctx.set_materialize_grads(False)
+        _mark_outputs(ctx, output, call.opts)
         ctx.call = call
 
     @staticmethod
-    def backward(ctx, grad_log_probs, grad_entropy, _grad_lse):
+    def backward(ctx, grad_log_probs, grad_entropy, *_no_grads):
         input, linear_weight, linear_bias, index, lse, entropy = ctx.saved_tensors
         c = ctx.call
         grad_entropy = _entropy_grad(c, grad_entropy)
@@ -129,16 +141,16 @@ class TokenLogProbRowsTransformable(TokenLogProbRows):
         logits = batch_first(logits, in_dims[0], info.batch_size)
         index = batch_first(index, in_dims[1], info.batch_size)
         out = TokenLogProbRowsTransformable.apply(logits, index, call)
-        return out, (0, 0 if call.opts.entropy else None, 0)
+        return out, _out_dims(call.opts)
 
     @staticmethod
     def jvp(ctx, logits_tangent, _index_tangent, _call_tangent):
         logits, index = ctx.saved_tensors[:2]
         whole_rows_only("vocab_parallel_token_log_probs", ctx.call.shard, "forward-mode AD")
         if logits_tangent is None:
-            return None, None, None
+            return (None,) * 6
         lp_dot, h_dot = composite.log_probs_jvp(logits, index, logits_tangent, ctx.call.opts)
-        return lp_dot, h_dot, None
+        return lp_dot, h_dot, None, None, None, None
 
 
 

@@ -259,6 +259,9 @@ def vocab_parallel_token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
+    is_top1: bool = False,
     softcap: Optional[float] = None,
     impl: Impl = "auto",
 ) -> TokenLogProbs:
@@ -268,17 +271,21 @@ def vocab_parallel_token_log_probs(
     :class:`crossent.TokenLogProbs`, and each rank's logits receive their own columns of the gradient. Per row,
     rank ``r`` reports its shard's max ``m_r``, ``s_r = Σ exp(x − m_r)``, ``d_r = Σ exp(x − m_r)(x − m_r)`` (with
     ``entropy``) and its ids' logits; they combine as ``M = max_r m_r``, ``S = Σ_r a_r s_r``,
-    ``D = Σ_r a_r (d_r + (m_r − M) s_r)`` (``a_r = exp(m_r − M)``), ``lse = M + log S``, ``H = log S − D / S``.
+    ``D = Σ_r a_r (d_r + (m_r − M) s_r)`` (``a_r = exp(m_r − M)``), ``lse = M + log S``, ``H = log S − D / S``;
+    ``log Σ p²`` from ``Q = Σ_r a_r² q_r``, the mean logit from the sum of ``Σ x``, and top-1 from each shard's max
+    and first argmax, combined by max (docs/math.md): ties go to the lowest global column, as in one process.
 
-    Communication: the metadata all-gather; one all-reduce MAX of N elements and one all-reduce SUM of
-    (K + 1)·N, or (K + 2)·N with entropy, elements of the compute dtype; none in backward.
+    Communication: the metadata all-gather; one all-reduce MAX of N elements (N·(2K + 2) with ``is_top1``) and one
+    all-reduce SUM of (K + 1)·N elements of the compute dtype, plus N for each of ``entropy``,
+    ``log_sum_sq_probs`` and ``mean_logits``; none in backward.
 
     Args:
         logits: this rank's slice ``(..., V_local)``; ranks may have unequal V_local.
         index: ``(...)`` or ``(..., K)`` GLOBAL ids in [0, C) or ``ignore_index``; the same on every rank.
         group, vocab_start: as in :func:`vocab_parallel_cross_entropy`.
-        temperature, ignore_index, entropy, softcap, impl: as in :func:`crossent.token_log_probs` (``impl="triton"``
-            runs this rank's statistics in torch ops, as the cross-entropy's).
+        temperature, ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1, softcap, impl: as in
+            :func:`crossent.token_log_probs` (``impl="triton"`` runs this rank's statistics in torch ops, as the
+            cross-entropy's).
 
     Returns:
         :class:`crossent.TokenLogProbs`, identical on every rank.
@@ -291,6 +298,7 @@ def vocab_parallel_token_log_probs(
 
     def check_and_describe():
         opts = LogProbOptions.build(temperature=temperature, ignore_index=ignore_index, entropy=entropy,
+                                    log_sum_sq_probs=log_sum_sq_probs, mean_logits=mean_logits, is_top1=is_top1,
                                     softcap=softcap, impl=impl)  # fmt: skip
         opts_box.append(opts)
         check_logits("logits", logits)
@@ -316,6 +324,9 @@ def vocab_parallel_linear_token_log_probs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     entropy: bool = False,
+    log_sum_sq_probs: bool = False,
+    mean_logits: bool = False,
+    is_top1: bool = False,
     softcap: Optional[float] = None,
     chunk_size: Optional[int] = None,
     memory_budget: Optional[int] = None,
@@ -337,8 +348,9 @@ def vocab_parallel_linear_token_log_probs(
         index: ``input.shape[:-1]`` or ``input.shape[:-1] + (K,)`` global ids, the same on every rank.
         linear_bias: this rank's ``(V_local,)`` bias, or None (on every rank).
         group, vocab_start: as in :func:`vocab_parallel_cross_entropy`.
-        temperature, ignore_index, entropy, softcap, chunk_size, memory_budget, accumulate_dtype, impl: as in
-            :func:`crossent.linear_token_log_probs`; the same on every rank.
+        temperature, ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1, softcap, chunk_size,
+            memory_budget, accumulate_dtype, impl: as in :func:`crossent.linear_token_log_probs`; the same on every
+            rank.
 
     Returns:
         :class:`crossent.TokenLogProbs`, identical on every rank. Every rank must call backward.
@@ -350,7 +362,8 @@ def vocab_parallel_linear_token_log_probs(
 
     def check_and_describe():
         opts = LinearLogProbOptions.build(
-            temperature=temperature, ignore_index=ignore_index, entropy=entropy, softcap=softcap, chunk_size=chunk_size,
+            temperature=temperature, ignore_index=ignore_index, entropy=entropy, log_sum_sq_probs=log_sum_sq_probs,
+            mean_logits=mean_logits, is_top1=is_top1, softcap=softcap, chunk_size=chunk_size,
             memory_budget=memory_budget, accumulate_dtype=accumulate_dtype, impl=impl,
         )  # fmt: skip
         opts_box.append(opts)

@@ -60,22 +60,37 @@ def stats_hook(group_name: Optional[str]) -> Optional[StatsHook]:
 
 def logprob_stats_hook(group_name: Optional[str]) -> Optional[LogProbStatsHook]:
     """The cross-rank combine of :class:`LogProbStats` over the named group (None for one process): one
-    all-reduce MAX of the row max, then one all-reduce SUM of ``[a s, a (d + (m − M) s), x_t (K)]`` per row with
-    ``a = exp(m − M)`` (``logprob_rows.combine_stats``): O(N·(K + 2)) numbers."""
+    all-reduce MAX of the row max (with ``is_top1``: packed with ``top`` and the K ``top_at``, ``top_before``), then
+    one all-reduce SUM of ``[a s, a (d + (m − M) s), a² q, Σ x, x_t (K)]`` per row with ``a = exp(m − M)`` (the
+    optional sums only when asked; ``logprob_rows.combine_stats``): O(N·(K + 2)) numbers, O(N·(3K + 5)) with every
+    statistic."""
     if group_name is None:
         return None
     dist, group = _group(group_name)
 
     def combine(local: LogProbStats) -> LogProbStats:
-        row_max = _max_over_ranks(local.max, dist, group)
+        k = local.target_logits.shape[-1]
+        maxima = [local.max.unsqueeze(-1)]
+        if local.top is not None:
+            maxima += [local.top.unsqueeze(-1), local.top_at, local.top_before]
+        maxima = _max_over_ranks(torch.cat(maxima, -1), dist, group)
+        row_max = maxima[..., 0]
         scale = torch.exp(local.max - row_max)
-        parts = [scale * local.sumexp]
+        sums = {"sumexp": scale * local.sumexp}
         if local.plogp is not None:
-            parts.append(scale * (local.plogp + (local.max - row_max) * local.sumexp))
-        packed = _sum_over_ranks(torch.cat([torch.stack(parts, -1), local.target_logits.to(row_max.dtype)], -1),
-                                 dist, group)  # fmt: skip
-        plogp = None if local.plogp is None else packed[..., 1]
-        return LogProbStats(row_max, packed[..., 0], plogp, packed[..., len(parts):])
+            sums["plogp"] = scale * (local.plogp + (local.max - row_max) * local.sumexp)
+        if local.sumsq is not None:
+            sums["sumsq"] = scale * scale * local.sumsq
+        if local.logit_sum is not None:
+            sums["logit_sum"] = local.logit_sum
+        packed = _sum_over_ranks(torch.cat([torch.stack(list(sums.values()), -1),
+                                            local.target_logits.to(row_max.dtype)], -1), dist, group)  # fmt: skip
+        totals = {name: packed[..., i] for i, name in enumerate(sums)}
+        top = {}
+        if local.top is not None:
+            top = {"top": maxima[..., 1], "top_at": maxima[..., 2:2 + k], "top_before": maxima[..., 2 + k:]}
+        return LogProbStats(row_max, target_logits=packed[..., len(sums):], plogp=totals.pop("plogp", None), **totals,
+                            **top)  # fmt: skip
 
     return combine
 

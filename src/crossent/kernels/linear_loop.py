@@ -302,23 +302,26 @@ def linear_log_probs(
     kernels: LogProbChunkKernels = TORCH_LOGPROB_KERNELS,
 ) -> LogProbRows:
     """Log-probabilities of ``index`` (N, K), the entropy (``opts.entropy``) and the float64 lse (N,) of the rows of
-    ``Z = input · linear_weightᵀ + linear_bias``: one logits product per block, the block's stats, combined over
-    vocabulary pieces (and, through ``combine``, over the ranks holding the other columns). Positions whose ids
-    are all ``ignore_index`` are dropped before the products (``loop.skip_ignored``): their outputs are 0."""
+    ``Z = input · linear_weightᵀ + linear_bias`` (and the statistics the other flags of ``opts`` ask for): one logits
+    product per block, the block's stats, combined over vocabulary pieces (and, through ``combine``, over the ranks
+    holding the other columns). Positions whose ids are all ``ignore_index`` are dropped before the products
+    (``loop.skip_ignored``): their outputs are 0 (False)."""
     keep = _kept_rows(index, opts.ignore_index, loop.skip_ignored)
     if keep is not None:
         sub = linear_log_probs(input[keep], linear_weight, linear_bias, index[keep], opts,
                                loop._replace(skip_ignored=False), shard=shard, combine=combine, kernels=kernels)  # fmt: skip
         n = input.shape[0]
-        return LogProbRows(_scattered(sub.log_probs, keep, n, 0.0), _scattered(sub.entropy, keep, n, 0.0),
-                           _scattered(sub.lse, keep, n, math.nan))  # fmt: skip
+        return LogProbRows(*(_scattered(t, keep, n, math.nan if f == "lse" else 0.0) for f, t in zip(sub._fields, sub)))
     # 16-bit blocks stay 16-bit where the C stats read them (their step, shard_stats, takes any block dtype)
     plan = _half_plan(input, linear_weight, opts, loop, shard, combine, kernels is TORCH_LOGPROB_KERNELS, False)
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, GradNeeds(False, False, False), shard,
                     False, plan, half_block=plan is not None)  # fmt: skip
-    log_probs = torch.empty(index.shape, dtype=ws.cdt, device=input.device)
-    entropy = torch.empty(ws.n, dtype=ws.cdt, device=input.device) if opts.entropy else None
-    lse = torch.empty(ws.n, dtype=torch.float64, device=input.device)
+    def out(shape, dtype, wanted=True):
+        return torch.empty(shape, dtype=dtype, device=input.device) if wanted else None
+
+    out_rows = LogProbRows(out(index.shape, ws.cdt), out(ws.n, ws.cdt, opts.entropy), out(ws.n, torch.float64),
+                           out(ws.n, ws.cdt, opts.log_sum_sq_probs), out(ws.n, ws.cdt, opts.mean_logits),
+                           out(index.shape, torch.bool, opts.is_top1))  # fmt: skip
     whole = len(ws.pieces) == 1 and ws.vocab_start == 0 and ws.vocab == ws.num_classes and combine is None
     for r0, r1 in ws.row_blocks():
         ids = index[r0:r1]
@@ -329,10 +332,10 @@ def linear_log_probs(
                      for k, p in enumerate(ws.pieces)]  # fmt: skip
             stats = parts[0] if len(parts) == 1 else combine_logprob_stats(parts)
             rows = finish_log_probs(stats if combine is None else combine(stats), ids, opts, ws.num_classes)
-        log_probs[r0:r1], lse[r0:r1] = rows.log_probs, rows.lse
-        if entropy is not None:
-            entropy[r0:r1] = rows.entropy
-    return LogProbRows(log_probs, entropy, lse)
+        for dst, src in zip(out_rows, rows):
+            if dst is not None:
+                dst[r0:r1] = src
+    return out_rows
 
 
 @scratch.reused

@@ -31,6 +31,7 @@ _ROWS = f"{schema(LogProbRowOptions, VocabShard)}, str impl"
 _LINEAR_KINDS = (LogProbRowOptions, VocabShard, LoopArgs, GradNeeds)
 _LINEAR = f"{schema(*_LINEAR_KINDS)}, str impl"
 _LINEAR_TENSORS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor index"
+_ROWS_OUT = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"  # logprob_rows.LogProbRows' fields, in order
 
 
 def _check_range(index: Tensor, shard: VocabShard, opts: LogProbRowOptions) -> None:
@@ -39,7 +40,9 @@ def _check_range(index: Tensor, shard: VocabShard, opts: LogProbRowOptions) -> N
 
 
 def _rows_out(rows: LogProbRows):
-    return rows.log_probs, _or_empty(rows.entropy, rows.lse), rows.lse
+    """The ops' six outputs: ``(log_probs, entropy, lse, log_sum_sq_probs, mean_logits, is_top1)``, the optional
+    ones empty (float64) when not asked."""
+    return tuple(rows.lse.new_empty(0) if t is None else t for t in rows)  # one each: outputs may not alias
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
@@ -52,13 +55,18 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
 
 def _fake_rows(batch_shape, index, like, opts: LogProbRowOptions):
     cdt = compute_dtype(like.dtype)
-    entropy = like.new_empty(batch_shape, dtype=cdt) if opts.entropy else like.new_empty(0, dtype=torch.float64)
-    return like.new_empty(index.shape, dtype=cdt), entropy, like.new_empty(batch_shape, dtype=torch.float64)
+
+    def out(shape, dtype, wanted=True):
+        return like.new_empty(shape, dtype=dtype) if wanted else like.new_empty(0, dtype=torch.float64)
+
+    return (out(index.shape, cdt), out(batch_shape, cdt, opts.entropy), out(batch_shape, torch.float64),
+            out(batch_shape, cdt, opts.log_sum_sq_probs), out(batch_shape, cdt, opts.mean_logits),
+            out(index.shape, torch.bool, opts.is_top1))  # fmt: skip
 
 
 @torch.library.custom_op(
     "crossent::logprob_forward", mutates_args=(),
-    schema=f"(Tensor logits, Tensor index, {_ROWS}) -> (Tensor, Tensor, Tensor)",
+    schema=f"(Tensor logits, Tensor index, {_ROWS}) -> {_ROWS_OUT}",
 )  # fmt: skip
 def _logprob_forward(logits, index, *args):
     opts, shard, impl = rebuild(args, LogProbRowOptions, VocabShard)
@@ -94,7 +102,7 @@ def _(logits, index, lse, entropy, grad_log_probs, grad_entropy, *args):
 
 @torch.library.custom_op(
     "crossent::linear_logprob_forward", mutates_args=(),
-    schema=f"({_LINEAR_TENSORS}, {_LINEAR}) -> (Tensor, Tensor, Tensor)",
+    schema=f"({_LINEAR_TENSORS}, {_LINEAR}) -> {_ROWS_OUT}",
 )  # fmt: skip
 def _linear_logprob_forward(input, linear_weight, linear_bias, index, *args):
     opts, shard, loop, _, impl = rebuild(args, *_LINEAR_KINDS)
@@ -147,7 +155,8 @@ def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
 
 
 def logprob_forward(logits: Tensor, index: Tensor, opts: LogProbRowOptions, shard: VocabShard, impl: str):
-    """``(log_probs (..., K), entropy (...) or an empty tensor, lse (...) float64)`` of logits (..., V_s)."""
+    """``(log_probs (..., K), entropy (...), lse (...) float64, log_sum_sq_probs (...), mean_logits (...), is_top1
+    (..., K) bool)`` of logits (..., V_s), the optional ones empty tensors when not asked."""
     return _logprob_forward(logits, index, *flatten(opts, shard), impl)
 
 
@@ -162,7 +171,7 @@ def logprob_backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, 
 
 def linear_logprob_forward(input, linear_weight, linear_bias, index, opts: LogProbRowOptions, shard: VocabShard,
                            loop: LoopArgs, impl: str):  # fmt: skip
-    """``(log_probs (N, K), entropy (N,) or empty, lse (N,) float64)`` of ``input · linear_weightᵀ + linear_bias``."""
+    """:func:`logprob_forward`'s six outputs (N rows) for ``input · linear_weightᵀ + linear_bias``."""
     return _linear_logprob_forward(input, linear_weight, linear_bias, index,
                                    *flatten(opts, shard, loop, GradNeeds()), impl)  # fmt: skip
 

@@ -12,6 +12,10 @@ A shard (the whole row, one vocabulary piece of the fused loop, or one rank's sl
 shards combine exactly (:func:`combine_stats`), and ``lse = M + log S``, ``H = log S − D / S``: the entropy is
 formed from sums relative to the max, never as ``lse − Σ p x`` (which would cancel at |lse| ≫ H).
 Per-row results come out in the compute dtype (fp32; fp64 for fp64 logits), the LSE in float64.
+
+Three more statistics, each only when its flag is set (docs/math.md, "Three statistics without gradient"):
+``q = Σ exp(2(x − m))`` (``log Σ p² = log q − 2 log s``), ``Σ x`` (the mean logit) and, per id, the shard's max where
+its first argmax is the id / lies before the id (top-1 by argmax, ties to the first column; they combine by max).
 """
 
 from __future__ import annotations
@@ -33,12 +37,22 @@ from crossent.kernels.torch_rows import Shift, _capped, _chunks, _shape_3d, _vie
 class LogProbStats(NamedTuple):
     """What one shard of columns contributes per row (compute dtype): ``max`` (all −inf rows clamped to the
     lowest finite value, so ``sumexp`` is 0 there, not NaN), ``sumexp = Σ exp(x − max)``, ``plogp = Σ exp(x −
-    max)(x − max)`` (None without entropy) and ``target_logits`` (..., K): ``x`` at each id in the shard, else 0."""
+    max)(x − max)`` (None without entropy) and ``target_logits`` (..., K): ``x`` at each id in the shard, else 0.
+
+    Each None unless its flag asks: ``sumsq = Σ exp(2(x − max))`` (``log_sum_sq_probs``), ``logit_sum = Σ x``
+    (``mean_logits``); for ``is_top1``, ``top`` the shard's max of ``x`` as its argmax saw it (not clamped) and per id
+    ``top_at`` / ``top_before`` (..., K): ``top`` where the shard's first argmax is the id / lies before it, else −inf
+    (:func:`top_stats`)."""
 
     max: Tensor
     sumexp: Tensor
     plogp: Optional[Tensor]
     target_logits: Tensor
+    sumsq: Optional[Tensor] = None
+    logit_sum: Optional[Tensor] = None
+    top: Optional[Tensor] = None
+    top_at: Optional[Tensor] = None
+    top_before: Optional[Tensor] = None
 
     def lse(self) -> Tensor:
         """``max + log sumexp`` in float64 (see torch_rows.RowStats.lse for why float64); the stats stay as they
@@ -53,11 +67,15 @@ LogProbStatsHook = Callable[[LogProbStats], LogProbStats]
 
 class LogProbRows(NamedTuple):
     """Per-row results: ``log_probs`` (..., K) and ``entropy`` (...) (None unless asked for) in the compute dtype,
-    ``lse`` (...) in float64."""
+    ``lse`` (...) in float64; ``log_sum_sq_probs``, ``mean_logits`` (...) in the compute dtype and ``is_top1`` (..., K)
+    bool, each None unless asked for."""
 
     log_probs: Tensor
     entropy: Optional[Tensor]
     lse: Tensor
+    log_sum_sq_probs: Optional[Tensor] = None
+    mean_logits: Optional[Tensor] = None
+    is_top1: Optional[Tensor] = None
 
 
 def forward(
@@ -91,34 +109,106 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     cdt = compute_dtype(logits.dtype)
     if cpu_rows.covers(z3, None, opts):  # the same stats in C, one pass over the logits as stored
         row_max, sumexp, plogp = cpu_rows.log_prob_stats(z3, opts.temperature, opts.entropy)
-        return _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, logits.shape[:-1], index.shape)
+        extra = _extra_stats(z3, row_max, opts) if _any_extra(opts) else _Extra()  # torch ops, only when asked
+        return _with_id_logits(row_max, sumexp, plogp, extra, z3, ids3, opts, vocab_start, index.shape)
     row_max, sumexp = (torch.empty(z3.shape[:2], dtype=cdt, device=z3.device) for _ in range(2))
     plogp = torch.empty_like(row_max) if opts.entropy else None
+    extra = _Extra.empty(row_max, opts)
     lowest = torch.finfo(cdt).min
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
-        m = src.amax(-1).clamp_(min=lowest)
+        m = extra.add_sums(idx, src)
+        m = (src.amax(-1) if m is None else m.clone()).clamp_(min=lowest)
         row_max[idx] = m
         y = torch.sub(src, m.unsqueeze(-1), out=x)  # x − m ≤ 0
         if plogp is None:
-            sumexp[idx] = y.exp_().sum(-1)
-            continue
-        y.clamp_(min=lowest)  # −inf → lowest: its term e·y is 0 · lowest = 0, not 0 · (−inf); NaN stays NaN
-        e = torch.exp(y, out=scratch[0])
-        sumexp[idx] = e.sum(-1)
-        plogp[idx] = e.mul_(y).sum(-1)
-    return _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, logits.shape[:-1], index.shape)
+            e = y.exp_()
+            sumexp[idx] = e.sum(-1)
+        else:
+            y.clamp_(min=lowest)  # −inf → lowest: its term e·y is 0 · lowest = 0, not 0 · (−inf); NaN stays NaN
+            e = torch.exp(y, out=scratch[0])
+            sumexp[idx] = e.sum(-1)
+            plogp[idx] = y.mul_(e).sum(-1)
+        if extra.sumsq is not None:  # Σ e², e = exp(x − m): the same exponentials
+            extra.sumsq[idx] = e.square_().sum(-1)
+    return _with_id_logits(row_max, sumexp, plogp, extra, z3, ids3, opts, vocab_start, index.shape)
 
 
-def _with_id_logits(row_max, sumexp, plogp, z3, ids3, opts, vocab_start, shape, index_shape) -> LogProbStats:
+def _any_extra(opts: LogProbRowOptions) -> bool:
+    return opts.log_sum_sq_probs or opts.mean_logits or opts.is_top1
+
+
+class _Extra(NamedTuple):
+    """The optional per-row sums of a shard (N, M) (compute dtype; ``top_col`` int64: the first argmax's column in
+    the shard), each None unless its flag asks."""
+
+    sumsq: Optional[Tensor] = None
+    logit_sum: Optional[Tensor] = None
+    top: Optional[Tensor] = None
+    top_col: Optional[Tensor] = None
+
+    @staticmethod
+    def empty(like: Tensor, opts: LogProbRowOptions, dtype: Optional[torch.dtype] = None) -> "_Extra":
+        """Buffers of ``like``'s shape and device, in ``dtype`` (default ``like``'s)."""
+        dtype = like.dtype if dtype is None else dtype
+
+        def new(flag, kind=dtype):
+            return torch.empty(like.shape, dtype=kind, device=like.device) if flag else None
+
+        return _Extra(new(opts.log_sum_sq_probs), new(opts.mean_logits), new(opts.is_top1),
+                      new(opts.is_top1, torch.int64))  # fmt: skip
+
+    def add_sums(self, idx, src: Tensor) -> Optional[Tensor]:
+        """Write ``Σ x`` and (max, first argmax) of a chunk ``src`` (…, C) at ``idx``; returns the max (unclamped) when
+        the argmax pass took it, else None. (``torch.max`` over a dim returns the first maximal index.)"""
+        if self.logit_sum is not None:
+            self.logit_sum[idx] = src.sum(-1)
+        if self.top is None:
+            return None
+        top, col = src.max(-1)
+        self.top[idx], self.top_col[idx] = top, col
+        return top
+
+
+def _extra_stats(z3: Tensor, row_max: Tensor, opts: LogProbRowOptions) -> _Extra:
+    """The optional sums of rows ``z3`` (N, M, C) whose max ``row_max`` (N, M) another kernel found (the C stats):
+    one pass per chunk for ``Σ x`` and the argmax, one more for ``Σ exp(2(x − max))``, in torch ops."""
+    extra = _Extra.empty(row_max, opts)
+    cdt = compute_dtype(z3.dtype)
+    for idx, x, scratch in _chunks(z3, cdt, 1 if opts.log_sum_sq_probs else 0):
+        src = scaled_logits(x, z3[idx], opts)
+        extra.add_sums(idx, src)
+        if extra.sumsq is not None:
+            e = torch.sub(src, row_max[idx].to(cdt).unsqueeze(-1), out=scratch[0]).exp_()
+            extra.sumsq[idx] = e.square_().sum(-1)
+    return extra
+
+
+def top_stats(top: Tensor, top_col: Tensor, index: Tensor, vocab_start: int = 0):
+    """Per id of ``index`` (..., K) (global ids): ``(top_at, top_before)`` of a shard whose max is ``top`` (...) at
+    the shard's first argmax column ``top_col`` (...): ``top`` where ``vocab_start + top_col`` is the id / lies
+    before it, else −inf. O(rows · K)."""
+    value = top.unsqueeze(-1).expand(index.shape)
+    col = top_col.unsqueeze(-1) + vocab_start
+    none = torch.full((), -math.inf, dtype=top.dtype, device=top.device)
+    return torch.where(col == index, value, none), torch.where(col < index, value, none)
+
+
+def _with_id_logits(row_max, sumexp, plogp, extra: _Extra, z3, ids3, opts, vocab_start, index_shape) -> LogProbStats:
     """The row stats (N, M) with the id logits gathered (re-read and upcast, then the same transforms)."""
     local, col = local_targets(ids3, vocab_start, z3.shape[-1])
     picked = torch.gather(z3, -1, col).to(compute_dtype(z3.dtype))
     picked = scaled_logits(picked, picked, opts)
-    return LogProbStats(
-        row_max.reshape(shape), sumexp.reshape(shape), None if plogp is None else plogp.reshape(shape),
-        torch.where(local, picked, 0.0).reshape(index_shape),
-    )  # fmt: skip
+    top_at = top_before = None
+    if extra.top is not None:
+        top_at, top_before = (t.reshape(index_shape) for t in top_stats(extra.top, extra.top_col, ids3, vocab_start))
+    shape = index_shape[:-1]
+
+    def rows(t):
+        return None if t is None else t.reshape(shape)
+
+    return LogProbStats(rows(row_max), rows(sumexp), rows(plogp), torch.where(local, picked, 0.0).reshape(index_shape),
+                        rows(extra.sumsq), rows(extra.logit_sum), rows(extra.top), top_at, top_before)  # fmt: skip
 
 
 # Below this a reference column's fp32 probability has lost bits (normal floats end at 2^-126): the softmax
@@ -147,9 +237,11 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
     picked = scaled_logits(picked, picked, opts)
     lse = torch.empty(z3.shape[:2], dtype=torch.float64)
     entropy = torch.empty_like(lse) if opts.entropy else None
+    extra = _Extra.empty(lse, opts, cdt)
     lowest = torch.finfo(cdt).min
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
+        extra.add_sums(idx, src)  # before the softmax, which may write over src
         if entropy is None:
             p = torch._softmax(src, -1, False, out=x)
         else:  # y = x − m (−inf → lowest: its term p·y is 0, not 0·(−inf)); p from y, the same softmax
@@ -163,11 +255,33 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
         if entropy is not None:  # H = (lse − m) + Σ p (m − x): two terms ≥ 0, no cancellation; the sum is
             p_y = torch.mul(p, y, out=y).sum(-1)  # PyTorch's cascade sum (a BLAS dot's fp32 sum was 5× less exact)
             entropy[idx] = (lse[idx] - row_max.squeeze(-1).double()) - p_y.double()
+        if extra.sumsq is not None:  # Σ p² ≥ 1/C: its log directly
+            extra.sumsq[idx] = p.square_().sum(-1)
     log_probs = torch.where(valid, picked.double() - lse.unsqueeze(-1), 0.0).masked_fill_(bad, math.nan)
     if entropy is not None:
-        entropy = torch.where(valid.any(-1), entropy, 0.0).masked_fill_(bad.any(-1), math.nan)
-        entropy = entropy.to(cdt).reshape(logits.shape[:-1])
-    return LogProbRows(log_probs.to(cdt).reshape(index.shape), entropy, lse.reshape(logits.shape[:-1]))
+        entropy = _per_position(entropy, valid, bad, cdt)
+    shape = logits.shape[:-1]
+    rows = LogProbRows(log_probs.to(cdt).reshape(index.shape), None if entropy is None else entropy.reshape(shape),
+                       lse.reshape(shape))  # fmt: skip
+    if not _any_extra(opts):
+        return rows
+    sq = None if extra.sumsq is None else _per_position(extra.sumsq.double().log(), valid, bad, cdt).reshape(shape)
+    top1 = None if extra.top is None else (valid & (extra.top_col.unsqueeze(-1) == ids3)).reshape(index.shape)
+    return rows._replace(log_sum_sq_probs=sq, mean_logits=_mean_logits(extra.logit_sum, valid, bad, cdt, z3.shape[-1],
+                                                                       shape), is_top1=top1)  # fmt: skip
+
+
+def _per_position(values: Tensor, valid: Tensor, bad: Tensor, cdt) -> Tensor:
+    """A per-position float64 value in the compute dtype: 0 where every id of the position is ignored, NaN where one
+    lies outside [0, C) (as the entropy)."""
+    return torch.where(valid.any(-1), values, 0.0).masked_fill_(bad.any(-1), math.nan).to(cdt)
+
+
+def _mean_logits(logit_sum: Optional[Tensor], valid, bad, cdt, num_classes: int, shape) -> Optional[Tensor]:
+    """``Σ x / C`` per position (float64 division), as :func:`_per_position`; None without the sum."""
+    if logit_sum is None:
+        return None
+    return _per_position(logit_sum.double() / num_classes, valid, bad, cdt).reshape(shape)
 
 
 def combine_stats(parts: Sequence[LogProbStats]) -> LogProbStats:
@@ -179,26 +293,42 @@ def combine_stats(parts: Sequence[LogProbStats]) -> LogProbStats:
     row_max = torch.stack([p.max for p in parts]).amax(0)
     scales = [torch.exp(p.max - row_max) for p in parts]
     sumexp = sum(a * p.sumexp for a, p in zip(scales, parts))
-    plogp = None
+    plogp = sumsq = logit_sum = top = top_at = top_before = None
     if parts[0].plogp is not None:
         plogp = sum(a * (p.plogp + (p.max - row_max) * p.sumexp) for a, p in zip(scales, parts))
-    return LogProbStats(row_max, sumexp, plogp, sum(p.target_logits for p in parts))
+    if parts[0].sumsq is not None:  # e^{2(x − M)} = a² e^{2(x − m)}
+        sumsq = sum(a * a * p.sumsq for a, p in zip(scales, parts))
+    if parts[0].logit_sum is not None:
+        logit_sum = sum(p.logit_sum for p in parts)
+    if parts[0].top is not None:  # maxima all three (docs/math.md)
+        top, top_at, top_before = (torch.stack([getattr(p, f) for p in parts]).amax(0)
+                                   for f in ("top", "top_at", "top_before"))  # fmt: skip
+    return LogProbStats(row_max, sumexp, plogp, sum(p.target_logits for p in parts), sumsq, logit_sum, top, top_at,
+                        top_before)  # fmt: skip
 
 
 def finish(stats: LogProbStats, index: Tensor, opts: LogProbRowOptions, num_classes: int) -> LogProbRows:
     """The per-row results from the full rows' stats, in float64 per row (O(N·K)), returned in the compute dtype:
-    ``lp_k = x_{t_k} − lse``, ``H = log S − D / S``."""
+    ``lp_k = x_{t_k} − lse``, ``H = log S − D / S``; ``log Σ p² = log Q − 2 log S``, ``mean = Σ x / C``,
+    ``top1_k = top_at_k ≥ top and top_at_k > top_before_k`` (each only when asked)."""
     cdt = stats.sumexp.dtype
     lse = stats.lse()
     valid, _, bad = index_masks(index, opts.ignore_index, num_classes)
     log_probs = stats.target_logits.double() - lse.unsqueeze(-1)
     log_probs = torch.where(valid, log_probs, 0.0).masked_fill_(bad, math.nan).to(cdt)
-    entropy = None
-    if opts.entropy:
-        s = stats.sumexp.double()
-        h = s.log() - stats.plogp.double() / s
-        entropy = torch.where(valid.any(-1), h, 0.0).masked_fill_(bad.any(-1), math.nan).to(cdt)
-    return LogProbRows(log_probs, entropy, lse)
+    s = stats.sumexp.double()
+    entropy = _per_position(s.log() - stats.plogp.double() / s, valid, bad, cdt) if opts.entropy else None
+    rows = LogProbRows(log_probs, entropy, lse)
+    if not _any_extra(opts):
+        return rows
+    sq = None
+    if opts.log_sum_sq_probs:
+        sq = _per_position(stats.sumsq.double().log() - 2.0 * s.log(), valid, bad, cdt)
+    top1 = None
+    if opts.is_top1:
+        top1 = valid & (stats.top_at >= stats.top.unsqueeze(-1)) & (stats.top_at > stats.top_before)
+    mean = _mean_logits(stats.logit_sum, valid, bad, cdt, num_classes, s.shape)
+    return rows._replace(log_sum_sq_probs=sq, mean_logits=mean, is_top1=top1)
 
 
 def backward(
