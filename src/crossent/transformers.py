@@ -28,11 +28,13 @@ Importing :mod:`crossent` never imports transformers; this module needs it (``pi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import inspect
 import types
-from typing import Any, NamedTuple, Optional
+import sys
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +49,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
     ) from error
 
 import crossent
+from crossent import TokenLogProbs
 from crossent._options import LinearOptions
 from crossent.functional import autocast_operands, linear_cross_entropy_with_options, logit_scaled
 
@@ -61,24 +64,10 @@ _MODEL_DECIDED = ("reduction", "ignore_index", "softcap", "logit_scale", "return
 # the verification batch: 2 sequences of 12 tokens (small: it runs one forward of the model)
 _VERIFY_SHAPE = (2, 12)
 
-# fallback token_log_probs: bytes of fp32 per-block temporaries (logits, log-probs, probabilities, one spare)
-_LOG_PROBS_BLOCK_BYTES = 64 * 2**20
-
 
 class UnsupportedModelError(ValueError):
     """The model cannot be patched: its head is not a plain linear layer, or crossent's loss would not equal
     the stock one (the message names the model class and the discrepancy). The model is left unpatched."""
-
-
-class _FallbackTokenLogProbs(NamedTuple):
-    """Per-token log-probabilities and (optionally) entropy; the shape of ``crossent.TokenLogProbs``."""
-
-    log_probs: Tensor
-    entropy: Optional[Tensor]
-
-
-# crossent.TokenLogProbs once the per-token log-probs family is in the package; this module's own until then
-TokenLogProbs = getattr(crossent, "TokenLogProbs", _FallbackTokenLogProbs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,9 +209,9 @@ def token_log_probs(model: nn.Module, input_ids: Tensor, *, attention_mask: Opti
     temperature), ``h`` the hidden states the model feeds its head. 0 (and entropy 0) where ``attention_mask``
     masks token ``t + 1``. Gradients flow to the model's parameters (for policy-gradient losses).
 
-    Computed by ``crossent.linear_token_log_probs`` when the package has it (the fused per-token log-probs
-    family); until then by a fallback here: log-softmax over blocks of tokens, each block's logits recomputed
-    in backward (``torch.utils.checkpoint``), so at most one block of logits exists at a time.
+    Computed by :func:`crossent.linear_token_log_probs` on the hidden states, inside the head's call (where
+    FSDP has unsharded it; a tensor-parallel head sharded over the vocabulary runs vocab-parallel, see
+    ``docs/distributed.md``).
 
     Args:
         model: a causal LM; patched or not (an unpatched one is verified as :func:`patch` does, each call).
@@ -258,13 +247,17 @@ def token_log_probs(model: nn.Module, input_ids: Tensor, *, attention_mask: Opti
     transforms = state.transforms if state is not None else _verified_transforms(model, head)
     if _accepts(inspect.signature(model.forward), "use_cache"):
         model_kwargs.setdefault("use_cache", False)
-    with _HeadCapture(head, keep_logits=False) as capture:
-        model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
-    hidden = capture.hidden_for(model)[:, :-1]
-    ids = input_ids[:, 1:].to(hidden.device)
+    ids = input_ids[:, 1:]
     if attention_mask is not None:
-        ids = ids.masked_fill(attention_mask[:, 1:].to(hidden.device) == 0, IGNORE_INDEX)
-    return _linear_token_log_probs(hidden, head, ids, transforms, float(temperature), entropy)
+        ids = ids.masked_fill(attention_mask[:, 1:].to(ids.device) == 0, IGNORE_INDEX)
+
+    def scored(hidden):  # in the head's call, the head as the engine holds it for the forward
+        return _linear_token_log_probs(hidden[:, :-1], head, ids.to(hidden.device), transforms, float(temperature),
+                                       entropy)  # fmt: skip
+
+    with _HeadCapture(head, keep_logits=False, inside=scored) as capture:
+        model(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    return capture.result_for(model)
 
 
 # ---------------------------------------------------------------------------------------------- the forward
@@ -283,12 +276,16 @@ def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
     want_tuple = not (want_tuple if want_tuple is not None else getattr(model.config, "return_dict", True))
     if want_tuple or "return_dict" in state.signature.parameters:
         arguments["return_dict"] = True
-    with _HeadCapture(head, state.keep_logits) as capture:
+
+    def head_loss(hidden):  # in the head's call, the head as the engine holds it for the forward
+        return _head_loss(model, hidden, head, labels, arguments, state.options)
+
+    with _HeadCapture(head, state.keep_logits, inside=head_loss) as capture:
         out = original(**arguments)
     if not isinstance(out, ModelOutput):
         raise UnsupportedModelError(f"{type(model).__name__}'s forward returned {type(out).__name__}, not a "
                                     f"transformers ModelOutput: crossent cannot set its loss")  # fmt: skip
-    loss = _causal_lm_loss(model, capture.hidden_for(model), head, labels, arguments, out, state.options)
+    loss = _with_aux_loss(model, capture.result_for(model), out)
     fields = {f.name: getattr(out, f.name) for f in dataclasses.fields(out)}
     fields["loss"] = loss
     if not state.keep_logits:
@@ -297,11 +294,9 @@ def _patched_forward(model: nn.Module, args: tuple, kwargs: dict):
     return out.to_tuple() if want_tuple else out
 
 
-def _causal_lm_loss(model, hidden: Tensor, head: nn.Linear, labels: Tensor, arguments: dict, out,
-                    opts: LinearOptions) -> Tensor:  # fmt: skip
+def _head_loss(model, hidden: Tensor, head: nn.Linear, labels: Tensor, arguments: dict, opts: LinearOptions) -> Tensor:
     """The stock causal-LM loss from the head's input: ``ForCausalLMLoss``'s shift and normalisation (the sum
-    over ``num_items_in_batch`` when given, else the mean over valid labels), plus the MoE term the stock
-    forward adds (``router_aux_loss_coef · aux_loss``, when the output carries an ``aux_loss``)."""
+    over ``num_items_in_batch`` when given, else the mean over valid labels). Runs inside the head's call."""
     target = arguments.get("shift_labels")
     if target is None:  # token t predicts t + 1; the last position has no target
         target = F.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
@@ -315,6 +310,11 @@ def _causal_lm_loss(model, hidden: Tensor, head: nn.Linear, labels: Tensor, argu
     loss = linear_cross_entropy_with_options(hidden, head.weight, target, head.bias, None, opts)
     if num_items is not None:  # transformers' fixed_cross_entropy: the sum over the accumulation's token count
         loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+    return loss
+
+
+def _with_aux_loss(model, loss: Tensor, out) -> Tensor:
+    """The MoE term the stock forward adds (``router_aux_loss_coef · aux_loss``, when the output has one)."""
     aux = getattr(out, "aux_loss", None)
     if aux is not None:
         coef = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", None))
@@ -325,11 +325,21 @@ def _causal_lm_loss(model, hidden: Tensor, head: nn.Linear, labels: Tensor, argu
 
 
 class _HeadCapture:
-    """For one call: the head's ``forward`` replaced by one that records its input (the hidden states) and
-    returns a (..., 0) placeholder (or, with ``keep_logits``, the real logits). Restored on exit."""
+    """For one call: the head's ``forward`` replaced by one that records its input (the hidden states), runs
+    ``inside(hidden)`` there and returns a (..., 0) placeholder (or, with ``keep_logits``, the real logits).
+    Restored on exit.
 
-    def __init__(self, head: nn.Module, keep_logits: bool):
-        self.head, self.keep_logits, self.hidden, self.calls = head, keep_logits, None, 0
+    ``inside`` runs within the head's call because that is where every engine presents the head whole or as
+    its vocabulary shard: FSDP2 has unsharded it (the root's unit, or the head's own, whose forward hooks run
+    around the call) and tensor parallelism has made the hidden states a replicated DTensor. A head with its
+    own FSDP unit runs ``inside`` as a registered FSDP forward method (``register_fsdp_forward_method``,
+    nested in the head's forward, so no second all-gather), which ties its result's backward to FSDP's
+    pre-backward unsharding.
+    """
+
+    def __init__(self, head: nn.Module, keep_logits: bool, inside: Optional[Callable[[Tensor], Any]] = None):
+        self.head, self.keep_logits, self.inside, self.hidden, self.calls = head, keep_logits, inside, None, 0
+        self.result = None
 
     def __enter__(self):
         self.previous = self.head.__dict__.get("forward")
@@ -344,20 +354,43 @@ class _HeadCapture:
     def _forward(self, input, *args, **kwargs):
         self.calls += 1
         self.hidden = input
+        if self.inside is not None:
+            self.result = _in_fsdp_unit(self.head, self.inside, input)
         if self.keep_logits:
             run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
             return run(input, *args, **kwargs)
         return input.new_empty(input.shape[:-1] + (0,))
 
-    def hidden_for(self, model) -> Tensor:
+    def result_for(self, model):
+        """What ``inside`` returned; the head must have been called exactly once."""
         if self.calls != 1:
             raise UnsupportedModelError(f"{type(model).__name__}'s forward called its output embedding {self.calls} "
                                         f"times (crossent.transformers needs exactly one call)")  # fmt: skip
-        return self.hidden
+        return self.result
+
+
+def _in_fsdp_unit(head: nn.Module, fn: Callable[[Tensor], Any], hidden: Tensor):
+    """``fn(hidden)``; for a head that is its own FSDP2 unit, as a forward method of that unit (its pre-forward
+    finds the head unsharded already; its post-forward registers FSDP's pre-backward hook on the result)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None or not isinstance(head, fsdp.FSDPModule):
+        return fn(hidden)
+    head._crossent_inside = types.MethodType(lambda self, h: fn(h), head)
+    try:
+        fsdp.register_fsdp_forward_method(head, "_crossent_inside")
+        return head._crossent_inside(hidden)
+    finally:
+        del head._crossent_inside
+
+
+def _full(t):
+    """A DTensor's whole value on every rank (the verification's small logits and loss); other values as they are."""
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _linear_head(model: nn.Module) -> nn.Linear:
-    """The model's output embedding, checked to be a plain ``nn.Linear`` whose weight is a local tensor."""
+    """The model's output embedding, checked to be a plain ``nn.Linear`` (its weight may be a DTensor: FSDP2's
+    shard outside the forward, or tensor parallelism's; ``crossent`` reads it inside the head's call)."""
     name = type(model).__name__
     head = model.get_output_embeddings()
     if head is None:
@@ -369,21 +402,12 @@ def _linear_head(model: nn.Module) -> nn.Linear:
         )
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise UnsupportedModelError(f"{name}'s output embedding is a {type(head).__name__}, not a plain torch.nn.Linear")
-    for tensor in (head.weight, head.bias):
-        if tensor is not None and _is_dtensor(tensor):
-            raise UnsupportedModelError(
-                f"{name}'s output embedding holds a sharded DTensor ({type(tensor).__name__}); crossent.transformers "
-                f"needs the whole head on each rank (vocab-parallel heads: crossent.distributed)"
-            )
     return head
 
 
-def _is_dtensor(tensor: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - torch without distributed
-        return False
-    return isinstance(tensor, DTensor)
+def _is_dtensor(t) -> bool:
+    module = sys.modules.get("torch.distributed.tensor")  # loaded wherever a DTensor exists
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _original_forward(model: nn.Module, previous):
@@ -440,23 +464,36 @@ def _verify(model: nn.Module, head: nn.Linear, transforms: HeadTransforms, opts:
         if key in signature.parameters or (key == "return_dict" and _accepts(signature, key)):
             kwargs[key] = value
     devices = [device.index or 0] if device.type == "cuda" else []
+    plain = dataclasses.replace(opts, row=dataclasses.replace(opts.row, label_smoothing=0.0, z_loss=0.0))
+
+    def rebuilt(hidden):  # in the head's call, where the engine (FSDP2, tensor parallelism) presents the head
+        loss = _head_loss(model, hidden, head, labels, {}, plain)  # first: it names a placement crossent refuses
+        return _full(_head_logits(hidden, head, transforms)), loss
+
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices), _HeadCapture(head, keep_logits=True) as capture:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), _stock_loss_context(head), \
+                _HeadCapture(head, keep_logits=True, inside=rebuilt) as capture:  # fmt: skip
             out = model(**kwargs)
     except Exception as error:  # the model's own error, re-raised with what crossent was doing
         raise UnsupportedModelError(f"{name}: the verification forward on random input_ids {_VERIFY_SHAPE} failed "
                                     f"({type(error).__name__}: {error})") from error  # fmt: skip
-    hidden = capture.hidden_for(model)
+    ours, loss = capture.result_for(model)
     logits, stock_loss = getattr(out, "logits", None), getattr(out, "loss", None)
     if not isinstance(logits, Tensor) or not isinstance(stock_loss, Tensor):
         raise UnsupportedModelError(f"{name}'s forward with labels returned no logits or no loss to verify against")
-    with torch.no_grad():
-        rebuilt = _head_logits(hidden, head, transforms)
-    _check_close(name, "logits", logits, rebuilt, transforms, logits.dtype)
-    plain = dataclasses.replace(opts, row=dataclasses.replace(opts.row, label_smoothing=0.0, z_loss=0.0))
-    with torch.no_grad():
-        loss = _causal_lm_loss(model, hidden, head, labels, {}, out, plain)
-    _check_close(name, "loss", stock_loss, loss, transforms, logits.dtype)
+    logits, stock_loss = _full(logits), _full(stock_loss)
+    _check_close(name, "logits", logits, ours, transforms, logits.dtype)
+    _check_close(name, "loss", stock_loss, _with_aux_loss(model, loss, out), transforms, logits.dtype)
+
+
+def _stock_loss_context(head: nn.Module):
+    """Where the stock loss needs one: tensor parallelism's ``loss_parallel()`` for a DTensor head (the stock
+    cross-entropy of vocabulary-sharded logits raises without it; plain logits, as FSDP2's, ignore it)."""
+    if not _is_dtensor(head.weight):
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    return loss_parallel()
 
 
 def _verified_transforms(model: nn.Module, head: nn.Linear) -> HeadTransforms:
@@ -512,50 +549,5 @@ def _linear_token_log_probs(hidden: Tensor, head: nn.Linear, ids: Tensor, transf
     """
     hidden, weight, bias = autocast_operands(hidden, head.weight, head.bias)
     hidden, bias = logit_scaled(hidden, bias, transforms.logit_scale)
-    fused = getattr(crossent, "linear_token_log_probs", None)  # the fused family, once the package has it
-    if fused is not None:
-        return fused(hidden, weight, ids, linear_bias=bias, temperature=temperature, entropy=entropy,
-                     softcap=transforms.softcap, ignore_index=IGNORE_INDEX)  # fmt: skip
-    return _blockwise_token_log_probs(hidden, weight, bias, ids, transforms.softcap, temperature, entropy)
-
-
-def _blockwise_token_log_probs(hidden, weight, bias, ids, softcap, temperature, entropy):
-    """The fallback: blocks of token rows (``_LOG_PROBS_BLOCK_BYTES`` of fp32 temporaries each), each block
-    a checkpoint, so backward recomputes its logits instead of keeping them: peak one block of (rows, V)."""
-    lead, dim, vocab = ids.shape, hidden.shape[-1], weight.shape[0]
-    x, t = hidden.reshape(-1, dim), ids.reshape(-1)
-    rows = max(1, _LOG_PROBS_BLOCK_BYTES // (4 * 4 * max(vocab, 1)))
-    recompute = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, weight, bias))
-    log_probs, entropies = [], []
-    for start in range(0, x.shape[0], rows):
-        args = (x[start : start + rows], weight, bias, t[start : start + rows], softcap, temperature, entropy)
-        if recompute:
-            lp, h = torch.utils.checkpoint.checkpoint(_block_log_probs, *args, use_reentrant=False)
-        else:
-            lp, h = _block_log_probs(*args)
-        log_probs.append(lp)
-        entropies.append(h)
-    lp = torch.cat(log_probs).reshape(lead) if log_probs else x.new_zeros(lead, dtype=_out_dtype(x))
-    h = None
-    if entropy:
-        h = torch.cat(entropies).reshape(lead) if entropies else x.new_zeros(lead, dtype=_out_dtype(x))
-    return TokenLogProbs(lp, h)
-
-
-def _out_dtype(x: Tensor):
-    return torch.promote_types(x.dtype, torch.float32)
-
-
-def _block_log_probs(x, weight, bias, t, softcap, temperature, entropy):
-    """One block: ``lp = x_t − lse(x)`` and ``H = −Σ_c p_c log p_c`` of ``x = softcap(z) / T``, in fp32 (fp64)."""
-    z = F.linear(x, weight, bias).to(_out_dtype(x))
-    log_p = torch.log_softmax(_capped(z, softcap) / temperature, dim=-1)
-    valid = t != IGNORE_INDEX
-    lp = log_p.gather(1, torch.where(valid, t, 0).unsqueeze(1)).squeeze(1)
-    lp = torch.where(valid, lp, 0.0)
-    h = None
-    if entropy:
-        h = torch.where(valid, -(log_p.exp() * log_p).sum(-1), 0.0)
-    else:
-        h = lp.new_zeros(())  # checkpoint needs tensors; unused
-    return lp, h
+    return crossent.linear_token_log_probs(hidden, weight, ids, linear_bias=bias, temperature=temperature,
+                                           entropy=entropy, softcap=transforms.softcap, ignore_index=IGNORE_INDEX)  # fmt: skip
