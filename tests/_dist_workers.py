@@ -10,6 +10,7 @@ from the same seed on every rank.
 from __future__ import annotations
 
 import datetime
+import importlib
 import itertools
 import queue
 import socket
@@ -68,12 +69,20 @@ def _worker(rank, world, port, job, results):
             timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S),
         )  # fmt: skip
         try:
-            payload = JOBS[job](rank, world)
+            payload = _job(job)(rank, world)
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - report anything to the parent instead of hanging it
         payload = traceback.format_exc()
     results.put((rank, payload))
+
+
+def _job(job: str):
+    """``JOBS[job]``, or ``"module:function"`` of another test module (tests/_engine_workers.py)."""
+    if ":" not in job:
+        return JOBS[job]
+    module, name = job.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 # --- data and comparisons ----------------------------------------------------------------------------
@@ -411,13 +420,13 @@ def _log_prob_grads(out, leaves, seed):
 
 
 def _log_prob_problems(got, want, got_grads, want_grads, dtype):
-    problems = [check_same(got.log_probs, want.log_probs, dtype, "log_probs"),
-                check_same(got.entropy, want.entropy, dtype, "entropy")]  # fmt: skip
+    problems = [check_same(getattr(got, f), getattr(want, f), dtype, f) for f in got._fields]
     problems += [check_same(a, b, dtype, f"grad {i}") for i, (a, b) in enumerate(zip(got_grads, want_grads))]
     return next((p for p in problems if p), None)
 
 
 LOG_PROB_OPTIONS = [dict(), dict(temperature=0.7), dict(softcap=4.0, temperature=1.3, ignore_index=4)]
+STATS = dict(log_sum_sq_probs=True, mean_logits=True, is_top1=True)  # the statistics without gradient, always on here
 
 
 def log_prob_job(rank, world):
@@ -430,10 +439,10 @@ def log_prob_job(rank, world):
         logits, target, _, _ = make_data(300 + i, (17,), torch.float64, ignore_index=ign)
         index = target if k is None else torch.stack([target, target.roll(1), torch.full_like(target, 2)], -1)
         z = logits[..., lo:hi].clone().requires_grad_()
-        got = cd.vocab_parallel_token_log_probs(z, index, entropy=True, **extra)
+        got = cd.vocab_parallel_token_log_probs(z, index, entropy=True, **STATS, **extra)
         got_grads = _log_prob_grads(got, [z], i)
         full = logits.clone().requires_grad_()
-        want = crossent.token_log_probs(full, index, entropy=True, **extra)
+        want = crossent.token_log_probs(full, index, entropy=True, **STATS, **extra)
         want_grads = [g[..., lo:hi] for g in _log_prob_grads(want, [full], i)]
         out[f"rows K={k} {extra}"] = _log_prob_problems(got, want, got_grads, want_grads, torch.float64)
         x, w, b, _, _, _ = make_linear(310 + i, (13,), torch.float64, True)
@@ -441,10 +450,10 @@ def log_prob_job(rank, world):
             leaves = [x.clone().requires_grad_(), w[lo:hi].clone().requires_grad_(), b[lo:hi].clone().requires_grad_()]
             idx = index[:13]
             got = cd.vocab_parallel_linear_token_log_probs(leaves[0], leaves[1], idx, linear_bias=leaves[2],
-                                                           entropy=True, **chunking, **extra)  # fmt: skip
+                                                           entropy=True, **STATS, **chunking, **extra)  # fmt: skip
             got_grads = _log_prob_grads(got, leaves, i)
             ref = [x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()]
-            want = crossent.token_log_probs(F.linear(*ref), idx, entropy=True, **extra)
+            want = crossent.token_log_probs(F.linear(*ref), idx, entropy=True, **STATS, **extra)
             want_grads = _log_prob_grads(want, ref, i)
             want_grads = [want_grads[0], want_grads[1][lo:hi], want_grads[2][lo:hi]]
             out[f"fused K={k} {extra} {chunking}"] = _log_prob_problems(got, want, got_grads, want_grads, torch.float64)
@@ -453,6 +462,17 @@ def log_prob_job(rank, world):
     got = cd.vocab_parallel_token_log_probs(z, target, entropy=True)
     want = crossent.token_log_probs(logits, target, entropy=True)
     out["f32 rows"] = _log_prob_problems(got, want, [], [], torch.float32)
+    # top-1 ties: the row max at the last column of rank 0 and the first of rank 1 (the earlier wins), and twice
+    # inside rank 0; the ids each tied column and one after
+    edge = my_range(1, world)[0]
+    tied = logits.double().clone()
+    tied[:3, edge - 1] = tied[:3, edge] = 40.0
+    tied[3:, 1] = tied[3:, 2] = 40.0
+    cols = torch.tensor([[edge - 1, edge, edge + 1]] * 3 + [[1, 2, 0]] * 3)
+    got = cd.vocab_parallel_token_log_probs(tied[..., lo:hi], cols, **STATS)
+    want = crossent.token_log_probs(tied, cols, **STATS)
+    out["top-1 ties across ranks"] = _log_prob_problems(got, want, [], [], torch.float64) or check_same(
+        got.is_top1, cols == cols[:, :1], torch.float64, "is_top1 vs first column")
     vp = cd.vocab_parallel_token_log_probs
     last = rank == world - 1
     out["error: id out of range"] = _capture(lambda: vp(logits[..., lo:hi], torch.full((6,), C)))
