@@ -21,7 +21,10 @@ from crossent import _small_cpu, reference
 from crossent._options import CrossEntropyOptions, RowOptions
 from crossent.kernels import cpu_rows, linear_loop
 
-pytestmark = pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)")
+pytestmark = [
+    pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)"),
+    pytest.mark.cpu_path,  # each x86-64 level runs its own build (tests/test_cpu_level.py runs these at v3 too)
+]
 
 CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import crossent
+from crossent import _cpu_level
 from crossent.kernels import linear_loop
 
 ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-10}
@@ -85,6 +86,7 @@ def test_fast_half_products_rule(bf16_units, fp16_units, monkeypatch):
     """CUDA always; the CPU per dtype as oneDNN reports its matrix instructions (both kinds of CPU forced)."""
     from crossent._precision import fast_half_products
 
+    monkeypatch.setattr(_cpu_level, "lowered", lambda: False)  # the CPU at its own level (test_cpu_level: below it)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: bf16_units)
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_fp16_supported", lambda: fp16_units)
     fast_half_products.cache_clear()

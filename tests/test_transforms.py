@@ -14,6 +14,7 @@ from torch.func import grad, hessian, jacrev, jvp, vmap
 
 import crossent
 from crossent._options import RowOptions
+from crossent._precision import fast_half_products
 from crossent.kernels import linear_ops, ops
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.op_args import flatten
@@ -232,13 +233,23 @@ def test_linear_refuses_forward_mode_and_second_derivatives_clearly(reduction):
 # --- autocast -------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.cpu_path  # the oracle follows the products the CPU runs
 def test_linear_under_cpu_autocast_matches_f_linear():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(32, 16, generator=g).to(torch.bfloat16)  # bf16 activations
     w = torch.randn(100, 16, generator=g)  # an fp32 master weight: mixed dtypes, as F.linear takes them
     t = torch.randint(0, 100, (32,), generator=g)
+
+    def reference(x, w):
+        # the oracle of the path that runs: bf16 products (bf16 logits, as F.linear's under autocast) where the CPU
+        # has bf16 matrix units, else fp32 products of the bf16-rounded operands (_precision.fast_half_products)
+        if fast_half_products("cpu", torch.bfloat16):
+            return F.cross_entropy(F.linear(x, w), t)
+        with torch.autocast("cpu", enabled=False):
+            return F.cross_entropy(F.linear(x.float(), w.to(torch.bfloat16).float()), t)
+
     results = []
-    for fn in (lambda x, w: crossent.linear_cross_entropy(x, w, t), lambda x, w: F.cross_entropy(F.linear(x, w), t)):
+    for fn in (lambda x, w: crossent.linear_cross_entropy(x, w, t), reference):
         xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = fn(xr, wr)
@@ -246,7 +257,7 @@ def test_linear_under_cpu_autocast_matches_f_linear():
         results.append((loss, xr.grad, wr.grad))
     (ours, dx, dw), (theirs, dx_ref, dw_ref) = results
     assert ours.dtype == torch.float32 and dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # same bf16 products, fp32 loss
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)  # the same products, fp32 loss
     torch.testing.assert_close(dx.float(), dx_ref.float(), rtol=2e-2, atol=2e-3)
     torch.testing.assert_close(dw, dw_ref, rtol=2e-2, atol=2e-3)
 
