@@ -1,6 +1,7 @@
 """Every loop of ``csrc/cpu_rows.c`` that calls ``exp_f32`` vectorizes at each x86-64 level setup.py builds.
 
-The file is compiled once per level (``-march=x86-64-v2 / v3 / v4``, the flags setup.py gives that variant) with
+The file is compiled once per level (``-march=x86-64-v2 / v3 / v4``, the flags setup.py gives those builds, and
+``x86-64``, the baseline GCC's default build ``_cpu_rows`` targets on x86-64), without multi-versioning, with
 GCC's vectorization report (``-fopt-info-vec-all``), and a loop passes when the report says "loop vectorized" for
 it and never "not vectorized" / "couldn't vectorize" (a scalar copy of an exp loop costs ~4x: issue 21, where
 the clamps in exp_f32 kept every exp loop scalar below AVX-512). The machine running the test need not have the
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 
 SOURCE = Path(__file__).resolve().parents[1] / "src" / "crossent" / "csrc" / "cpu_rows.c"
-LEVELS = ("x86-64-v2", "x86-64-v3", "x86-64-v4")
+LEVELS = ("x86-64", "x86-64-v2", "x86-64-v3", "x86-64-v4")
 # a report line: path:line:column: optimized|missed: message
 REPORT_LINE = re.compile(r"^(?P<path>.+?):(?P<line>\d+):\d+: (?P<kind>optimized|missed): (?P<message>.*)$")
 
