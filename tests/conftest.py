@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from crossent import _materialized
+from crossent.kernels import dispatch
 
 
 @pytest.fixture(autouse=True)
@@ -21,9 +21,11 @@ def _seed():
 
 
 @pytest.fixture(autouse=True)
-def _o_n_path_at_every_size(request, monkeypatch):
-    """The tests exercise crossent's O(N) kernels at every size (their shapes are small); the small-input paths
-    (``crossent._small_cpu``'s one C pass and ``crossent._materialized``'s PyTorch ops, both below
-    ``MATERIALIZED_MAX_ELEMENTS``) run only in tests marked ``materialized``."""
-    if request.node.get_closest_marker("materialized") is None:
-        monkeypatch.setattr(_materialized, "MATERIALIZED_MAX_ELEMENTS", -1)
+def _rows_kernels_at_every_size(request, monkeypatch):
+    """The kernel tests exercise the rows' kernels (the O(N) backend) at every size, though their shapes are small:
+    below ``dispatch.ONE_PASS_MAX_ELEMENTS`` a CPU cross-entropy in eager mode would run a one-pass backend instead
+    (``kernels/one_pass.py``), so the rows' kernels would go untested there. Both backends run under the same autograd
+    Function, reduction and results; the one-pass backends are tested by the modules marked ``one_pass``, and what a
+    user gets by default, with no switch, by tests/test_public_promises.py (marked ``one_pass`` as a whole)."""
+    if request.node.get_closest_marker("one_pass") is None:
+        monkeypatch.setattr(dispatch, "ONE_PASS_MAX_ELEMENTS", -1)

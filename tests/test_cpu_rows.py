@@ -17,9 +17,10 @@ import torch.nn.functional as F
 
 import crossent
 from _helpers import ROW_OPTIONS, ULP, row_case, row_kwargs, row_reference
-from crossent import _small_cpu, reference
+from crossent import reference
 from crossent._options import CrossEntropyOptions, RowOptions
-from crossent.kernels import cpu_rows, linear_loop
+from crossent.kernels import cpu_rows, dispatch, linear_loop
+from crossent.kernels.shard import VocabShard
 
 pytestmark = [
     pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)"),
@@ -131,12 +132,12 @@ def test_kernels_match_the_float64_reference_and_the_torch_path(dtype, option, c
     torch.testing.assert_close(grad.float(), grad_t.float(), rtol=ulp, atol=atol)
 
 
-@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.one_pass)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_16_bit_error_is_no_worse_than_pytorchs_own(dtype, path, monkeypatch):
-    # path: the O(N) kernels, or (marked materialized: the small-input paths stay on) crossent._small_cpu's one pass
+    # path: the O(N) kernels, or (marked one_pass: the small-input backends stay on) the C one pass
     x, t, _ = row_case(64, 3000, dtype, scale=3.0)
-    assert _small_cpu.applies(x, t, None, "index", CrossEntropyOptions.build()) == (path == "small")
+    assert _one_pass_backend(x, t) == ("c" if path == "small" else None)
     loss, grad, _ = _run(x, t, None, {}, reduction="mean", monkeypatch=monkeypatch)
     xr = x.clone().requires_grad_()
     naive = F.cross_entropy(xr, t)
@@ -221,14 +222,13 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.one_pass)])
 def test_out_of_range_class_raises_before_any_kernel_runs(path, monkeypatch):
     calls = []
     native = cpu_rows._cross_entropy_rows
     monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", lambda *a, **k: calls.append(1) or native(*a, **k))
     x = torch.randn(4, 500, requires_grad=True)
-    assert _small_cpu.applies(x, torch.zeros(4, dtype=torch.long), None, "index", CrossEntropyOptions.build()) == (
-        path == "small")
+    assert _one_pass_backend(x, torch.zeros(4, dtype=torch.long)) == ("c" if path == "small" else None)
     with pytest.raises(ValueError, match="class index 500, outside"):
         crossent.cross_entropy(x, torch.tensor([0, 1, 500, -100]))
     assert not calls
@@ -236,21 +236,27 @@ def test_out_of_range_class_raises_before_any_kernel_runs(path, monkeypatch):
     assert calls  # the spy sees the kernels where they run
 
 
-@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.materialized)])
+@pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.one_pass)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_without_the_extension_the_torch_ops_run(path, dtype, monkeypatch):
-    # small: the small-input C path declines, PyTorch's fused path (_materialized) takes the call
+    # small: the C one pass declines, PyTorch's fused one pass ("aten") takes the call
     monkeypatch.setattr(cpu_rows, "_native", None)
     assert not cpu_rows.available()
     assert not cpu_rows.covers(torch.zeros(1, 1, 4), None, RowOptions())
     x, t, _ = row_case(5, 40, dtype)
-    assert not _small_cpu.applies(x, t, None, "index", CrossEntropyOptions.build())
+    assert _one_pass_backend(x, t) == ("aten" if path == "small" else None)
     xr, xt = x.clone().requires_grad_(), x.float().requires_grad_()
     loss = crossent.cross_entropy(xr, t)
     loss.backward()
     F.cross_entropy(xt, t).backward()
     torch.testing.assert_close(loss, F.cross_entropy(x.float(), t), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(xr.grad, xt.grad.to(dtype), rtol=2**-7, atol=1e-6)
+
+
+def _one_pass_backend(x, t):
+    """The one-pass backend a default cross_entropy call of (N, C) logits ``x`` takes, None for the rows' kernels."""
+    plan = dispatch.one_pass(x, t, None, "index", CrossEntropyOptions.build(), VocabShard.whole(x.shape[-1]))
+    return None if plan is None else plan.backend
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")

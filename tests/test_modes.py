@@ -40,12 +40,12 @@ def test_eager_calls_skip_the_custom_ops_and_fake_tensors_use_them(monkeypatch):
     assert calls == ["_ce_forward", "_ce_backward"]
 
 
-@pytest.mark.materialized  # the small-input paths stay on (tests/conftest.py)
+@pytest.mark.one_pass  # the one-pass backends stay on (tests/conftest.py)
 @pytest.mark.parametrize("dtype, kwargs", [(torch.float32, {}), (torch.bfloat16, {}), (torch.float32, {"softcap": 5.0})],
                          ids=["fp32", "bf16", "softcap"])  # fmt: skip
 def test_small_inputs_under_fake_tensors_skip_the_host_reading_path(dtype, kwargs):
-    # below 2^20 logits eager calls take the C pass (_small_cpu) or PyTorch's fused ops (_materialized, softcap), both
-    # reading values on the host; fake tensors have none to read (a data pointer the C kernels would dereference)
+    # below 2^20 logits eager calls take a one-pass backend (kernels/one_pass.py), reading values on the host; fake
+    # tensors have none to read (a data pointer the C kernels would dereference)
     with FakeTensorMode() as mode:
         x = mode.from_tensor(torch.randn(8, 10, dtype=dtype, requires_grad=True))
         t = mode.from_tensor(torch.zeros(8, dtype=torch.long))

@@ -1,5 +1,6 @@
-"""The small-input path (``crossent._materialized``: PyTorch's fused log_softmax + nll) equals the O(N) kernels
-on every option: the same loss, gradients, dtypes, statistics and errors; only what is saved differs."""
+"""The one-pass backends for small CPU inputs (``kernels/one_pass.py``: the C kernels' one pass, and PyTorch's fused
+log_softmax + nll_loss, "aten") equal the rows' kernels on every option: the same loss, gradients, dtypes,
+statistics and errors; only what is kept for backward differs. Each test runs under both backends (``backend``)."""
 
 import math
 
@@ -7,9 +8,35 @@ import pytest
 import torch
 
 import crossent
-from crossent import _materialized
+from crossent.kernels import cpu_rows, dispatch
 
-pytestmark = pytest.mark.materialized
+pytestmark = pytest.mark.one_pass
+
+
+@pytest.fixture(params=["c", "aten"])
+def backend(request, monkeypatch):
+    """The one-pass backend a test's small calls take: "aten" is forced through the dispatch table that sends the
+    shapes where PyTorch's kernel is faster to it (every size, every dtype)."""
+    if request.param == "c" and not cpu_rows.available():
+        pytest.skip("crossent._cpu_rows was not built (no C compiler)")
+    if request.param == "aten":
+        everything = {dtype: 0 for dtype in (torch.float32, torch.bfloat16, torch.float16)}
+        monkeypatch.setattr(dispatch, "PYTORCH_FASTER_FROM", {cpu_rows.VARIANT: everything})
+    return request.param
+
+
+def _node(loss):
+    """The cross-entropy Function's node in ``loss``'s graph (behind the reduction's nodes on the rows' path)."""
+    node = loss.grad_fn
+    while not hasattr(node, "call"):
+        node = node.next_functions[0][0]
+    return node
+
+
+def _taken(loss) -> str:
+    """The backend that ran a differentiable call: the one pass's, or "rows"."""
+    plan = _node(loss).call.one_pass
+    return "rows" if plan is None else plan.backend
 
 C = 11
 # Each option alone and combined; ignore_index inside [0, C) too; weights with a zero (a zero-weight mean).
@@ -37,30 +64,46 @@ def _case(shape, option, dtype, seed=0):
     return z, t, kw
 
 
-def _both(z, t, kw, reduction, grad_output):
-    """(loss, grad) through the small-input path and through the O(N) kernels."""
-    out = []
-    for limit in (_materialized.MATERIALIZED_MAX_ELEMENTS, -1):
-        _materialized.MATERIALIZED_MAX_ELEMENTS = limit
-        try:
-            x = z.clone().requires_grad_()
-            loss = crossent.cross_entropy(x, t, reduction=reduction, **kw)
-            loss.backward(grad_output(loss))
-            out.append((loss, x.grad))
-        finally:
-            _materialized.MATERIALIZED_MAX_ELEMENTS = 1 << 20
-    return out
+def _rows_only(fn):
+    """``fn()`` with the one-pass backends off: the rows' kernels at every size."""
+    limit = dispatch.ONE_PASS_MAX_ELEMENTS
+    dispatch.ONE_PASS_MAX_ELEMENTS = -1
+    try:
+        return fn()
+    finally:
+        dispatch.ONE_PASS_MAX_ELEMENTS = limit
+
+
+def _both(z, t, kw, reduction, grad_output, backend):
+    """(loss, grad) through the one pass (checking which backend ran) and through the rows' kernels."""
+    def run():
+        x = z.clone().requires_grad_()
+        loss = crossent.cross_entropy(x, t, reduction=reduction, **kw)
+        taken = _taken(loss)
+        loss.backward(grad_output(loss))
+        return loss, x.grad, taken
+
+    small, big = run(), _rows_only(run)
+    one_pass = z.dim() == 2 and "softcap" not in kw  # (N, C, d) and softcap: the rows' kernels at every size
+    c_covers = backend == "c" and z.dtype != torch.float64  # float64: the C kernels decline, aten runs
+    assert small[2] == (("c" if c_covers else "aten") if one_pass else "rows")
+    assert big[2] == "rows"
+    return small[:2], big[:2]
 
 
 @pytest.mark.parametrize("shape", [(16, C), (4, C, 3)], ids=["NxC", "NxCxd"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", OPTIONS)
-def test_small_path_equals_the_kernels(shape, dtype, reduction, option):
+@pytest.mark.parametrize("upstream", ["one", "rand"])
+def test_small_path_equals_the_kernels(shape, dtype, reduction, option, upstream, backend):
+    # upstream "one": a reduced loss hands out the gradient formed in forward; "rand": the rows' backward runs
     z, t, kw = _case(shape, option, dtype)
     def grad_output(loss):  # the same upstream gradient for both paths
+        if upstream == "one":
+            return torch.ones_like(loss)
         return torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype) + 0.5
-    (small, d_small), (big, d_big) = _both(z, t, kw, reduction, grad_output)
+    (small, d_small), (big, d_big) = _both(z, t, kw, reduction, grad_output, backend)
     assert small.dtype == big.dtype and d_small.dtype == d_big.dtype == dtype
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(small, big, **tol)
@@ -68,21 +111,20 @@ def test_small_path_equals_the_kernels(shape, dtype, reduction, option):
     torch.testing.assert_close(d_small, d_big, **grad_tol)
 
 
-def test_the_small_path_is_taken_and_saves_what_pytorch_saves():
+def test_the_one_pass_keeps_its_gradient_and_the_rows_path_o_n(backend):
     z, t = torch.randn(8, C, requires_grad=True), torch.randint(0, C, (8,))
+    loss = crossent.cross_entropy(z, t)
+    assert _taken(loss) == backend and loss.grad_fn.formed.shape == (8, C)  # the gradient formed in forward
+    big = torch.randn(8, (1 << 20) // 8 + 1)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
-        crossent.cross_entropy(z, t)
-    assert (8, C) in saved  # PyTorch's log-probabilities: the path below the threshold
-    big = torch.randn(8, (1 << 20) // 8 + 1)
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x.shape) or x, lambda x: x):
-        crossent.cross_entropy(big.requires_grad_(), torch.zeros(8, dtype=torch.long))
+        loss = crossent.cross_entropy(big.requires_grad_(), torch.zeros(8, dtype=torch.long))
+    assert _taken(loss) == "rows" and _node(loss).formed is None
     assert all(math.prod(s) <= big.numel() for s in saved) and (8,) in saved  # the O(N) path: input + LSE
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_every_target_ignored_gives_zero_and_zero_gradient(reduction):
+def test_every_target_ignored_gives_zero_and_zero_gradient(reduction, backend):
     z = torch.randn(5, C, requires_grad=True)
     loss = crossent.cross_entropy(z, torch.full((5,), -100), reduction=reduction, label_smoothing=0.1)
     loss.backward()
@@ -90,14 +132,14 @@ def test_every_target_ignored_gives_zero_and_zero_gradient(reduction):
 
 
 @pytest.mark.parametrize("shape", [(0, C), (0, C, 2)], ids=["N=0", "N=0-kdim"])
-def test_empty_batch_mean_is_zero(shape):
+def test_empty_batch_mean_is_zero(shape, backend):
     z = torch.randn(shape, requires_grad=True)
     loss = crossent.cross_entropy(z, torch.zeros(shape[:1] + shape[2:], dtype=torch.long))
     loss.backward()
     assert loss.item() == 0.0 and z.grad.shape == shape
 
 
-def test_ignored_all_minus_inf_rows_get_a_zero_gradient():
+def test_ignored_all_minus_inf_rows_get_a_zero_gradient(backend):
     z = torch.randn(4, C)
     z[1] = -math.inf
     x = z.requires_grad_()
@@ -107,28 +149,24 @@ def test_ignored_all_minus_inf_rows_get_a_zero_gradient():
 
 
 @pytest.mark.parametrize("target", [[0, C, 1], [0, -100, -5, 2], [-100, -100, C]], ids=["above", "below-with-ignored", "above-with-ignored"])
-def test_out_of_range_is_a_value_error(target):
+def test_out_of_range_is_a_value_error(target, backend):
     with pytest.raises(ValueError, match="outside"):
         crossent.cross_entropy(torch.randn(len(target), C), torch.tensor(target))
 
 
 @pytest.mark.parametrize("option", ["plain", "all"])
-def test_return_stats_on_the_small_path(option):
+def test_return_stats_on_the_small_path(option, backend):
     z, t, kw = _case((16, C), option, torch.float32)
     out = crossent.cross_entropy(z, t, return_stats=True, **kw)
-    _materialized.MATERIALIZED_MAX_ELEMENTS = -1
-    try:
-        ref = crossent.cross_entropy(z, t, return_stats=True, **kw)
-    finally:
-        _materialized.MATERIALIZED_MAX_ELEMENTS = 1 << 20
+    ref = _rows_only(lambda: crossent.cross_entropy(z, t, return_stats=True, **kw))
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b, rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("option", ["plain", "all"])
-def test_compiled_and_vmapped_small_calls_work_and_match_eager(option):
-    """The small path reads the target and total weight on the host: under torch.compile(fullgraph=True) and
-    vmap the call takes the O(N) custom ops instead (it used to fail with a data-dependent guard / .item())."""
+def test_compiled_and_vmapped_small_calls_work_and_match_eager(option, backend):
+    """The one pass reads the target and total weight on the host: under torch.compile(fullgraph=True) and vmap the
+    call takes the rows' custom ops instead (it used to fail with a data-dependent guard / .item())."""
     z, t, kw = _case((16, C), option, torch.float32)
     eager = crossent.cross_entropy(z, t, **kw)
     compiled = torch.compile(lambda a, b: crossent.cross_entropy(a, b, **kw), fullgraph=True, backend="aot_eager")
@@ -138,7 +176,7 @@ def test_compiled_and_vmapped_small_calls_work_and_match_eager(option):
     torch.testing.assert_close(vmapped, torch.stack([eager, crossent.cross_entropy(2 * z, t, **kw)]), rtol=2e-6, atol=2e-6)
 
 
-def test_a_mean_over_zero_total_class_weight_is_zero_with_zero_gradient():
+def test_a_mean_over_zero_total_class_weight_is_zero_with_zero_gradient(backend):
     z = torch.randn(6, C, requires_grad=True)
     weight = torch.ones(C)
     weight[:3] = 0.0

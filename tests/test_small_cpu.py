@@ -1,6 +1,7 @@
-"""The small-input C path (``crossent._small_cpu``: one C pass forms the loss and, for a reduced loss, its gradient in
-forward) against the float64 reference and PyTorch, and what autograd does with the gradient it keeps: grad_output
-other than 1, retain_graph, double backward, no-grad calls, strided inputs, the bytes it saves."""
+"""The C one pass for small CPU inputs (``kernels/one_pass.py``, backend "c": one C pass forms the loss and, for a
+reduced loss, its gradient in forward) against the float64 reference and PyTorch, and what autograd does with the
+gradient it keeps: grad_output other than 1, retain_graph, double backward, no-grad calls, strided inputs, the bytes
+it saves."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from crossent.bench.measure import saved_bytes
 from crossent.kernels import cpu_rows
 
 pytestmark = [
-    pytest.mark.materialized,  # keeps the small-input paths on (tests/conftest.py)
+    pytest.mark.one_pass,  # keeps the one-pass backends on (tests/conftest.py)
     pytest.mark.skipif(not cpu_rows.available(), reason="crossent._cpu_rows was not built (no C compiler)"),
 ]
 
@@ -37,7 +38,8 @@ def _largest_term(x, t, kw, reduction, upstream):
 
 
 def _is_small_path(loss) -> bool:
-    return type(loss.grad_fn).__name__ == "CrossEntropySmallBackward"
+    plan = getattr(loss.grad_fn, "call", None)
+    return plan is not None and plan.one_pass is not None and plan.one_pass.backend == "c"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

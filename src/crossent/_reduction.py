@@ -49,9 +49,9 @@ def host_row_scale(opts: LossOptions, total_weight: float) -> Optional[float]:
     return 1.0 / total_weight if total_weight != 0.0 else 0.0
 
 
-def host_total(total: float, row_scale: float) -> Tensor:
-    """``row_scale · Σ_i loss_i`` (a float64 sum on the host, the kernel's) as a 0-d float32 loss."""
-    return torch.scalar_tensor(total * row_scale, dtype=torch.float32)
+def host_total(total: float, row_scale: float, dtype: torch.dtype) -> Tensor:
+    """``row_scale · Σ_i loss_i`` (a float64 sum on the host, the kernel's) as a 0-d loss of ``dtype``."""
+    return torch.scalar_tensor(total * row_scale, dtype=dtype)
 
 
 def index_mean_denominator(

@@ -7,7 +7,6 @@ from typing import Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from crossent import _materialized, _small_cpu
 from crossent._autograd.common import apply_function, with_transform_rules
 from crossent._autograd.cross_entropy import CrossEntropyRows, RowCall
 from crossent._autograd.linear import LinearCall, LinearCrossEntropyFused, LinearCrossEntropyRecompute
@@ -17,7 +16,7 @@ from crossent._options import AccumulateDtype, CrossEntropyOptions, Impl, Linear
 from crossent._precision import compute_dtype
 from crossent._reduction import reduce_rows, reduction_row_scale
 from crossent._results import CrossEntropyStats, loss_result
-from crossent.kernels.dispatch import resolve_impl
+from crossent.kernels.dispatch import one_pass, resolve_impl
 from crossent.kernels.linear_loop import GradNeeds, LoopArgs
 from crossent.kernels.linear_plan import check_memory_budget
 from crossent.kernels.shard import VocabShard
@@ -71,8 +70,9 @@ def cross_entropy(
     is 0 with a zero gradient, not NaN; for float16/bfloat16 input the loss is float32 (gradients stay in
     the input's dtype). Only O(N) is saved for backward: the input itself (no copy), the target and one
     float64 log-sum-exp per position, instead of the N×C log-probabilities — except for inputs of at most 2^20
-    logits on the CPU in eager mode (class indices, ``impl="auto"``), where speed wins over a few MiB: the
-    gradient is formed in forward by one C pass (or PyTorch's log-probabilities are kept) and held for backward.
+    logits on the CPU in eager mode (class indices, ``impl="auto"``, no softcap), where speed wins over a few
+    MiB: for a reduced loss the gradient is formed in forward by one pass (the C kernels', or PyTorch's fused
+    log_softmax + nll_loss) and held for backward (not with ``inplace_backward``).
 
     Works under ``torch.func`` (``grad``, ``vmap``, ``jacrev``, ``jvp``, ``hessian``), double backward
     (``create_graph=True``: the gradient is then formed from plain torch ops, exactly), ``torch.autocast``
@@ -138,12 +138,6 @@ def cross_entropy_with_options(
     check_weight(weight, num_classes, input.device)
     if kind == "index":
         target = class_indices(target)
-    if _small_cpu.applies(input, target, weight, kind, opts):  # small CPU inputs: one C pass, gradient formed in forward
-        return _small_cpu.cross_entropy(input, target, weight, opts)
-    if _materialized.applies(input, target, weight, kind, opts):  # small inputs: PyTorch's fused path, crossent's semantics
-        out = _materialized.cross_entropy(input, target, weight, opts)
-        if out is not None:
-            return out
     logits, target = _classes_last(input, target, kind)
     return classes_last_cross_entropy(logits, target, weight, kind, opts, VocabShard.whole(num_classes))
 
@@ -152,10 +146,13 @@ def classes_last_cross_entropy(
     logits: Tensor, target: Tensor, weight: Optional[Tensor], kind: str, opts: CrossEntropyOptions, shard: VocabShard
 ) -> LossOrStats:
     """The checked call on logits ``(..., C)`` (or one vocab-parallel rank's ``(..., V_local)`` columns of them,
-    ``shard``): the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
-    call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward)
-    loss_rows, lse = apply_function(CrossEntropyRows, logits, target, weight, call)
-    loss = reduce_rows(loss_rows, target, weight, kind, opts)
+    ``shard``): the backend (the rows' kernels, or for a small CPU call a one-pass backend: ``dispatch.one_pass``),
+    the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
+    plan = one_pass(logits, target, weight, kind, opts, shard)
+    call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward, plan)
+    loss, lse, _ = apply_function(CrossEntropyRows, logits, target, weight, call)
+    if plan is None or plan.row_scale is None:  # a one pass with a row scale reduced on the host (host_row_scale)
+        loss = reduce_rows(loss, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)
 
 

@@ -1,5 +1,5 @@
-"""The cross-entropy's autograd Functions: per-row loss of logits (or a vocabulary shard of them), and the small
-CPU inputs' one-pass variant.
+"""The cross-entropy's autograd Function: per-row loss of logits (or a vocabulary shard of them), whichever backend
+runs it (the rows' kernels, or a small CPU input's one pass).
 
 No loss math and no input validation here: the kernels compute, ``functional`` validates and reduces.
 """
@@ -15,33 +15,51 @@ from crossent._modes import transforms_active
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent._reduction import host_total
-from crossent.kernels import composite, cpu_rows, ops
+from crossent.kernels import composite, ops
+from crossent.kernels.one_pass import OnePass
 from crossent.kernels.shard import VocabShard
 
 
 class RowCall(NamedTuple):
-    """How :class:`CrossEntropyRows` runs: the row options, the shard, the backend, in-place backward."""
+    """How :class:`CrossEntropyRows` runs: the row options, the shard, the rows' backend, in-place backward, and
+    for a small CPU call the one-pass plan (``dispatch.one_pass``; None: the rows' forward)."""
 
     opts: RowOptions
     shard: VocabShard
     impl: str
     inplace_backward: bool = False
-
+    one_pass: Optional[OnePass] = None
 
 
 class CrossEntropyRows(torch.autograd.Function):
-    """Per-position cross-entropy and log-sum-exp of logits ``(..., C)`` (or of a vocabulary shard of them).
+    """Per-position cross-entropy and log-sum-exp of logits ``(..., C)`` (or of a vocabulary shard of them), and a
+    gradient formed in forward (None unless the call's one-pass plan forms one).
 
     Saves the logits (no copy), the target, the class weights and the float64 LSE: O(N) beyond the input.
     The LSE output carries no gradient. Backward runs the fused kernels; where a transform needs the gradient
     to be differentiable itself (``create_graph=True``, a backward inside ``torch.func``) or a forward-mode
     tangent (``jvp``), the same formulas run as plain torch ops (:mod:`crossent.kernels.composite`), holding
     (..., C) temporaries. ``vmap`` moves the batch dims in front of the rows: the kernels take any batch shape.
+
+    With a one-pass plan (small CPU inputs in plain eager mode, ``kernels/one_pass.py``) forward runs that backend;
+    where the plan has a row scale (``"mean"``/``"sum"``) the loss output is already ``Σ_i row_scale · loss_i``
+    (``_reduction.host_total``), and where it forms the gradient (the logits need one, not in place) the gradient
+    for grad_output 1 is kept on ``ctx`` — not saved, so the first backward with grad_output 1 hands it out without
+    a copy. Every other backward (another grad_output, a second one, ``"none"``, in place) runs the rows' backward
+    from the saved lse, as without a plan.
     """
 
     @staticmethod
     def forward(logits, target, class_weight, call: RowCall):
-        return ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl)
+        plan = call.one_pass
+        if plan is None:
+            return (*ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl), None)
+        loss, lse, total, formed = ops.ce_one_pass(logits, target, class_weight, call.opts, plan)
+        if plan.row_scale is None:
+            loss = loss.reshape(target.shape)
+        else:
+            loss = host_total(total, plan.row_scale, loss.dtype)
+        return loss, lse.reshape(target.shape), formed if formed is None else formed.view(logits.shape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -49,13 +67,21 @@ class CrossEntropyRows(torch.autograd.Function):
         ctx.save_for_backward(logits, target, class_weight, output[1])
         ctx.save_for_forward(logits, target, class_weight)
         ctx.mark_non_differentiable(output[1])
-        ctx.call = call
+        ctx.call, ctx.formed = call, output[2]
+        if ctx.formed is not None:  # (eager only) no zero (N, C) gradient for the formed output in backward
+            ctx.mark_non_differentiable(output[1], output[2])
+            ctx.set_materialize_grads(False)
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
+    def backward(ctx, grad_loss, _grad_lse, _grad_formed):
         logits, target, class_weight, lse = ctx.saved_tensors
-        c = ctx.call
+        c, formed = ctx.call, ctx.formed
+        ctx.formed = None  # handed out at most once: the caller may keep and modify it
         grad_logits = grad_target = None
+        if c.one_pass is not None and c.one_pass.row_scale is not None:  # the loss was reduced in forward
+            if formed is not None and not torch.is_grad_enabled() and float(grad_loss) == 1.0:  # CPU: a free host read
+                return formed, None, None, None
+            grad_loss = (grad_loss * c.one_pass.row_scale).expand(target.shape)
         if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
             opts = _whole_rows_only(c, "double backward (create_graph=True) and torch.func transforms")
             if ctx.needs_input_grad[0]:
@@ -75,59 +101,6 @@ class CrossEntropyRows(torch.autograd.Function):
         return grad_logits, grad_target, None, None
 
 
-class SmallCall(NamedTuple):
-    """How :class:`CrossEntropySmall` runs: the row options, the class weights as the C kernels take them
-    (``cpu_rows.class_weights``), and the reduction's ∂loss/∂loss_i (None: per-row losses, ``"none"``)."""
-
-    opts: RowOptions
-    weights: tuple
-    row_scale: Optional[float]
-
-
-class CrossEntropySmall(torch.autograd.Function):
-    """Small CPU inputs in plain eager mode (``crossent._small_cpu``): ``(loss, lse)`` of logits (N, C), the loss
-    ``Σ_i row_scale · loss_i`` (or per row where ``row_scale`` is None).
-
-    A reduced loss's gradient for grad_output 1 comes from the forward's C pass and is kept as ``ctx.formed`` (N×C in
-    the logits' dtype; not a saved tensor, so that it can be handed out without a copy: the first backward with
-    grad_output 1 — a host read: CPU — returns it and drops it). Any other backward (another grad_output, a second
-    one with ``retain_graph=True``, per-row losses) runs the C gradient pass from the saved float64 lse, each
-    element rounded once. Where the gradient must be differentiable itself (``create_graph=True``), the composite
-    formulas run as for :class:`CrossEntropyRows`. Old-style (``forward(ctx, ...)``): ``_small_cpu`` calls it only in
-    plain eager mode without forward-mode AD.
-    """
-
-    @staticmethod
-    def forward(ctx, logits, target, class_weight, call: SmallCall):
-        ctx.formed = None
-        if call.row_scale is None:  # per-row losses: the upstream gradient comes in backward
-            loss, lse, total = cpu_rows.forward(logits, target, None, call.opts, call.weights)
-        else:
-            ctx.formed = torch.empty(logits.shape, dtype=logits.dtype)
-            loss, lse, total = cpu_rows.loss_and_grad(logits, target, None, call.row_scale, call.opts, ctx.formed,
-                                                      weights=call.weights)  # fmt: skip
-        ctx.save_for_backward(logits, target, class_weight, lse)
-        ctx.mark_non_differentiable(lse)
-        ctx.call = call
-        return (loss if call.row_scale is None else host_total(total, call.row_scale)), lse
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        c, formed = ctx.call, ctx.formed
-        ctx.formed = None  # handed out at most once: the caller may keep and modify it
-        if formed is not None and not torch.is_grad_enabled() and float(grad_loss) == 1.0:
-            return formed, None, None, None
-        logits, target, class_weight, lse = ctx.saved_tensors
-        if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
-            rows = grad_loss if c.row_scale is None else (grad_loss * c.row_scale).expand(target.shape)
-            return composite.logits_grad(logits, target, class_weight, rows, c.opts), None, None, None
-        grad = torch.empty(logits.shape, dtype=logits.dtype)
-        upstream = grad_loss if c.row_scale is None else float(grad_loss) * c.row_scale
-        cpu_rows.backward(logits, target, None, lse, upstream, c.opts, grad, weights=c.weights)
-        return grad, None, None, None
-
-
-
 def _whole_rows_only(call: RowCall, what: str) -> RowOptions:
     """The row options, when the call holds whole rows; vocab-parallel shards support no transforms."""
     whole_rows_only("vocab_parallel_cross_entropy", call.shard, what, "crossent.cross_entropy")
@@ -144,7 +117,7 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
             raise RuntimeError("cross_entropy under torch.func.vmap: the class weights must not be batched")
         logits = batch_first(logits, in_dims[0], info.batch_size)
         target = batch_first(target, in_dims[1], info.batch_size)
-        return CrossEntropyRowsTransformable.apply(logits, target, class_weight, call), (0, 0)
+        return CrossEntropyRowsTransformable.apply(logits, target, class_weight, call), (0, 0, None)
 
     @staticmethod
     def jvp(ctx, logits_tangent, target_tangent, _weight_tangent, _call_tangent):
@@ -158,7 +131,7 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
         if target_tangent is not None and target.is_floating_point():
             tangent = tangent + (composite.target_grad(logits, target, class_weight, ones, opts).double()
                                  * target_tangent.double()).sum(-1)  # fmt: skip
-        return tangent.to(compute_dtype(logits.dtype)), None
+        return tangent.to(compute_dtype(logits.dtype)), None, None
 
 
 

@@ -32,6 +32,8 @@ from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels.collectives import stats_hook
 from crossent.kernels.dispatch import no_autocast, row_kernels
+from crossent.kernels import one_pass
+from crossent.kernels.one_pass import OnePass
 from crossent.kernels.op_args import flatten, rebuild, schema
 from crossent.kernels.shard import VocabShard
 from crossent.kernels.torch_rows import probs_target_grad
@@ -124,6 +126,15 @@ def ce_forward(
     if plain_eager(logits, target, class_weight):
         return _forward_body(logits, target, class_weight, opts, shard, impl)
     return _ce_forward(logits, target, class_weight, *flatten(opts, shard), impl)
+
+
+def ce_one_pass(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, plan: OnePass):
+    """A small CPU call's one pass (``kernels/one_pass.py``; plain eager mode only, so no custom op): flat per-row
+    loss and float64 lse, the float64 sum of the losses, and the gradient formed for the plan's row scale (or None),
+    of logits (C,) or (N, C)."""
+    num_classes = logits.shape[-1]
+    with no_autocast(logits.device):
+        return one_pass.forward(logits.view(-1, num_classes), target.reshape(-1), class_weight, opts, plan)
 
 
 def ce_backward(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl: str):
