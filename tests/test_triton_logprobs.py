@@ -133,7 +133,8 @@ def test_public_impl_triton_equals_torch(device, fused):
     results = []
     for impl in ("torch", "triton"):
         leaves = [t.clone().requires_grad_() for t in (x, w)]
-        kw = dict(entropy=True, temperature=0.8, softcap=5.0, impl=impl)
+        kw = dict(entropy=True, temperature=0.8, softcap=5.0, impl=impl, log_sum_sq_probs=True, mean_logits=True,
+                  is_top1=True)
         with _triton_mode.launches(triton_logprobs) as ran:
             if fused:  # blocks of 4 rows and 20 columns: vocabulary pieces in both loops
                 out = crossent.linear_token_log_probs(*leaves, ids, chunk_size=4,
@@ -142,6 +143,38 @@ def test_public_impl_triton_equals_torch(device, fused):
                 out = crossent.token_log_probs(leaves[0] @ leaves[1].T, ids, **kw)
             grads = torch.autograd.grad([out.log_probs.sum(), (out.entropy * 3).sum()], leaves)
         assert (ran[0] > 0) == (impl == "triton")  # the Triton kernels ran exactly when asked for
-        results.append((out.log_probs, out.entropy, *grads))
+        results.append((*out, *grads))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-5)
+
+
+STATS = dict(log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_statistics_match_reference_ties_and_shards(device, option):
+    """log Σ p², the mean logit and top-1 from the stats kernel vs the float64 oracle; top-1 ties inside one
+    32-column block, across two blocks and in the partial last block go to the first column (as torch.argmax);
+    shards (0, 33) + (33, 100) combine to the whole row's."""
+    opts = OPTIONS[option]
+    ign = opts.get("ignore_index", -100)
+    z, ids, _, _ = _case(6, 100, 3, opts, device)
+    for row, (a, b) in {2: (10, 20), 3: (31, 32), 4: (97, 99)}.items():
+        z[row, a] = z[row, b] = 30.0
+        ids[row] = torch.tensor([b, a, ign])
+    row_opts = LogProbRowOptions(**opts, **STATS)
+    rows = triton_logprobs.forward(z, ids, row_opts)
+    kw = dict(temperature=opts.get("temperature", 1.0), ignore_index=ign, softcap=opts.get("softcap"))
+    z64, i64 = z.double().cpu().numpy(), ids.cpu().numpy()
+    _close(rows.log_sum_sq_probs, reference.token_log_sum_sq_probs(z64, i64, **kw), 2e-6)
+    _close(rows.mean_logits, reference.token_mean_logits(z64, i64, **kw), 2e-6)
+    want_top1 = torch.from_numpy(reference.token_is_top1(z64, i64, **kw))
+    torch.testing.assert_close(rows.is_top1.cpu(), want_top1)
+    assert rows.is_top1[2:5].tolist() == [[False, True, False]] * 3  # the later tied column is not top-1
+    torch_rows = logprob_rows.forward(z, ids, row_opts)
+    for field in ("log_sum_sq_probs", "mean_logits", "is_top1"):
+        torch.testing.assert_close(getattr(rows, field), getattr(torch_rows, field), rtol=1e-6, atol=1e-6)
+    parts = [triton_logprobs.shard_stats(z[:, a:b], ids, row_opts, a) for a, b in ((0, 33), (33, 100))]
+    combined = logprob_rows.finish(logprob_rows.combine_stats(parts), ids, row_opts, 100)
+    for field in ("log_sum_sq_probs", "mean_logits", "is_top1"):
+        torch.testing.assert_close(getattr(combined, field), getattr(rows, field), rtol=1e-6, atol=1e-6)

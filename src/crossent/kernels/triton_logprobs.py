@@ -10,7 +10,10 @@ the ids' logits where they lie in the shard), kept relative to the running max a
 
     m' = max(m, max_blk x),  a = exp(m − m'),  s' = a s + Σ_blk exp(x − m'),  d' = a (d + (m − m') s) + Σ_blk e (x − m')
 
-and the O(N·K) rest (combine across shards or ranks, ``lp = x_t − lse``, ``H = log S − D / S``) is
+and, each behind its constexpr flag, ``q' = a² q + Σ_blk e²`` (log Σ p²), ``Σ x`` (the mean logit) and the row's max
+``μ`` with its first column (top-1: a block's max replaces ``μ`` only when larger, and within a block the lowest
+column holding it wins, so ties go to the first column as ``torch.max``). The O(N·K) rest (combine across shards
+or ranks, ``lp = x_t − lse``, ``H = log S − D / S``, top-1 per id: ``logprob_rows.top_stats``) is
 ``logprob_rows.finish`` in torch. The backward kernel writes, per column of a shard ``[v0, v0 + C)`` of ``C_all``::
 
     ∂/∂z_c = (a p_c + b p_c log p_c + Σ_k [c = t_k] g_k / T) · chain_c,  a = −(G + g_H H) / T,  b = −g_H / T
@@ -46,18 +49,29 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     z = _unit_columns(logits.reshape(-1, num_classes))
     ids = index.reshape(-1, k).contiguous()
     rows = z.shape[0]
-    row_max, sumexp, plogp = (torch.empty(rows, dtype=torch.float32, device=z.device) for _ in range(3))
+    row_max, sumexp, plogp, sumsq, logit_sum, top = (torch.empty(rows, dtype=torch.float32, device=z.device)
+                                                     for _ in range(6))  # fmt: skip
+    top_col = torch.empty(rows, dtype=torch.int64, device=z.device)
     picked = torch.empty((rows, k), dtype=torch.float32, device=z.device)
     if rows:
         block, warps = row_launch(z.dtype, num_classes)
         _stats_kernel[(rows,)](
-            z, z.stride(0), ids, k, row_max, sumexp, plogp, picked, num_classes, vocab_start, opts.temperature,
-            opts.softcap or 1.0, SOFTCAP=opts.softcap is not None, ENTROPY=opts.entropy, BLOCK=block, num_warps=warps,
+            z, z.stride(0), ids, k, row_max, sumexp, plogp, picked, sumsq, logit_sum, top, top_col, num_classes,
+            vocab_start, opts.temperature, opts.softcap or 1.0, SOFTCAP=opts.softcap is not None, ENTROPY=opts.entropy,
+            SUMSQ=opts.log_sum_sq_probs, MEAN=opts.mean_logits, TOP1=opts.is_top1, BLOCK=block, num_warps=warps,
             **_COMPILE,
         )  # fmt: skip
     shape = logits.shape[:-1]
-    return LogProbStats(row_max.reshape(shape), sumexp.reshape(shape), plogp.reshape(shape) if opts.entropy else None,
-                        picked.reshape(index.shape))  # fmt: skip
+
+    def rows_of(t, wanted):
+        return t.reshape(shape) if wanted else None
+
+    top_at = top_before = None
+    if opts.is_top1:
+        top_at, top_before = (t.reshape(index.shape) for t in logprob_rows.top_stats(top, top_col, ids, vocab_start))
+    return LogProbStats(row_max.reshape(shape), sumexp.reshape(shape), rows_of(plogp, opts.entropy),
+                        picked.reshape(index.shape), rows_of(sumsq, opts.log_sum_sq_probs),
+                        rows_of(logit_sum, opts.mean_logits), rows_of(top, opts.is_top1), top_at, top_before)  # fmt: skip
 
 
 def forward(logits: Tensor, index: Tensor, opts: LogProbRowOptions, shard=None, combine=None):
@@ -130,8 +144,10 @@ def _stats_kernel(
     z_ptr, stride_z,  # logits (R, C) of the shard, unit column stride
     ids_ptr, K,  # global ids (R, K), contiguous
     m_ptr, s_ptr, d_ptr, picked_ptr,  # (R,) fp32 outputs, (R, K) fp32: x at ids in the shard, else 0
+    q_ptr, xs_ptr, top_ptr, top_col_ptr,  # (R,) fp32: Σ exp(2(x − m)), Σ x, max of x; (R,) int64: its first column
     C, v0, temperature, softcap,
-    SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr,
+    SOFTCAP: tl.constexpr, ENTROPY: tl.constexpr, SUMSQ: tl.constexpr, MEAN: tl.constexpr, TOP1: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
@@ -139,21 +155,39 @@ def _stats_kernel(
     m = tl.full([], _FLT_MIN, tl.float32)
     s = tl.zeros([], tl.float32)
     d = tl.zeros([], tl.float32)
+    q = tl.zeros([], tl.float32)
+    xs = tl.zeros([], tl.float32)
+    top = tl.full([], float("-inf"), tl.float32)
+    top_col = tl.zeros([], tl.int64)
     for start in range(0, C, BLOCK):
         offs = start + cols
         mask = offs < C
         x = tl.load(z_row + offs, mask=mask, other=float("-inf")).to(tl.float32)
         x = tl.where(mask, _scaled(x, temperature, softcap, SOFTCAP)[0], float("-inf"))  # padding stays −inf
-        m_new = tl.maximum(m, tl.max(x, 0))
+        block_max = tl.max(x, 0)
+        m_new = tl.maximum(m, block_max)
         a = tl.exp(m - m_new)
         e = tl.exp(x - m_new)
         if ENTROPY:  # Σ e (x − m), re-referenced to the new max; −inf columns add 0 (not 0 · −inf), NaN stays NaN
             d = a * (d + (m - m_new) * s) + tl.sum(tl.where(x == float("-inf"), 0.0, e * (x - m_new)), 0)
+        if SUMSQ:  # Σ e², e^{2(x − m)} rescaled by a² when the max grows
+            q = q * a * a + tl.sum(e * e, 0)
+        if MEAN:
+            xs += tl.sum(tl.where(mask, x, 0.0), 0)
+        if TOP1:  # the block's first column holding its max; a later block replaces it only when strictly larger
+            block_col = tl.min(tl.where(x == block_max, offs, C), 0).to(tl.int64)
+            better = block_max > top
+            top_col = tl.where(better, block_col, top_col)
+            top = tl.where(better, block_max, top)
         s = s * a + tl.sum(e, 0)
         m = m_new
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(d_ptr + row, d)
+    tl.store(q_ptr + row, q)
+    tl.store(xs_ptr + row, xs)
+    tl.store(top_ptr + row, top)
+    tl.store(top_col_ptr + row, top_col)
     for k in range(0, K):
         col = tl.load(ids_ptr + row * K + k).to(tl.int64) - v0
         local = (col >= 0) & (col < C)
