@@ -21,7 +21,7 @@ from crossent.bench import linear_ce, plot
 from crossent.bench.linear_methods import METHODS as LINEAR_METHODS
 from crossent.bench.measure import DTYPES
 from crossent.bench.progress import progress_bar
-from crossent.bench.report import Row, format_table, to_json
+from crossent.bench.report import Row, cpu_paths, format_table, to_json
 
 
 @dataclass(frozen=True)
@@ -92,9 +92,9 @@ def _bench(args: argparse.Namespace, bench: argparse.ArgumentParser) -> int:
         what = ("linear_cross_entropy vs F.cross_entropy(x @ W.T), forward+backward; "
                 "peak RSS per method in a fresh process")  # fmt: skip
     meta = {"op": args.op, "mode": mode, "device": str(device), "reps": reps, "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "what": what}  # fmt: skip
+            "threads": torch.get_num_threads(), "cpu": cpu_paths(), "what": what}  # fmt: skip
     header = (f"crossent bench --op {args.op} ({mode}): {what}; {device}, median of {reps} interleaved rounds, "
-              f"torch {torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
+              f"torch {torch.__version__}, {torch.get_num_threads()} threads; {cpu_paths()}")  # fmt: skip
     _report(rows, meta, header, args)
     return 0
 

@@ -8,7 +8,12 @@ import json
 from dataclasses import dataclass
 from typing import Callable, List, Literal, Mapping, Optional, Sequence, Tuple
 
+import torch
+
+from crossent import _cpu_level
+from crossent._precision import fast_half_products
 from crossent.bench.measure import format_bytes
+from crossent.kernels import cpu_rows
 
 
 @dataclass(frozen=True)
@@ -82,3 +87,15 @@ def format_table(rows: Sequence[Row]) -> str:
 def to_json(meta: Mapping[str, object], rows: Sequence[Row]) -> str:
     """``{"meta": {...}, "rows": [{field: value}, ...]}``, the fields of :class:`Row`."""
     return json.dumps({"meta": dict(meta), "rows": [dataclasses.asdict(r) for r in rows]}, indent=1)
+
+
+def cpu_paths() -> str:
+    """The CPU paths this process takes, for the header: the CPU's x86-64 level (and CROSSENT_CPU_CAPABILITY's where
+    it lowers it), whether the C kernels run and which build, whether 16-bit products run natively."""
+    level = _cpu_level.detected()
+    if _cpu_level.lowered():
+        level += f", run as {_cpu_level.level()} ({_cpu_level.ENV})"
+    kernels = f"{cpu_rows.VARIANT} build" if cpu_rows.available() else "off (not built)"
+    native = [name for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16))
+              if fast_half_products("cpu", dtype)]  # fmt: skip
+    return f"CPU {level}; C kernels: {kernels}; native 16-bit products: {', '.join(native) or 'none'}"
