@@ -117,7 +117,7 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     lowest = torch.finfo(cdt).min
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
-        m = extra.add_sums(idx, src)
+        m = extra.add_sums(idx, src) if _any_extra(opts) else None  # the argmax pass gives the max too
         m = (src.amax(-1) if m is None else m.clone()).clamp_(min=lowest)
         row_max[idx] = m
         y = torch.sub(src, m.unsqueeze(-1), out=x)  # x − m ≤ 0
@@ -241,7 +241,8 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
     lowest = torch.finfo(cdt).min
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
-        extra.add_sums(idx, src)  # before the softmax, which may write over src
+        if _any_extra(opts):  # before the softmax, which may write over src
+            extra.add_sums(idx, src)
         if entropy is None:
             p = torch._softmax(src, -1, False, out=x)
         else:  # y = x − m (−inf → lowest: its term p·y is 0, not 0·(−inf)); p from y, the same softmax
