@@ -131,8 +131,7 @@ static inline float exp_f32(float x) {
     p = p * r + 1.0f;
     p = p * r + 1.0f;
     float e = p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
-    e = select_f32(x < -87.3f, 0.0f, e);
-    return select_f32(x != x, x, e);
+    return select_f32(x < -87.3f, 0.0f, e); /* NaN needs no select of its own: r, p and e are NaN */
 }
 
 /* Columns [c0, c0 + n) of a row as fp32: the row itself for fp32, else converted into buf. */
