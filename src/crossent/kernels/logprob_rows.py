@@ -109,7 +109,7 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     cdt = compute_dtype(logits.dtype)
     if cpu_rows.covers(z3, None, opts):  # the same stats in C, one pass over the logits as stored
         row_max, sumexp, plogp = cpu_rows.log_prob_stats(z3, opts.temperature, opts.entropy)
-        extra = _extra_stats(z3, row_max, opts) if _any_extra(opts) else _Extra()  # torch ops, only when asked
+        extra = _extra_stats(z3, opts) if _any_extra(opts) else _Extra()  # only when asked
         return _with_id_logits(row_max, sumexp, plogp, extra, z3, ids3, opts, vocab_start, index.shape)
     row_max, sumexp = (torch.empty(z3.shape[:2], dtype=cdt, device=z3.device) for _ in range(2))
     plogp = torch.empty_like(row_max) if opts.entropy else None
@@ -170,18 +170,27 @@ class _Extra(NamedTuple):
         return top
 
 
-def _extra_stats(z3: Tensor, row_max: Tensor, opts: LogProbRowOptions) -> _Extra:
-    """The optional sums of rows ``z3`` (N, M, C) whose max ``row_max`` (N, M) another kernel found (the C stats):
-    one pass per chunk for ``Σ x`` and the argmax, one more for ``Σ exp(2(x − max))``, in torch ops."""
-    extra = _Extra.empty(row_max, opts)
-    cdt = compute_dtype(z3.dtype)
-    for idx, x, scratch in _chunks(z3, cdt, 1 if opts.log_sum_sq_probs else 0):
-        src = scaled_logits(x, z3[idx], opts)
-        extra.add_sums(idx, src)
-        if extra.sumsq is not None:
-            e = torch.sub(src, row_max[idx].to(cdt).unsqueeze(-1), out=scratch[0]).exp_()
-            extra.sumsq[idx] = e.square_().sum(-1)
-    return extra
+def _extra_stats(z3: Tensor, opts: LogProbRowOptions) -> _Extra:
+    """The optional sums of rows ``z3`` (N, M, C) whose other stats the C kernels took (``x = z / T``, no softcap).
+
+    ``Σ exp(2x − 2m)`` is the C stats' sum at temperature ``T / 2``: its max is ``2m`` exactly (halving T doubles
+    every ``x``, a binary scaling that commutes with rounding), so it is relative to the same max — one vectorized
+    pass, where torch's exp costs 3× a plain pass. ``Σ x`` and the first argmax are one torch pass each over ``z`` as
+    stored (no fp32 copy): ``z ↦ z / T`` is increasing, and distinct 16-bit values stay distinct after the fp32
+    division, so ``z``'s first argmax is ``x``'s and its max, divided by T, is ``x`` there bit for bit. fp32 logits at
+    T ≠ 1 are divided first (two neighbouring fp32 values can round to one quotient: a tie in ``x``)."""
+    cdt, t = compute_dtype(z3.dtype), opts.temperature
+    sumsq = cpu_rows.log_prob_stats(z3, t / 2, False)[1] if opts.log_sum_sq_probs else None
+    logit_sum = z3.sum(-1, dtype=cdt).div_(t) if opts.mean_logits else None
+    if not opts.is_top1:
+        return _Extra(sumsq, logit_sum)
+    if z3.dtype != cdt or t == 1.0:
+        top, top_col = z3.max(-1)
+        return _Extra(sumsq, logit_sum, top.to(cdt).div_(t), top_col)
+    top, top_col = torch.empty(z3.shape[:2], dtype=cdt), torch.empty(z3.shape[:2], dtype=torch.int64)
+    for idx, x, _ in _chunks(z3, cdt, 0):
+        top[idx], top_col[idx] = torch.div(z3[idx], t, out=x).max(-1)
+    return _Extra(sumsq, logit_sum, top, top_col)
 
 
 def top_stats(top: Tensor, top_col: Tensor, index: Tensor, vocab_start: int = 0):
