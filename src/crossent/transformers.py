@@ -354,12 +354,13 @@ class _HeadCapture:
     def _forward(self, input, *args, **kwargs):
         self.calls += 1
         self.hidden = input
+        out = input.new_empty(input.shape[:-1] + (0,))
+        if self.keep_logits:  # first: a head with its own FSDP unit may be resharded after ``inside``
+            run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
+            out = run(input, *args, **kwargs)
         if self.inside is not None:
             self.result = _in_fsdp_unit(self.head, self.inside, input)
-        if self.keep_logits:
-            run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
-            return run(input, *args, **kwargs)
-        return input.new_empty(input.shape[:-1] + (0,))
+        return out
 
     def result_for(self, model):
         """What ``inside`` returned; the head must have been called exactly once."""
@@ -380,7 +381,7 @@ def _in_fsdp_unit(head: nn.Module, fn: Callable[[Tensor], Any], hidden: Tensor):
         fsdp.register_fsdp_forward_method(head, "_crossent_inside")
         return head._crossent_inside(hidden)
     finally:
-        del head._crossent_inside
+        del head._crossent_inside  # the registered wrapper, an instance attribute
 
 
 def _full(t):
