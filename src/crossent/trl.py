@@ -72,9 +72,10 @@ class CrossentLogProbFunction(torch.autograd.Function):
     ``hidden``, ``weight`` and ``bias`` in their own dtypes, from ``log_probs`` and ``entropy`` only. ``chunk_size``
     (TRL's vocabulary tile) is accepted and unused: crossent plans its own blocks under its memory budget.
 
-    The forward records crossent's graph on detached aliases of the operands; the backward runs it inside TRL's
-    ``maybe_gather_lm_head_ctx(weight, bias)`` (ZeRO-3), where the saved head is the parameter itself, gathered
-    again as TRL's backward gathers it.
+    The forward records crossent's graph on detached aliases of the operands; where that graph saves the head, it
+    saves the parameter itself (a saved-tensor hook), and the aliases drop their data, so nothing holds a
+    ZeRO-3-gathered head between forward and backward. The backward runs the graph inside TRL's
+    ``maybe_gather_lm_head_ctx(weight, bias)``, which gathers the head again, as TRL's own backward does.
 
     Example:
         >>> import torch
@@ -102,6 +103,9 @@ class CrossentLogProbFunction(torch.autograd.Function):
         heads = {id(t): p for t, p in zip(leaves[1:], (weight, bias)) if t is not None}
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: heads.get(id(t), t), _same):
             result = _crossent_call(*leaves, targets, temperature, final_logit_softcapping, logit_scale, outputs)
+        for leaf in leaves[1:]:  # the head's aliases: only gradient targets now (their saved uses unpack the head)
+            if leaf is not None:
+                leaf.data = leaf.new_empty(0)
         ctx.graph = (leaves, result.log_probs, result.entropy)
         ctx.save_for_backward(weight, bias)
         values = [getattr(result, name, None) for name in OUTPUTS]
