@@ -17,7 +17,7 @@ LAYERS = {
     "_options": 1, "_modes": 1, "_precision": 1, "_cpu_level": 1, "_checks": 1, "_reduction": 1, "_results": 1,
     "_dtensor": 2,
     "kernels": 2,
-    "_autograd": 3, "_materialized": 3, "_small_cpu": 3,
+    "_autograd": 3,
     "functional": 4, "functional_log_probs": 4, "functional_distill": 4,
     "modules": 5, "distributed": 5, "transformers": 5, "trl": 5,
     "bench": 6, "cli": 6, "__main__": 6, "__init__": 6,

@@ -150,7 +150,12 @@ def classes_last_cross_entropy(
     the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
     plan = one_pass(logits, target, weight, kind, opts, shard)
     call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward, plan)
-    loss, lse, _ = apply_function(CrossEntropyRows, logits, target, weight, call)
+    if plan is not None and not (torch.is_grad_enabled() and logits.requires_grad):
+        # nothing to differentiate (a one pass runs in plain eager mode without forward-mode AD): the Function's
+        # forward alone, what its apply would run, without the graph's bookkeeping (~15 µs of a ~40 µs call)
+        loss, lse, _ = CrossEntropyRows.forward(logits, target, weight, call)
+    else:
+        loss, lse, _ = apply_function(CrossEntropyRows, logits, target, weight, call)
     if plan is None or plan.row_scale is None:  # a one pass with a row scale reduced on the host (host_row_scale)
         loss = reduce_rows(loss, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)

@@ -45,8 +45,8 @@ class CrossEntropyRows(torch.autograd.Function):
     where the plan has a row scale (``"mean"``/``"sum"``) the loss output is already ``Σ_i row_scale · loss_i``
     (``_reduction.host_total``), and where it forms the gradient (the logits need one, not in place) the gradient
     for grad_output 1 is kept on ``ctx`` — not saved, so the first backward with grad_output 1 hands it out without
-    a copy. Every other backward (another grad_output, a second one, ``"none"``, in place) runs the rows' backward
-    from the saved lse, as without a plan.
+    a copy. Every other backward (another grad_output, a second one, ``"none"``, in place) runs the backend's
+    gradient pass from the saved lse, into a new tensor or (in place) the logits.
     """
 
     @staticmethod
@@ -55,34 +55,39 @@ class CrossEntropyRows(torch.autograd.Function):
         if plan is None:
             return (*ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl), None)
         loss, lse, total, formed = ops.ce_one_pass(logits, target, class_weight, call.opts, plan)
-        if plan.row_scale is None:
-            loss = loss.reshape(target.shape)
-        else:
-            loss = host_total(total, plan.row_scale, loss.dtype)
-        return loss, lse.reshape(target.shape), formed if formed is None else formed.view(logits.shape)
+        return (loss if plan.row_scale is None else host_total(total, plan.row_scale, loss.dtype)), lse, formed
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, class_weight, call = inputs
         ctx.save_for_backward(logits, target, class_weight, output[1])
-        ctx.save_for_forward(logits, target, class_weight)
-        ctx.mark_non_differentiable(output[1])
         ctx.call, ctx.formed = call, output[2]
-        if ctx.formed is not None:  # (eager only) no zero (N, C) gradient for the formed output in backward
-            ctx.mark_non_differentiable(output[1], output[2])
+        if call.one_pass is None:
+            ctx.save_for_forward(logits, target, class_weight)
+            ctx.mark_non_differentiable(output[1])
+        else:  # eager, no forward-mode AD; no zero (N, C) gradient materialized for the formed output in backward
+            ctx.mark_non_differentiable(*(output[1:] if output[2] is not None else output[1:2]))
             ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_formed):
-        logits, target, class_weight, lse = ctx.saved_tensors
-        c, formed = ctx.call, ctx.formed
+        c, plan, formed = ctx.call, ctx.call.one_pass, ctx.formed
         ctx.formed = None  # handed out at most once: the caller may keep and modify it
+        # formed: a one pass's, for grad_output 1 (CPU, plain eager: the host read is free)
+        if formed is not None and not torch.is_grad_enabled() and float(grad_loss) == 1.0:
+            return formed, None, None, None
+        logits, target, class_weight, lse = ctx.saved_tensors
+        differentiable = torch.is_grad_enabled() or transforms_active()  # the gradient must be differentiable itself
+        if plan is not None and not differentiable:  # a one pass's gradient pass
+            upstream = grad_loss
+            if plan.row_scale is not None:  # the loss was reduced in forward: ∂loss/∂loss_i = row_scale
+                upstream = float(grad_loss) * plan.row_scale
+            return ops.ce_one_pass_backward(logits, target, class_weight, lse, upstream, c.opts, plan,
+                                            c.inplace_backward), None, None, None  # fmt: skip
+        if plan is not None and plan.row_scale is not None:
+            grad_loss = (grad_loss * plan.row_scale).expand(target.shape)
         grad_logits = grad_target = None
-        if c.one_pass is not None and c.one_pass.row_scale is not None:  # the loss was reduced in forward
-            if formed is not None and not torch.is_grad_enabled() and float(grad_loss) == 1.0:  # CPU: a free host read
-                return formed, None, None, None
-            grad_loss = (grad_loss * c.one_pass.row_scale).expand(target.shape)
-        if torch.is_grad_enabled() or transforms_active():  # the gradient must be differentiable itself
+        if differentiable:
             opts = _whole_rows_only(c, "double backward (create_graph=True) and torch.func transforms")
             if ctx.needs_input_grad[0]:
                 grad_logits = composite.logits_grad(logits, target, class_weight, grad_loss, opts)

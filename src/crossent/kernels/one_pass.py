@@ -25,7 +25,7 @@ from crossent._checks import check_target_range
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
 from crossent._reduction import index_row_weight
-from crossent.kernels import cpu_rows
+from crossent.kernels import cpu_rows, torch_rows
 
 
 class OnePass(NamedTuple):
@@ -61,6 +61,19 @@ def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts
     if plan.backend == "c":
         return _c_forward(logits, target, opts, plan)
     return _aten_forward(logits, target, class_weight, opts, plan)
+
+
+def backward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse: Tensor, upstream, opts: RowOptions,
+             plan: OnePass, out: Tensor) -> None:  # fmt: skip
+    """Write ``upstream · ∂loss/∂logits`` into ``out`` (N, C) (may be the logits) from the float64 ``lse`` (N,);
+    ``upstream`` a float for every row or a tensor (N,): the C gradient pass, or the rows' torch kernels for "aten"
+    (they read PyTorch's own softmax kernels)."""
+    if plan.backend == "c":
+        cpu_rows.backward(logits, target, None, lse, upstream, opts, out, weights=plan.weights)
+        return
+    if isinstance(upstream, float):
+        upstream = torch.full(lse.shape, upstream, dtype=compute_dtype(logits.dtype))
+    torch_rows.backward(logits, target, class_weight, lse, upstream, opts, out)
 
 
 def _c_forward(logits, target, opts, plan):

@@ -129,12 +129,29 @@ def ce_forward(
 
 
 def ce_one_pass(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, plan: OnePass):
-    """A small CPU call's one pass (``kernels/one_pass.py``; plain eager mode only, so no custom op): flat per-row
-    loss and float64 lse, the float64 sum of the losses, and the gradient formed for the plan's row scale (or None),
-    of logits (C,) or (N, C)."""
-    num_classes = logits.shape[-1]
+    """A small CPU call's one pass (``kernels/one_pass.py``; plain eager mode only, so no custom op) on logits (C,) or
+    (N, C): per-position loss and float64 lse of the target's shape, the float64 sum of the losses, and the gradient
+    formed for the plan's row scale (the logits' shape and dtype), or None."""
+    with no_autocast(logits.device):  # PyTorch's kernels ("aten") in the precision chosen there
+        if logits.dim() == 2:
+            return one_pass.forward(logits, target, class_weight, opts, plan)
+        loss, lse, total, formed = one_pass.forward(logits.view(1, -1), target.view(1), class_weight, opts, plan)
+    return loss.view(()), lse.view(()), total, None if formed is None else formed.view(logits.shape)
+
+
+def ce_one_pass_backward(logits, target, class_weight, lse, upstream, opts: RowOptions, plan: OnePass, inplace: bool):
+    """The gradient of a one pass's loss for ``upstream`` (a float for every position, or one per position) from its
+    float64 ``lse``: in a new tensor, or written over the logits (``inplace``)."""
+    out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype)
     with no_autocast(logits.device):
-        return one_pass.forward(logits.view(-1, num_classes), target.reshape(-1), class_weight, opts, plan)
+        if logits.dim() == 2:
+            one_pass.backward(logits, target, class_weight, lse, upstream, opts, plan, out)
+        else:
+            one_pass.backward(logits.view(1, -1), target.view(1), class_weight, lse.view(1), upstream, opts, plan,
+                              out.view(1, -1))  # fmt: skip
+    if inplace:
+        torch.autograd.graph.increment_version(logits)  # as the op's mutates_args does: a second backward raises
+    return out
 
 
 def ce_backward(logits, target, class_weight, lse, grad_loss, opts: RowOptions, shard: VocabShard, impl: str):
