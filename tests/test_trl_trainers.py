@@ -1,7 +1,7 @@
 """TRL's trainers end to end with ``crossent.trl.patch()``: the same logs and final parameters as TRL alone.
 
-A tiny random Llama (2 layers, width 32, vocabulary 64 characters), a character tokenizer built here (no hub:
-``HF_HUB_OFFLINE=1``), datasets built in memory, CPU, fp32 (``bf16=False``: TRL's configs default to bf16 autocast, where TRL rounds each logits tile to bf16 and
+A tiny random Llama (2 layers, width 32, vocabulary 64 characters) and a character tokenizer built locally, both
+from examples/trl_sft.py (no hub: ``HF_HUB_OFFLINE=1``), datasets built in memory, CPU, fp32 (``bf16=False``: TRL's configs default to bf16 autocast, where TRL rounds each logits tile to bf16 and
 crossent does not, so the two differ at bf16 rounding — benchmarks/trl_head.py measures which is closer to float64),
 2 optimizer steps; each trainer runs twice, from the
 same seed, once on TRL's fused head and once on crossent's. Their fused head is on by construction: every TRL
@@ -10,9 +10,12 @@ in different orders. Plain SGD: Adam's first step, ``lr · g / (|g| + ε)``, tur
 near-zero gradient entry into a full ``± lr`` update, which would test Adam, not the head.
 """
 
+import importlib.util
 import math
 import os
-import string
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,37 +23,27 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
-tokenizers = pytest.importorskip("tokenizers")
 
 import transformers  # noqa: E402  (after the skips: optional dependencies)
 import trl  # noqa: E402
 
 import crossent.trl  # noqa: E402
 
-SPECIALS = ["<pad>", "<eos>"]
-CHARS = string.ascii_lowercase + string.digits + " .,!?+-=*/"  # 46 characters; 64 with the specials and spares
-VOCAB = 64
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
+
+
+def _example():
+    """examples/trl_sft.py as a module: its local tokenizer and tiny model serve these tests too."""
+    spec = importlib.util.spec_from_file_location("trl_sft", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+example = _example()
+tiny_model, tiny_tokenizer = example.tiny_model, example.tiny_tokenizer
 WORDS = ["two plus two", "the cat sat", "abc abc abc", "hello world", "seven eight", "one, two, three",
          "red green blue", "yes or no?"]  # fmt: skip
-
-
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """One token per character, built locally: a ``tokenizers`` WordLevel model over single characters."""
-    vocab = {token: i for i, token in enumerate(SPECIALS + list(CHARS))}
-    vocab.update({f"<unused{i}>": i for i in range(len(vocab), VOCAB)})
-    model = tokenizers.models.WordLevel(vocab, unk_token="<pad>")
-    tok = tokenizers.Tokenizer(model)
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Split("", behavior="isolated")
-    tok.decoder = tokenizers.decoders.Fuse()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
-def tiny_model(seed: int = 0) -> transformers.LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      pad_token_id=0, eos_token_id=1, bos_token_id=1, tie_word_embeddings=False)  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +139,16 @@ def test_grpo_trainer(tmp_path, model_dir):
                                processing_class=tok)  # fmt: skip
 
     assert_same_training(make, ["loss", "entropy", "reward", "kl"])
+
+
+def test_example_runs():
+    """examples/trl_sft.py trains with TRL's head and with crossent's and prints the same numbers."""
+    done = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "2"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("step=")]
+    assert len(lines) == 2
+    for line in lines:
+        values = {k: float(v) for k, v in (part.split("=") for part in line.split()) if k != "step"}
+        for what in ("loss", "entropy", "accuracy"):
+            assert math.isfinite(values[f"{what}_trl"]), line
+            torch.testing.assert_close(values[f"{what}_crossent"], values[f"{what}_trl"], rtol=1e-5, atol=1e-6)
