@@ -9,7 +9,7 @@ results (fp32 loss, float64 lse) and gradients in the logits' dtype. They cover:
 
 - cross-entropy with class indices over whole rows, every option but softcap (:func:`forward`, :func:`backward`,
   :func:`loss_and_grad`: ``torch_rows``' whole-row path and the fused CE's 16-bit blocks in ``linear_loop``;
-  and the small-input path, ``_small_cpu``, with :func:`target_weight`);
+  and the small inputs' one-pass backend, ``kernels/one_pass.py``, with :func:`target_weight`);
 - the per-token log-probs' row stats and gradient (:func:`log_prob_stats`, :func:`log_prob_grad`: ``logprob_rows``);
 - distillation's forward / reverse KL block step (:func:`distill`: ``distill_rows``).
 
@@ -59,7 +59,7 @@ _native, VARIANT = _load()
 
 ENABLED = True
 """Switch for tests and comparisons: False sends every call to the torch ops (``torch_rows``, ``logprob_rows``,
-``distill_rows``, the fused loops' fp32-copy blocks, ``_materialized`` for small inputs)."""
+``distill_rows``, the fused loops' fp32-copy blocks, the "aten" one pass for small inputs)."""
 
 # Below this many logits a call runs on the calling thread (an OpenMP region costs a few µs to wake; the
 # kernels process ~3 logits per ns per core on the 2-core x86 VM, fp32 and bf16).
