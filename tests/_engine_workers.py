@@ -160,6 +160,11 @@ def fsdp_cases(rank):
             ct.patch(model)  # collective: the verification forward runs under FSDP2 on every rank
         got = _step(model, ids, labels)
         out["FSDP2, " + name] = _no_worse(got, stock[key], exact) if "mp" in case else _same(got, stock[key])
+    # the verification forward (no_grad, under FSDP) leaves the units as it found them: the optimizer made after
+    # patch() holds FSDP's sharded parameters (not the unsharded root's, whose updates would be lost) and the
+    # step after its step equals stock's
+    second = [_second_step(_shard(_model()), ids, labels, patch) for patch in (False, True)]
+    out["FSDP2, patch after fully_shard, the step after an optimizer step"] = _same(second[1], second[0])
     # token_log_probs with the head in its own resharding unit: backward recomputes the logits, so it needs the
     # head unsharded again (FSDP's pre-backward hook, registered on the result). Against the unsharded model, on
     # the same ids on both ranks (FSDP averages the ranks' gradients): values and every gradient
@@ -167,6 +172,16 @@ def fsdp_cases(rank):
     results = [_scored(m, same_ids) for m in (_shard(_model(), head_unit=True), _model())]
     out["FSDP2, token_log_probs, head in its own unit"] = _same(*results)
     return out
+
+
+def _second_step(model, ids, labels, patch):
+    if patch:
+        ct.patch(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # as users do: after patch, before training
+    _step(model, ids, labels)
+    optimizer.step()
+    model.zero_grad()
+    return _step(model, ids, labels)
 
 
 def _scored(model, ids, **kw):

@@ -44,10 +44,11 @@ def test_ddp_patched_equals_stock():
 @pytest.mark.timeout(330)
 def test_fsdp2_patched_equals_stock_in_every_layout():
     """Patched before or after fully_shard, the root resharding or not, the head in its own resharding unit,
-    bf16 mixed precision (crossent no further from the fp32 run than stock), accelerate's FSDP2 calls;
+    bf16 mixed precision (crossent no further from the fp32 run than stock), accelerate's FSDP2 calls; the
+    step after an optimizer step (the verification leaves the units sharded);
     token_log_probs through a head unit that reshards after forward."""
     names, failures = _failures("fsdp")
-    assert len(names) == 10 and not failures, "\n".join(failures)
+    assert len(names) == 11 and not failures, "\n".join(failures)
 
 
 @pytest.mark.timeout(330)

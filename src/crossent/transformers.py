@@ -478,6 +478,7 @@ def _verify(model: nn.Module, head: nn.Linear, transforms: HeadTransforms, opts:
     except Exception as error:  # the model's own error, re-raised with what crossent was doing
         raise UnsupportedModelError(f"{name}: the verification forward on random input_ids {_VERIFY_SHAPE} failed "
                                     f"({type(error).__name__}: {error})") from error  # fmt: skip
+    _reshard(model)
     ours, loss = capture.result_for(model)
     logits, stock_loss = getattr(out, "logits", None), getattr(out, "loss", None)
     if not isinstance(logits, Tensor) or not isinstance(stock_loss, Tensor):
@@ -485,6 +486,17 @@ def _verify(model: nn.Module, head: nn.Linear, transforms: HeadTransforms, opts:
     logits, stock_loss = _full(logits), _full(stock_loss)
     _check_close(name, "logits", logits, ours, transforms, logits.dtype)
     _check_close(name, "loss", stock_loss, _with_aux_loss(model, loss, out), transforms, logits.dtype)
+
+
+def _reshard(model: nn.Module) -> None:
+    """Leave FSDP2's units sharded after the verification forward, as before it. A root unit keeps its
+    parameters unsharded after a forward under ``no_grad`` (no backward reshards them), and while it is,
+    ``model.parameters()`` yields the unsharded tensors: an optimizer made after ``patch`` would update copies
+    that the next reshard discards (the second step then runs on stale parameters)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    for module in model.modules() if fsdp is not None else ():
+        if isinstance(module, fsdp.FSDPModule):
+            module.reshard()
 
 
 def _stock_loss_context(head: nn.Module):
