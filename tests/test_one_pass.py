@@ -95,12 +95,12 @@ def _both(z, t, kw, reduction, grad_output, backend):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("option", OPTIONS)
-@pytest.mark.parametrize("upstream", ["one", "rand"])
-def test_small_path_equals_the_kernels(shape, dtype, reduction, option, upstream, backend):
-    # upstream "one": a reduced loss hands out the gradient formed in forward; "rand": the rows' backward runs
+def test_small_path_equals_the_kernels(shape, dtype, reduction, option, backend):
+    # a reduced loss: grad_output 1, the gradient formed in forward is handed out; "none": per-row upstream values,
+    # the one pass's gradient pass runs (another grad_output of a reduced loss: the test below)
     z, t, kw = _case(shape, option, dtype)
     def grad_output(loss):  # the same upstream gradient for both paths
-        if upstream == "one":
+        if reduction != "none":
             return torch.ones_like(loss)
         return torch.rand(loss.shape, generator=torch.Generator().manual_seed(1), dtype=loss.dtype) + 0.5
     (small, d_small), (big, d_big) = _both(z, t, kw, reduction, grad_output, backend)
@@ -183,3 +183,30 @@ def test_a_mean_over_zero_total_class_weight_is_zero_with_zero_gradient(backend)
     loss = crossent.cross_entropy(z, torch.tensor([0, 1, 2, -100, 0, 1]), weight, label_smoothing=0.1)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros_like(z))
+
+
+@pytest.mark.parametrize("inplace", [False, True], ids=["grad", "inplace"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_other_grad_outputs_second_backward_and_in_place_equal_the_kernels(reduction, dtype, inplace, backend):
+    # grad_output 0.37 and a second backward (retain_graph) run the one pass's gradient pass from the saved lse;
+    # in place, the logits (a layer's output) are overwritten with the gradient
+    z, t, kw = _case((16, C), "all", dtype)
+    del kw["softcap"]  # (the rows' kernels take softcap)
+    def run():
+        leaf = z.clone().requires_grad_()
+        logits = leaf * 1.0 if inplace else leaf
+        loss = crossent.cross_entropy(logits, t, reduction=reduction, inplace_backward=inplace, **kw)
+        taken = _taken(loss)
+        loss.backward(torch.tensor(0.37), retain_graph=not inplace)
+        if inplace:
+            assert torch.equal(logits.detach(), leaf.grad)
+        else:
+            loss.backward(torch.tensor(0.63))  # accumulates: 1.0 in all
+        return loss, leaf.grad, taken
+
+    (small, d_small, taken), (big, d_big, _) = run(), _rows_only(run)
+    assert taken == ("aten" if backend == "aten" or dtype == torch.float64 else "c")
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(small, big, **tol)
+    torch.testing.assert_close(d_small, d_big, **(tol if dtype != torch.bfloat16 else dict(rtol=1e-2, atol=2e-3)))
