@@ -24,7 +24,7 @@ fp32 log-softmax, TRL's generalized JSD, mean over positions) and Liger's LigerF
 
 Run on a GPU (finishes in a few minutes on an H100; compiles dominate):
     python benchmarks/gpu.py                      # every section, bf16 and fp32
-    python benchmarks/gpu.py --only ce --reps 50  # plain CE only (or lce, lp, distill)
+    python benchmarks/gpu.py --only ce --reps 50  # plain CE only (or lce, lp, distill, fsdp)
     python benchmarks/gpu.py --sweep              # time (BLOCK, num_warps) candidates for triton_rows.ROW_LAUNCH
 Check on a CPU (tiny shapes, Triton's interpreter; the numbers mean nothing, the code paths all run):
     python benchmarks/gpu.py --smoke
@@ -43,6 +43,7 @@ if "--smoke" in sys.argv:  # before anything imports Triton, which fixes interpr
 import argparse  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Callable, Dict, List, Optional, Tuple, Union  # noqa: E402
@@ -647,7 +648,7 @@ def format_rows(rows: List[Row], unit: str) -> str:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    parser.add_argument("--only", choices=("ce", "lce", "lp", "distill"), help="run one section")
+    parser.add_argument("--only", choices=("ce", "lce", "lp", "distill", "fsdp"), help="run one section")
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="repeatable; default both")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; smoke 1)")
     parser.add_argument("--sweep", action="store_true", help="time launch-table candidates instead")
@@ -691,6 +692,12 @@ def main(argv: Optional[List[str]] = None) -> int:
               "8·N·D·V; ratio = time / the 4-GEMM floor's; |Δloss| vs fp32")  # fmt: skip
         rows = bench_distill(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
         print(format_rows(rows, "TF/s"))
+    if args.only in (None, "fsdp") and not args.smoke:
+        print("\ncrossent.transformers.patch under accelerate's FSDP2 plugin (vocabulary 128256), every GPU a rank: "
+              "per-rank step peak memory and time, stock vs patched (benchmarks/fsdp_memory.py --accelerate)")  # fmt: skip
+        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_memory.py"),
+                   "--accelerate", "--nproc", str(torch.cuda.device_count())]  # fmt: skip
+        print(subprocess.run(command, capture_output=True, text=True).stdout or "fsdp_memory.py failed", flush=True)
     log("done")
     return 0
 
