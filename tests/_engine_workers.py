@@ -275,3 +275,28 @@ def _error(fn):
 
 def engines_job(rank, world):
     return {"ddp": ddp_cases(rank), "fsdp": fsdp_cases(rank), "tp": tp_cases(rank)}
+
+
+# --- 2-D mesh: FSDP2 over one dim, tensor parallelism over the other (4 ranks) ---------------------------------
+
+
+def mesh2d_job(rank, world):
+    """A (dp 2, tp 2) mesh: a ColwiseParallel head over "tp", fully_shard per layer and on the root over "dp";
+    patched before or after both, against the stock model under the same layout (loss_parallel)."""
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+
+    def build(patch):
+        model = _model()
+        if patch == "before":
+            ct.patch(model)
+        _tp(model, mesh["tp"])
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh["dp"])
+        fully_shard(model, mesh=mesh["dp"])
+        if patch == "after":
+            ct.patch(model)
+        return model
+
+    ids, labels = _batch(60 + mesh["dp"].get_local_rank())  # the same batch within a tp group
+    stock = _step(build(None), ids, labels, context=loss_parallel)
+    return {f"2-D mesh, patch {when}": _same(_step(build(when), ids, labels), stock) for when in ("before", "after")}

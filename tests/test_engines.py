@@ -83,3 +83,12 @@ def test_trainer_under_ddp_trains_as_stock():
     for got, want in zip(result["patched"], result["stock"]):
         assert abs(got - want) <= 1e-5 * abs(want), result
     assert result["param_diff"] <= 1e-5, result
+
+
+@pytest.mark.timeout(330)
+def test_2d_mesh_fsdp_and_tensor_parallel():
+    """4 ranks, mesh (dp 2, tp 2): FSDP2 over dp, the ColwiseParallel head over tp; patched before or after
+    equals stock (loss, every gradient)."""
+    res = workers.run_world(4, "_engine_workers:mesh2d_job", timeout_s=300)
+    failures = [f"rank {r} {n}: {v}" for r in res for n, v in res[r].items() if v]
+    assert len(res[0]) == 2 and not failures, "\n".join(failures)
