@@ -1,6 +1,7 @@
 """Small CPU inputs: one pass gives per-row loss, lse and — for a reduced loss whose logits need a gradient — that
 gradient, formed in forward for the reduction's known row scale. Never materialized: nothing beyond the (N, C)
-gradient that is kept for backward. Written in place: nothing (an in-place backward runs the rows' backward).
+gradient that is kept for backward. Written in place: the logits, by :func:`backward`, for ``inplace_backward``
+(forward then forms no gradient).
 
 Two backends with one contract (:func:`forward`), chosen by ``dispatch.one_pass_backend``:
 
