@@ -247,7 +247,9 @@ def linear_cross_entropy(
 
     Args:
         input: (..., D) floating, CPU or CUDA.
-        linear_weight: (V, D), the input's dtype and device.
+        linear_weight: (V, D), the input's dtype and device; or a DTensor placed ``Replicate()`` or ``Shard(0)``
+            on one mesh dim (tensor parallelism: runs vocab-parallel over that dim's group; a plain result,
+            the same on every rank; docs/distributed.md, "Training engines"); likewise ``linear_bias``.
         target: (...) = ``input.shape[:-1]``, integer class indices in [0, V) or ``ignore_index``.
         linear_bias: None or (V,), the input's dtype and device.
         weight: None or (V,) floating class weights (no gradient flows to them).

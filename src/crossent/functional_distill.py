@@ -155,6 +155,8 @@ def linear_distill_loss(
 
     Args:
         input: student hidden states ``(..., D)``, floating. linear_weight: ``(V, D)``. linear_bias: None or (V,).
+            Both heads' weights (and biases) may be DTensors placed alike: ``Replicate()``, or ``Shard(0)`` on one
+            mesh dim (vocab-parallel over its group; a plain result; docs/distributed.md, "Training engines").
         teacher_input: ``(..., D_t)`` with the input's batch shape and dtype. teacher_weight: ``(V, D_t)``.
         teacher_bias: None or (V,).
         beta, temperature, target, ignore_index, reduction: as in :func:`distill_loss`.

@@ -160,7 +160,9 @@ def linear_token_log_probs(
 
     Args:
         input: (..., D) floating, CPU or CUDA.
-        linear_weight: (V, D), the input's dtype and device.
+        linear_weight: (V, D), the input's dtype and device; or a DTensor placed ``Replicate()`` or ``Shard(0)``
+            on one mesh dim (tensor parallelism: runs vocab-parallel over that dim's group; a plain result,
+            the same on every rank; docs/distributed.md, "Training engines"); likewise ``linear_bias``.
         index: ``input.shape[:-1]`` or ``input.shape[:-1] + (K,)`` integer ids in [0, V) or ``ignore_index``.
         linear_bias: None or (V,).
         temperature, ignore_index, entropy, log_sum_sq_probs, mean_logits, is_top1, softcap, impl: as in

@@ -22,6 +22,10 @@ crossent's reconstruction from the captured hidden states and (2) the model's lo
 A mismatch raises :class:`UnsupportedModelError` naming the model class and the discrepancy, and the model
 is left unpatched. See ``docs/transformers.md``.
 
+Training engines (docs/distributed.md, "Training engines"): the loss, ``token_log_probs`` and the verification run
+inside the head's call, where DDP, FSDP2 (before or after ``fully_shard``; then ``patch`` is collective) and tensor
+parallelism (a ``ColwiseParallel`` head: vocab-parallel, no gather) present the head.
+
 Importing :mod:`crossent` never imports transformers; this module needs it (``pip install
 "crossent[transformers]"``).
 """
@@ -150,9 +154,9 @@ def patch(model: nn.Module, *, label_smoothing: float = 0.0, z_loss: float = 0.0
         ``model``, patched (patching a patched model replaces its options).
 
     Raises:
-        UnsupportedModelError: no linear head, a PEFT adapter or another module on the head, sharded (DTensor)
-            head weights, a forward that fails on random input_ids, logits or loss that crossent does not
-            reproduce.
+        UnsupportedModelError: no linear head, a PEFT adapter or another module on the head, a DTensor head placed
+            other than FSDP2's shards, ``Replicate()`` or ``Shard(0)`` over the vocabulary, a forward that fails on
+            random input_ids, logits or loss that crossent does not reproduce.
         TypeError/ValueError: a bad option, or one the model decides (``reduction``, ``ignore_index``,
             ``softcap``, ``logit_scale``, ``return_stats``, ``weight``).
     """
