@@ -23,17 +23,7 @@ from torch import Tensor
 
 from crossent._options import DistillRowOptions
 from crossent.kernels import distill_rows
-from crossent.kernels.triton_rows import _COMPILE, _softcapped, row_launch
-
-try:  # Triton is optional (GPU extra); without it this module imports but cannot launch.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = tl = None
-
-_jit = triton.jit if triton is not None else (lambda fn: fn)
-
-_LOWEST = -3.4028234663852886e38  # float32's lowest finite value: log-probabilities are clamped here
+from crossent.kernels.triton_rows import _COMPILE, _FLT_LOWEST, _jit, _softcapped, row_launch, tl
 
 
 def block_step_(s: Tensor, t: Tensor, target: Optional[Tensor], grad_scale: Optional[Tensor],
@@ -82,7 +72,7 @@ def _distill_row_kernel(
     s_row, t_row = s_ptr + row * C, t_ptr + row * C
     cols = tl.arange(0, BLOCK)
     # pass 1: online max and sum-exp of s = cap(z)/T, t = cap(z_t)/T and (hard loss, T ≠ 1) cap(z)
-    m_s = tl.max(tl.full([BLOCK], _LOWEST, tl.float32), 0)
+    m_s = tl.max(tl.full([BLOCK], _FLT_LOWEST, tl.float32), 0)
     m_t, m_r = m_s, m_s
     sum_s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     sum_t, sum_r = sum_s, sum_s
@@ -121,11 +111,11 @@ def _distill_row_kernel(
         offs = start + cols
         mask = offs < C
         x = _capped(tl.load(s_row + offs, mask=mask, other=-float("inf")), softcap, SOFTCAP, mask) * inv_t
-        lq = tl.maximum(x - lse_s, _LOWEST)
+        lq = tl.maximum(x - lse_s, _FLT_LOWEST)
         zt = tl.load(t_row + offs, mask=mask, other=-float("inf"))
         if not TEACHER_LP:
             zt = _capped(zt, softcap, SOFTCAP, mask) * inv_t
-        lp = tl.maximum(zt - lse_t, _LOWEST)
+        lp = tl.maximum(zt - lse_t, _FLT_LOWEST)
         if MODE == 0:
             acc_p += tl.where(mask, tl.exp(lp) * (lp - lq), 0.0)
         elif MODE == 1:
@@ -168,11 +158,11 @@ def _distill_row_kernel(
             if SOFTCAP:
                 z, chain = _softcapped(raw, softcap)
             x = z * inv_t
-            lq = tl.maximum(x - lse_s, _LOWEST)
+            lq = tl.maximum(x - lse_s, _FLT_LOWEST)
             zt = tl.load(t_row + offs, mask=mask, other=-float("inf"))
             if not TEACHER_LP:
                 zt = _capped(zt, softcap, SOFTCAP, mask) * inv_t
-            lp = tl.maximum(zt - lse_t, _LOWEST)
+            lp = tl.maximum(zt - lse_t, _FLT_LOWEST)
             q = tl.exp(lq)
             if MODE == 0:
                 dd = q - tl.exp(lp)

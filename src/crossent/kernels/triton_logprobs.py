@@ -32,9 +32,8 @@ from crossent._options import LogProbRowOptions
 from crossent.kernels import logprob_rows
 from crossent.kernels.logprob_rows import LogProbChunkKernels, LogProbStats
 from crossent.kernels.shard import VocabShard
-from crossent.kernels.triton_rows import _COMPILE, _jit, _softcapped, _unit_columns, _unit_stride_view, row_launch, tl
-
-_FLT_MIN = -3.4028234663852886e38  # the lowest finite fp32: the running max starts here (see triton_rows._row_loss)
+from crossent.kernels.triton_rows import (_COMPILE, _FLT_LOWEST, _jit, _softcapped, _unit_columns, _unit_stride_view,
+                                         row_launch, tl)  # fmt: skip
 
 
 def _use_torch(logits: Tensor) -> bool:
@@ -152,7 +151,7 @@ def _stats_kernel(
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     cols = tl.arange(0, BLOCK)
-    m = tl.full([], _FLT_MIN, tl.float32)
+    m = tl.full([], _FLT_LOWEST, tl.float32)  # as triton_rows._row_loss
     s = tl.zeros([], tl.float32)
     d = tl.zeros([], tl.float32)
     q = tl.zeros([], tl.float32)

@@ -74,6 +74,10 @@ _LOGITS_PER_THREAD = 16
 # Compile options shared by both kernels: FMA contraction on (fewer roundings in a·p + b; also Triton's
 # default, stated so that Triton 3.9's "default will change" warning does not apply).
 _COMPILE = {"enable_fp_fusion": True}
+# float32's lowest finite value, where running maxima start and log-probabilities are clamped. A constexpr: a kernel
+# may read a module global only if it is one (a plain float compiles to "NameError: Cannot access global variable",
+# though the interpreter accepts it; tests/test_triton_compile.py compiles every launch to catch such differences).
+_FLT_LOWEST = tl.constexpr(-3.4028234663852886e38) if tl is not None else None
 
 
 class Launch(NamedTuple):
@@ -282,7 +286,7 @@ def _row_loss(
     # Online log-sum-exp: running max m and s = Σ exp(x − m), rescaled by exp(m_old − m_new) when the max
     # grows. m starts at −FLT_MAX, not −inf: an all −inf row then sums exp(−inf) = 0 terms (not exp(nan))
     # and ends at lse = −FLT_MAX + log 0 = −inf, as torch_rows does.
-    m = tl.full([], -3.4028234663852886e38, tl.float32)
+    m = tl.full([], _FLT_LOWEST, tl.float32)
     s = tl.zeros([], tl.float32)
     # The loss is assembled from m and log s, never from the rounded lse = m + log s: at |m| ~ 1e4 fp32
     # rounds lse to ~1e-3, and lse − x_t would carry that error. So the weighted sums are kept relative
