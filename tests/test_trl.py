@@ -56,8 +56,9 @@ def _assert_same(theirs, ours, rtol=1e-5, atol=1e-5):
             torch.testing.assert_close(b, a, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
-# (N, D, V) and the chunk: V a multiple of the chunk, V not (a short last tile), one tile (TRL's default 32768)
-SHAPES = [((24, 16, 48), 16), ((37, 24, 101), 32), ((5, 8, 7), 32768)]
+# (N, D, V) and the chunk: V a multiple of the chunk, V not (a short last tile) — crossent's fused route; one tile
+# (TRL's default chunk 32768, and V = chunk) — crossent keeps the logits on CPU
+SHAPES = [((24, 16, 48), 16), ((37, 24, 101), 32), ((5, 8, 7), 32768), ((19, 8, 40), 40)]
 
 
 @pytest.mark.parametrize("shape,chunk", SHAPES)
@@ -141,12 +142,13 @@ def test_unknown_output_raises():
 # ---------------------------------------------------------------------------------------------- ZeRO-3
 
 
-def test_zero3_gather_in_backward(monkeypatch):
+@pytest.mark.parametrize("chunk", [8, 32], ids=["fused", "kept-logits"])
+def test_zero3_gather_in_backward(monkeypatch, chunk):
     """A ZeRO-3 stand-in: the head's data is gone outside ``maybe_gather_lm_head_ctx`` (as DeepSpeed leaves a
     partitioned parameter, numel 0). TRL's wrapper gathers around the forward; crossent's backward must gather
     again, as TRL's does, and give the gradients of an unpartitioned run."""
     h, w, b, t = _operands(10, 8, 24, True)
-    args = (0.9, 8, None, 1.0, ("entropy",))
+    args = (0.9, chunk, None, 1.0, ("entropy",))
     want = _run(ct.CrossentLogProbFunction, h, w, b, t, args)
     head = torch.nn.Linear(8, 24)
     full = {head.weight: w.clone(), head.bias: b.clone()}
@@ -190,16 +192,15 @@ def test_patch_unpatch_is_patched():
 
 
 def test_a_wrong_adapter_is_refused(monkeypatch):
-    """An adapter that ignores the temperature differs from TRL on the probe: patch() raises, TRL untouched."""
-    real = ct.linear_token_log_probs
-
-    def ignores_temperature(*args, temperature, **kwargs):
-        return real(*args, temperature=1.0, **kwargs)
-
-    monkeypatch.setattr(ct, "linear_token_log_probs", ignores_temperature)
-    with pytest.raises(ct.UnsupportedTRLError, match=r"does not reproduce trl 1\.\d+\.\d+'s .*log_probs: max \|difference\|"):
-        ct.patch()
-    assert not ct.is_patched() and trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
+    """An adapter that ignores the temperature differs from TRL on the probe: patch() raises, TRL untouched (on
+    either of crossent's routes: the fused family, and the plain family on kept logits)."""
+    for name in ("linear_token_log_probs", "token_log_probs"):
+        real = getattr(ct, name)
+        with monkeypatch.context() as m:
+            m.setattr(ct, name, lambda *args, temperature, real=real, **kwargs: real(*args, temperature=1.0, **kwargs))
+            with pytest.raises(ct.UnsupportedTRLError, match=r"does not reproduce trl 1\.\d+\.\d+'s .*log_probs: max \|d"):
+                ct.patch()
+        assert not ct.is_patched() and trl_utils._ChunkedLogProbFunction is TRL_FUNCTION
 
 
 def test_a_trl_without_the_hook_is_refused(monkeypatch):

@@ -1,11 +1,12 @@
-"""crossent for TRL: every TRL trainer's fused LM head on :func:`crossent.linear_token_log_probs`.
+"""crossent for TRL: every TRL trainer's fused LM head on crossent's per-token log-probabilities.
 
 TRL (≥ 1.14) gives every trainer a fused LM head: ``trl.trainer.utils.add_fused_lm_head(model, outputs=...)``
 makes ``model(..., labels=..., fused_lm_head=True)`` run the backbone and then, per call,
 ``trl.trainer.utils._ChunkedLogProbFunction.apply(hidden, weight, bias, targets, temperature, chunk_size,
 final_logit_softcapping, logit_scale, outputs)`` (a module global, looked up on each call; the public class is
 ``trl.kernels.ChunkedLogProbFunction``). :func:`patch` replaces that global with :class:`CrossentLogProbFunction`:
-the same signature and outputs, computed by crossent. What stays TRL's: the model's backbone, the label shift and
+the same signature and outputs, computed by :func:`crossent.linear_token_log_probs` (or, on CPU where TRL itself
+forms the whole logits, :func:`crossent.token_log_probs` on them). What stays TRL's: the model's backbone, the label shift and
 mask, the FSDP2 head gather (``weight.full_tensor()``), the ZeRO-3 gather around the call, the loss.
 
 Per token ``i`` with target ``t_i``, ``x = κ tanh(s (h_i Wᵀ + b) / κ) / T`` (``s = logit_scale``, the cap only
@@ -31,6 +32,7 @@ from contextlib import nullcontext
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 try:
@@ -39,7 +41,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
     raise ImportError('crossent.trl needs the trl package: pip install "crossent[trl]"') from error
 
 from crossent.functional import logit_scaled
-from crossent.functional_log_probs import linear_token_log_probs
+from crossent.functional_log_probs import linear_token_log_probs, token_log_probs
 
 __all__ = ["patch", "unpatch", "is_patched", "CrossentLogProbFunction", "UnsupportedTRLError", "OUTPUTS"]
 
@@ -49,9 +51,14 @@ _EXTRAS = OUTPUTS[2:]  # crossent.linear_token_log_probs' flags of the same name
 _HOOK = "_ChunkedLogProbFunction"  # the name trl.trainer.utils.add_fused_lm_head's forward looks up on each call
 _IGNORE_INDEX = -100  # TRL's "no label"; its callers clamp or drop such positions before the call
 
-# the probe: (tokens, hidden, vocab) with a vocabulary chunk smaller than V, so TRL folds several tiles
+# TRL's token tile (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE in 1.14-1.16): with N <= this and V <= chunk_size,
+# TRL's function forms the whole (N, V) logits in one tile
+_TRL_TOKEN_TILE = 4096
+
+# the probe: (tokens, hidden, vocab); TRL's vocabulary chunk below V (its fold crosses tiles; crossent's fused
+# route) and above it (one tile; crossent's kept-logits route on CPU)
 _PROBE_SHAPE = (24, 16, 50)
-_PROBE_CHUNK = 16
+_PROBE_CHUNKS = (16, 64)
 _PROBE_OPTIONS = {"temperature": 0.7, "final_logit_softcapping": 4.0, "logit_scale": 1.25}
 # fp32 rounding: each value is a sum over V (or D) terms of size ~1, so a few hundred ulps of 1
 _PROBE_TOLERANCE = 256 * torch.finfo(torch.float32).eps
@@ -69,8 +76,12 @@ class CrossentLogProbFunction(torch.autograd.Function):
     ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)`` or None, ``targets (N,)`` in [0, V) (−100: log-prob 0, no
     gradient — crossent's ignore; TRL's callers never pass it). The product runs in the autocast dtype under
     autocast, else in ``hidden``'s dtype (TRL's compute dtype); outputs float32 (``is_top1`` bool); gradients for
-    ``hidden``, ``weight`` and ``bias`` in their own dtypes, from ``log_probs`` and ``entropy`` only. ``chunk_size``
-    (TRL's vocabulary tile) is accepted and unused: crossent plans its own blocks under its memory budget.
+    ``hidden``, ``weight`` and ``bias`` in their own dtypes, from ``log_probs`` and ``entropy`` only.
+
+    Two routes, one contract: where TRL's own function forms the whole (N, V) logits in one tile (N ≤ 4096 and
+    V ≤ ``chunk_size``) on CPU, crossent keeps them for the backward — :func:`crossent.token_log_probs` on
+    ``X Wᵀ``, 3 products; otherwise :func:`crossent.linear_token_log_probs` recomputes them block by block, 4
+    products, its own blocks under its memory budget (``chunk_size`` only picks the route).
 
     The forward records crossent's graph on detached aliases of the operands; where that graph saves the head, it
     saves the parameter itself (a saved-tensor hook), and the aliases drop their data, so nothing holds a
@@ -102,7 +113,8 @@ class CrossentLogProbFunction(torch.autograd.Function):
                   zip((hidden, weight, bias), ctx.needs_input_grad[:3])]  # fmt: skip
         heads = {id(t): p for t, p in zip(leaves[1:], (weight, bias)) if t is not None}
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: heads.get(id(t), t), _same):
-            result = _crossent_call(*leaves, targets, temperature, final_logit_softcapping, logit_scale, outputs)
+            result = _crossent_call(*leaves, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
+                                    outputs)  # fmt: skip
         for leaf in leaves[1:]:  # the head's aliases: only gradient targets now (their saved uses unpack the head)
             if leaf is not None:
                 leaf.data = leaf.new_empty(0)
@@ -133,7 +145,8 @@ def _same(t):
     return t
 
 
-def _crossent_call(hidden, weight, bias, targets, temperature, final_logit_softcapping, logit_scale, outputs):
+def _crossent_call(hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping, logit_scale,
+                   outputs):  # fmt: skip
     """TRL's call in crossent's terms: the product in TRL's compute dtype, the logit scale folded into the operands,
     TRL's reading of ``final_logit_softcapping`` (None: no cap; 0: a cap of 1, as its kernels read ``κ or 1``)."""
     device = hidden.device.type
@@ -142,11 +155,22 @@ def _crossent_call(hidden, weight, bias, targets, temperature, final_logit_softc
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
         hidden, bias = logit_scaled(hidden, bias, None if logit_scale == 1.0 else float(logit_scale))
-        softcap = None if final_logit_softcapping is None else float(final_logit_softcapping or 1.0)
-        extras = {name: True for name in _EXTRAS if name in outputs}
-        return linear_token_log_probs(hidden, weight, targets, linear_bias=bias, temperature=float(temperature),
-                                      ignore_index=_IGNORE_INDEX, entropy="entropy" in outputs, softcap=softcap,
-                                      **extras)  # fmt: skip
+        options = dict(temperature=float(temperature), ignore_index=_IGNORE_INDEX, entropy="entropy" in outputs,
+                       softcap=None if final_logit_softcapping is None else float(final_logit_softcapping or 1.0),
+                       **{name: True for name in _EXTRAS if name in outputs})  # fmt: skip
+        if _keeps_logits(hidden, weight, chunk_size):
+            return token_log_probs(F.linear(hidden, weight, bias), targets, **options)
+        return linear_token_log_probs(hidden, weight, targets, linear_bias=bias, **options)
+
+
+def _keeps_logits(hidden: Tensor, weight: Tensor, chunk_size: int) -> bool:
+    """Whether to keep the (N, V) logits for the backward (crossent's plain per-token family on ``X Wᵀ``: 3 products,
+    the logits and their gradient in memory) rather than recompute them (the fused family: 4 products, blocks).
+
+    Kept on CPU when TRL's own function forms the whole logits in one tile (N ≤ its token tile, V ≤ ``chunk_size``):
+    there its torch fold makes several temporaries of that size in the backward, so crossent's two stay below
+    TRL's peak. On GPUs TRL's Triton fold works in place on one tile; there crossent stays fused."""
+    return hidden.device.type == "cpu" and hidden.shape[0] <= _TRL_TOKEN_TILE and weight.shape[0] <= chunk_size
 
 
 # ---------------------------------------------------------------------------------------------- patch
@@ -212,11 +236,15 @@ def _trl_version() -> str:
 
 def _verify(original) -> None:
     """Run TRL's function and crossent's on the probe; raise :class:`UnsupportedTRLError` where they differ."""
-    theirs, ours = (_probe_run(fn) for fn in (original, CrossentLogProbFunction))
+    for chunk in _PROBE_CHUNKS:
+        _compare(chunk, _probe_run(original, chunk), _probe_run(CrossentLogProbFunction, chunk))
+
+
+def _compare(chunk: int, theirs: dict, ours: dict) -> None:
     for name in theirs:
         stock, mine = theirs[name], ours[name]
         if (stock is None) != (mine is None) or (stock is not None and stock.shape != mine.shape):
-            _refuse(name, f"TRL gives {_describe(stock)}, crossent {_describe(mine)}")
+            _refuse(chunk, name, f"TRL gives {_describe(stock)}, crossent {_describe(mine)}")
         if stock is None:
             continue
         stock, mine = stock.double(), mine.double()
@@ -225,22 +253,23 @@ def _verify(original) -> None:
         worst = diff.max().item()
         if not worst <= tolerance:  # NaN fails too
             index = tuple(int(i) for i in torch.unravel_index(diff.argmax(), diff.shape))
-            _refuse(name, f"max |difference| {worst:.3g} at {index} (TRL {stock[index].item():.6g}, crossent "
+            _refuse(chunk, name, f"max |difference| {worst:.3g} at {index} (TRL {stock[index].item():.6g}, crossent "
                           f"{mine[index].item():.6g}), tolerance {tolerance:.3g}")  # fmt: skip
 
 
-def _refuse(name: str, detail: str):
+def _refuse(chunk: int, name: str, detail: str):
     raise UnsupportedTRLError(
         f"crossent's fused-head function does not reproduce trl {_trl_version()}'s {_HOOK} on the probe "
-        f"(N, D, V) = {_PROBE_SHAPE} with bias and {_PROBE_OPTIONS}: {name}: {detail}. TRL is left untouched."
-    )
+        f"(N, D, V) = {_PROBE_SHAPE} with bias, chunk_size={chunk} and {_PROBE_OPTIONS}: {name}: {detail}. "
+        f"TRL is left untouched."
+    )  # fmt: skip
 
 
 def _describe(t) -> str:
     return "None" if t is None else f"shape {tuple(t.shape)}"
 
 
-def _probe_run(function) -> dict:
+def _probe_run(function, chunk: int) -> dict:
     """Every output and the gradients of ``Σ g₁ log_probs + Σ g₂ entropy`` for the hidden states, head and bias."""
     n, d, v = _PROBE_SHAPE
     gen = torch.Generator().manual_seed(0)
@@ -249,7 +278,7 @@ def _probe_run(function) -> dict:
     g_lp, g_ent = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
     opts = _PROBE_OPTIONS
     with torch.random.fork_rng(devices=[]), torch.autocast("cpu", enabled=False):
-        out = function.apply(hidden, weight, bias, targets, opts["temperature"], _PROBE_CHUNK,
+        out = function.apply(hidden, weight, bias, targets, opts["temperature"], chunk,
                              opts["final_logit_softcapping"], opts["logit_scale"], OUTPUTS)  # fmt: skip
         grads = torch.autograd.grad((out[0] * g_lp).sum() + (out[1] * g_ent).sum(), (hidden, weight, bias))
     found = {name: None if value is None else value.detach() for name, value in zip(OUTPUTS, out)}
