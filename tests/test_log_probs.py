@@ -505,7 +505,8 @@ def test_compile_fullgraph_equals_eager(fused):
 
 def test_custom_ops_opcheck_and_fakes():
     z, ids = torch.randn(5, 7, dtype=torch.float64), torch.randint(0, 7, (5, 2))
-    for opts in (LogProbRowOptions(entropy=True, temperature=0.5), LogProbRowOptions()):
+    stats = LogProbRowOptions(entropy=True, log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+    for opts in (LogProbRowOptions(entropy=True, temperature=0.5), LogProbRowOptions(), stats):
         args = [z, ids, *flatten(opts, VocabShard.whole(7)), "torch"]
         torch.library.opcheck(logprob_ops._logprob_forward, args)
         lp, h, lse = logprob_ops._logprob_forward(*args)[:3]
