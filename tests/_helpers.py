@@ -177,3 +177,15 @@ def row_reference(x, t, kw: dict, reduction: str = "none"):
     loss = reference.cross_entropy(z, t.numpy(), reduction=reduction, **args)
     grad = reference.cross_entropy_grad(z, t.numpy(), reduction=reduction, **args)
     return torch.from_numpy(np.asarray(loss)), torch.from_numpy(np.asarray(grad))
+
+
+def padded_lm_rows(vocab: int, seq: int, count: int, seed: int = 3) -> list:
+    """``count`` causal-LM training rows for ``Trainer`` (input_ids, attention_mask, labels) with uneven right
+    padding: row i has ``2 + (7 i) mod (seq − 1)`` valid tokens; labels −100 at padding."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(count):
+        ids = torch.randint(0, vocab, (seq,), generator=g)
+        mask = (torch.arange(seq) < 2 + (7 * i) % (seq - 1)).long()
+        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    return rows

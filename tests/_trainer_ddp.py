@@ -15,6 +15,7 @@ import torch.distributed as dist
 import transformers
 
 import crossent.transformers as ct
+from _helpers import padded_lm_rows  # tests/ is this script's directory: on sys.path
 
 VOCAB, SEQ = 37, 10
 
@@ -26,12 +27,7 @@ def train(patched: bool, out_dir: str):
     model = transformers.LlamaForCausalLM(config)
     if patched:
         ct.patch(model)
-    g = torch.Generator().manual_seed(3)
-    rows = []
-    for i in range(8):  # uneven padding: 2 to 9 valid tokens per row
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
-        mask = (torch.arange(SEQ) < 2 + i).long()
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    rows = padded_lm_rows(VOCAB, SEQ, 8)
     args = transformers.TrainingArguments(
         output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=2,
         learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,

@@ -21,6 +21,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 import crossent.transformers as ct  # noqa: E402
+from _helpers import padded_lm_rows  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, SEQ = 96, 11
@@ -305,13 +306,7 @@ def _trainer_params(patched, tmp_path):
     model = _model("llama")
     if patched:
         ct.patch(model)
-    g = torch.Generator().manual_seed(3)
-    rows = []
-    for i in range(12):  # uneven padding: 2 to 11 valid tokens per row
-        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
-        valid = 2 + (7 * i) % (SEQ - 1)
-        mask = (torch.arange(SEQ) < valid).long()
-        rows.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
+    rows = padded_lm_rows(VOCAB, SEQ, 12)  # uneven padding
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / ("patched" if patched else "stock")), per_device_train_batch_size=2,
         gradient_accumulation_steps=3, max_steps=2, learning_rate=0.5, optim="sgd", lr_scheduler_type="constant",
