@@ -329,8 +329,8 @@ def _with_aux_loss(model, loss: Tensor, out) -> Tensor:
 
 
 class _HeadCapture:
-    """For one call: the head's ``forward`` replaced by one that records its input (the hidden states), runs
-    ``inside(hidden)`` there and returns a (..., 0) placeholder (or, with ``keep_logits``, the real logits).
+    """For one call: the head's ``forward`` replaced by one that runs ``inside(hidden)`` on its input (the
+    hidden states) and returns a (..., 0) placeholder (or, with ``keep_logits``, the real logits).
     Restored on exit.
 
     ``inside`` runs within the head's call because that is where every engine presents the head whole or as
@@ -341,9 +341,8 @@ class _HeadCapture:
     pre-backward unsharding.
     """
 
-    def __init__(self, head: nn.Module, keep_logits: bool, inside: Optional[Callable[[Tensor], Any]] = None):
-        self.head, self.keep_logits, self.inside, self.hidden, self.calls = head, keep_logits, inside, None, 0
-        self.result = None
+    def __init__(self, head: nn.Module, keep_logits: bool, inside: Callable[[Tensor], Any]):
+        self.head, self.keep_logits, self.inside, self.result, self.calls = head, keep_logits, inside, None, 0
 
     def __enter__(self):
         self.previous = self.head.__dict__.get("forward")
@@ -357,13 +356,12 @@ class _HeadCapture:
 
     def _forward(self, input, *args, **kwargs):
         self.calls += 1
-        self.hidden = input
-        out = input.new_empty(input.shape[:-1] + (0,))
         if self.keep_logits:  # first: a head with its own FSDP unit may be resharded after ``inside``
             run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
             out = run(input, *args, **kwargs)
-        if self.inside is not None:
-            self.result = _in_fsdp_unit(self.head, self.inside, input)
+        else:
+            out = input.new_empty(input.shape[:-1] + (0,))
+        self.result = _in_fsdp_unit(self.head, self.inside, input)
         return out
 
     def result_for(self, model):
