@@ -144,7 +144,7 @@ def kernels_alone(reps: int, other=None) -> None:
                     fns["B both"] = lambda: _with(other, cpu_rows.loss_and_grad, x, t, None, 1.0 / n, opts, grad)
                 for fn in fns.values():
                     fn()
-                ns = {k: v / (n * c) * 1e9 for k, v in interleaved_medians(fns, reps, min_sample=0.02).items()}
+                ns = {k: v / (n * c) * 1e9 for k, v in interleaved_medians(fns, reps, min_sample=0.005).items()}
                 print(f"{n:>5}x{c:<6} {str(dtype)[6:]:>9} {ns['forward']:10.2f} {ns['both']:11.2f} {ns['torch']:12.2f}"
                       + ("" if other is None else f" {ns['B forward']:10.2f} {ns['B both']:11.2f}"))
     finally:
