@@ -6,10 +6,11 @@ then backward from a random per-token upstream gradient on both outputs. "ignore
 it on CPU for a batch with half its labels −100: every position is scored (labels clamped to 0) and the ignored
 positions' upstream gradients are 0 (TRL masks the outputs after the call).
 
-- time: median of --reps forward+backward rounds, TRL, crossent and the 4 products alone (the floor of both)
-  interleaved in one process, fp32 and bf16
+- time: median of --reps forward+backward rounds, TRL, crossent and the 4 products alone (TRL's work; crossent
+  keeps the logits at N <= 4096, V <= 32768 on CPU and runs 3) interleaved in one process, fp32 and bf16
   (hidden and weight in that dtype), ignored 0% and 50%, quiet and loaded (one busy process beside);
-- peak extra memory: peak RSS during one round minus the RSS with the inputs alive, each in its own subprocess;
+- peak extra memory: peak RSS during one round minus the RSS with the inputs alive, after a warm-up round, each in
+  its own subprocess (large blocks mmap-ed, as ``crossent bench``'s memory runs);
 - max |error| vs float64 (materialized ``log_softmax`` in float64 from the same rounded inputs) of the log-probs,
   the entropy, dX and dW, at (--acc-rows, D, V).
 
@@ -28,6 +29,7 @@ import sys
 import torch
 
 from crossent.bench import load
+from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 from crossent.bench.report import cpu_paths
 from crossent.bench.measure import interleaved_medians
 
@@ -80,27 +82,24 @@ def times(n, d, v, dtype, ignored, load_name, reps):
         return interleaved_medians(fns, reps)
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_child(n, d, v, dtype, name):
-    """Peak RSS during one round minus the RSS before it (inputs alive), in bytes; the high-water mark is reset
-    first (``/proc/self/clear_refs``), so making the inputs does not count."""
+    """Peak RSS during one round minus the RSS before it (inputs alive), in bytes, after a warm-up round (lazy
+    imports and first-call set-up stay out); the high-water mark is reset first (``/proc/self/clear_refs``)."""
     data = problem(n, d, v, getattr(torch, dtype))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
     step(FUNCTIONS[name], *data)
-    return (_status_kib("VmHWM") - base) * 1024
+    base = _rss_bytes("VmRSS")
+    _reset_peak_rss()
+    step(FUNCTIONS[name], *data)
+    return _rss_bytes("VmHWM") - base
 
 
 def peak(n, d, v, dtype, name):
+    """:func:`peak_child` in a fresh process, large blocks mmap-ed (freed memory goes back to the system)."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = (f"import sys; sys.path.insert(0, {here!r}); import trl_head as b; "
             f"print(b.peak_child({n}, {d}, {v}, {dtype!r}, {name!r}))")  # fmt: skip
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 20))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     return int(done.stdout.strip().splitlines()[-1])
 
 
