@@ -70,7 +70,7 @@ class UnsupportedTRLError(RuntimeError):
 
 
 class CrossentLogProbFunction(torch.autograd.Function):
-    """TRL's ``ChunkedLogProbFunction`` computed by :func:`crossent.linear_token_log_probs`: same arguments, same
+    """TRL's ``ChunkedLogProbFunction`` computed by crossent's per-token family: same arguments, same
     ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)`` (None where not in ``outputs``).
 
     ``hidden (N, D)``, ``weight (V, D)``, ``bias (V,)`` or None, ``targets (N,)`` in [0, V) (−100: log-prob 0, no
