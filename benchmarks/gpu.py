@@ -26,10 +26,15 @@ Run on a GPU (finishes in a few minutes on an H100; compiles dominate):
     python benchmarks/gpu.py                      # every section, bf16 and fp32
     python benchmarks/gpu.py --only ce --reps 50  # plain CE only (or lce, lp, distill, fsdp)
     python benchmarks/gpu.py --sweep              # time (BLOCK, num_warps) candidates for triton_rows.ROW_LAUNCH
+Anywhere: the speed-of-light time of each section and shape on an H100 SXM (a measured row's %SOL is the same on its
+own GPU over its time):
+    python benchmarks/gpu.py --predict
 Check on a CPU (tiny shapes, Triton's interpreter; the numbers mean nothing, the code paths all run):
     python benchmarks/gpu.py --smoke
-Third-party methods are optional: pure-Python wheels (liger-kernel, cut-cross-entropy) can be installed
-next to crossent on the GPU machine; a missing one is listed as skipped, with the reason.
+Third-party methods are optional: pure-Python wheels (liger-kernel, cut-cross-entropy, trl — the log-probs section
+times TRL's fused head, trl.kernels.ChunkedLogProbFunction) can be installed next to crossent on the GPU machine
+(benchmarks/gpu_bundle.sh downloads them for a machine without a registry); a missing one is listed as skipped,
+with the reason. A section is one entry in SECTIONS.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
-from typing import Callable, Dict, List, Optional, Tuple, Union  # noqa: E402
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple, Union  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -59,10 +64,10 @@ SMOKE_PLAIN_SHAPES = ((8, 1000),)
 SMOKE_LINEAR_SHAPE = (16, 8, 515)
 IGNORED_FRACTION = 0.05
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# HBM peak in GB/s by device-name substring, first match wins (vendors' spec sheets; used only for the
-# "% of peak" column). Unknown devices print no percentage.
+# HBM peak in GB/s by device-name substring, first match wins (vendors' spec sheets; used only for the %SOL
+# column). Unknown devices print no percentage.
 HBM_PEAK_GBS = (("H100 PCIe", 2000), ("H100", 3350), ("H200", 4800), ("H20", 4000), ("A100", 2039), ("B200", 8000))
-# Dense bf16 tensor-core peak in TF/s, same matching, for the linear-CE "% of peak" column.
+# Dense bf16 tensor-core peak in TF/s, same matching, for the same column.
 BF16_PEAK_TFS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("B200", 2250))
 
 LossFn = Callable[..., torch.Tensor]
@@ -114,6 +119,41 @@ def lookup(table, name: str) -> Optional[float]:
     return next((value for key, value in table if key in name), None)
 
 
+# --- speed of light -----------------------------------------------------------------------------------------------
+# The least time a section's work can take on a device: max(FLOPs / dense bf16 tensor-core peak, bytes / HBM peak),
+# from each section's FLOPs and bytes formula (plain_work, linear_work). ``--predict`` prints it for an H100 SXM;
+# a measured row's %SOL is that time on the measuring GPU (its peaks from the tables above) over the row's time.
+
+
+class Work(NamedTuple):
+    flops: float
+    bytes: float
+
+
+class Peaks(NamedTuple):
+    name: str
+    hbm_gbs: float
+    bf16_tfs: float
+
+
+H100_SXM = Peaks("H100 SXM", 3350.0, 989.0)  # NVIDIA's data sheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16
+
+
+def device_peaks(device: torch.device) -> Optional[Peaks]:
+    name = device_name(device)
+    hbm, tfs = lookup(HBM_PEAK_GBS, name), lookup(BF16_PEAK_TFS, name)
+    return None if hbm is None or tfs is None else Peaks(name, hbm, tfs)
+
+
+def sol_ms(work: Work, peaks: Peaks) -> float:
+    return 1e3 * max(work.flops / (peaks.bf16_tfs * 1e12), work.bytes / (peaks.hbm_gbs * 1e9))
+
+
+def sol_pct(work: Work, peaks: Optional[Peaks], ms: float) -> Optional[float]:
+    """The speed-of-light time as a % of a measured ``ms`` (100: at the limit), where the device's peaks are known."""
+    return None if peaks is None else 100.0 * sol_ms(work, peaks) / ms
+
+
 def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
@@ -130,9 +170,28 @@ def plain_bytes(n: int, c: int, dtype: torch.dtype) -> int:
     return 3 * n * c * b + n * (16 + 8 + 4 + 4)
 
 
+def plain_work(n: int, c: int, dtype: torch.dtype) -> Work:
+    """Plain CE moves ``plain_bytes``; its ~10 FLOPs per logit run on CUDA cores, far below the HBM time: 0 here."""
+    return Work(0.0, plain_bytes(n, c, dtype))
+
+
+def linear_work(n: int, d: int, v: int, dtype: torch.dtype, gemms: int, heads: int = 1, grads: bool = True) -> Work:
+    """A fused LM-head section: ``gemms`` products of N·D·V multiply-adds (2·N·D·V FLOPs each); bytes: each head's
+    X (N·D) and W (V·D) read once and, with ``grads``, the student's dX and dW written once, in the inputs' dtype
+    (the per-token vectors, O(N), are left out: < 0.1% at the shapes here). No (N, V) tensor is counted: the fused
+    methods never write one, so the floor assumes none."""
+    operands = (n * d + v * d) * dtype.itemsize
+    return Work(2.0 * gemms * n * d * v, operands * (heads + (1 if grads else 0)))
+
+
+def _per_row(loss):
+    """A competitor's loss where it returns (loss, extras)."""
+    return loss[0] if isinstance(loss, tuple) else loss
+
+
 def _mean_of(loss):
     """Competitors return a scalar, a per-row vector, or (loss, extra): the scalar mean loss."""
-    loss = loss[0] if isinstance(loss, tuple) else loss
+    loss = _per_row(loss)
     return loss.mean() if loss.dim() else loss
 
 
@@ -176,7 +235,7 @@ class Row:
     method: str
     ms: Optional[float] = None
     rate: Optional[float] = None  # GB/s (plain CE) or TF/s (linear CE)
-    peak_pct: Optional[float] = None  # rate as % of the device's peak
+    peak_pct: Optional[float] = None  # %SOL: the speed-of-light time on this device / the measured time, in %
     ratio: Optional[float] = None  # time / the baseline's time (F.cross_entropy, or the cuBLAS floor)
     mem: Optional[int] = None  # peak bytes beyond the inputs
     mem_floor: Optional[int] = None
@@ -187,8 +246,7 @@ class Row:
 
 def bench_plain(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
     rows = []
-    name = device_name(device)
-    peak = lookup(HBM_PEAK_GBS, name)
+    peaks = device_peaks(device)
     methods = plain_methods(smoke)
     for n, c in shapes:
         for dname in dtypes:
@@ -222,7 +280,7 @@ def bench_plain(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
                 finally:
                     del x
                 row.rate = plain_bytes(n, c, dtype) / (row.ms * 1e-3) / 1e9
-                row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+                row.peak_pct = sol_pct(plain_work(n, c, dtype), peaks, row.ms)
                 base_ms = row.ms if method == "F.cross_entropy" else base_ms
                 row.ratio = None if base_ms is None else row.ms / base_ms
             del logits
@@ -237,23 +295,22 @@ def bench_plain(shapes, dtypes, reps, device, smoke, log) -> List[Row]:
 # dX = G W, dW = Gᵀ X (6·N·D·V FLOPs), on preallocated buffers; the memory floor is dX + dW.
 
 
-def _time_into(row: Row, step: Callable[[], object], reps: int, device: torch.device, flops: float,
-               peak: Optional[float], floor_ms: float) -> None:  # fmt: skip
-    """``row`` gets ``step``'s median time, peak extra memory, TF/s on ``flops``, % of the peak and ratio to the floor."""
+def _time_into(row: Row, step: Callable[[], object], reps: int, device: torch.device, work: Work,
+               peaks: Optional[Peaks], floor_ms: float) -> None:  # fmt: skip
+    """``row`` gets ``step``'s median time, peak extra memory, TF/s on ``work``, its %SOL and ratio to the floor."""
     row.ms = median_ms(step, reps, device)
     row.mem = peak_extra_bytes(step, device)
-    row.rate = flops / (row.ms * 1e-3) / 1e12
-    row.peak_pct = None if peak is None else 100.0 * row.rate / peak
+    row.rate = work.flops / (row.ms * 1e-3) / 1e12
+    row.peak_pct = sol_pct(work, peaks, row.ms)
     row.ratio = row.ms / floor_ms
 
 
-def _floor_row(section: str, shape, dtype_name: str, method: str, gemms: Callable[[], object], flops: float, reps: int,
-               device: torch.device, peak: Optional[float], mem_floor: Optional[int]) -> Row:  # fmt: skip
-    """The row of a GEMM floor: ``gemms``' median time, TF/s on ``flops``, % of the peak, ratio 1."""
+def _floor_row(section: str, shape, dtype_name: str, method: str, gemms: Callable[[], object], work: Work, reps: int,
+               device: torch.device, peaks: Optional[Peaks], mem_floor: Optional[int]) -> Row:  # fmt: skip
+    """The row of a GEMM floor: ``gemms``' median time, TF/s on ``work``, its %SOL, ratio 1."""
     ms = median_ms(gemms, reps, device)
-    rate = flops / (ms * 1e-3) / 1e12
-    return Row(section, shape, dtype_name, method, ms=ms, rate=rate, ratio=1.0, mem_floor=mem_floor,
-               peak_pct=None if peak is None else 100.0 * rate / peak)  # fmt: skip
+    return Row(section, shape, dtype_name, method, ms=ms, rate=work.flops / (ms * 1e-3) / 1e12, ratio=1.0,
+               mem_floor=mem_floor, peak_pct=sol_pct(work, peaks, ms))  # fmt: skip
 
 
 def _failure(err: Exception) -> str:
@@ -295,8 +352,8 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     """Forward+backward of the fused linear CE (grads for X and W) against the GEMM floor."""
     n, d, v = shape
     dtype = DTYPES[dtype_name]
-    peak = lookup(BF16_PEAK_TFS, device_name(device)) if dtype == torch.bfloat16 else None
-    flops = 6.0 * n * d * v
+    peaks = device_peaks(device) if dtype == torch.bfloat16 else None  # the bf16 tensor-core peak
+    work = linear_work(n, d, v, dtype, gemms=3)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
@@ -316,7 +373,7 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         torch.mm(logits.T, x, out=dw)
 
     log(f"lce {n}x{d}x{v} {dtype_name} GEMM floor")
-    rows = [_floor_row("lce", shape, dtype_name, "GEMM floor", gemms, flops, reps, device, peak, mem_floor)]
+    rows = [_floor_row("lce", shape, dtype_name, "GEMM floor", gemms, work, reps, device, peaks, mem_floor)]
     floor_ms = rows[0].ms
     logits = dx = dw = None  # free the N×V floor buffer before the methods run
     ref = F.cross_entropy((x.float() @ w.float().T), target).item() if n * v <= 2**31 else None
@@ -335,7 +392,7 @@ def bench_linear_ce(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
             def step(fn=fn):
                 return torch.autograd.grad(_mean_of(fn(xg, wg, target)), (xg, wg))
 
-            _time_into(row, step, reps, device, flops, peak, floor_ms)
+            _time_into(row, step, reps, device, work, peaks, floor_ms)
         except Exception as err:
             row.note = _failure(err)
     return rows
@@ -356,15 +413,42 @@ def materialized_log_probs(x: torch.Tensor, w: torch.Tensor, ids: torch.Tensor) 
     return log_p.gather(-1, ids[:, None]).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
 
 
+TRL_CHUNK_SIZE = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE (trl 1.16.0): the vocabulary tile its trainers pass
+
+
 def log_prob_methods(smoke: bool) -> Dict[str, Union[Callable, str]]:
-    """name -> (log_probs, entropy) of (x, w, ids), both (N,) fp32, or the reason the method is unavailable.
-    No third-party fused op returns both per-token outputs with gradients, so there is none to list here."""
-    methods: Dict[str, Union[Callable, str]] = {"materialized": materialized_log_probs}
-    if hasattr(crossent, "linear_token_log_probs"):
-        methods["crossent"] = lambda x, w, ids: tuple(crossent.linear_token_log_probs(x, w, ids, entropy=True,
-                                                                                      impl="triton"))  # fmt: skip
-    else:
-        methods["crossent"] = "skipped: crossent.linear_token_log_probs does not exist in this crossent"
+    """name -> (log_probs, entropy) of (x, w, ids), (N,) each, or the reason the method is unavailable. Methods
+    named "... lp" return (log_probs, None) and are timed with the log-probs' upstream gradient alone: CCE and
+    Liger give the per-token loss −log p (reduction "none") but no entropy. TRL's fused head
+    (``trl.kernels.ChunkedLogProbFunction``, what its trainers call) gives both, on the CPU in torch ops."""
+    methods: Dict[str, Union[Callable, str]] = {
+        "materialized": materialized_log_probs,
+        "crossent": lambda x, w, ids: tuple(crossent.linear_token_log_probs(x, w, ids, entropy=True, impl="triton")),
+        "crossent lp": lambda x, w, ids: (crossent.linear_token_log_probs(x, w, ids, impl="triton")[0], None),
+    }
+    try:
+        from trl.kernels import ChunkedLogProbFunction as trl_head
+
+        # (hidden, weight, bias, targets, temperature, chunk_size, softcap, logit_scale, outputs) -> 5 outputs
+        methods["TRL"] = lambda x, w, ids: trl_head.apply(x, w, None, ids, 1.0, TRL_CHUNK_SIZE, None,
+                                                                         1.0, ("entropy",))[:2]  # fmt: skip
+    except Exception as err:  # not installed (the crossent[trl] extra), or an import that fails on this machine
+        methods["TRL"] = f"skipped: {type(err).__name__}: {err}"
+    if smoke:
+        return methods
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        methods["CCE lp"] = lambda x, w, ids: (-cce(x, w, ids, reduction="none"), None)
+    except ImportError as err:
+        methods["CCE lp"] = f"skipped: {err}"
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+        methods["liger lp"] = lambda x, w, ids: (-_per_row(liger_fused_linear_cross_entropy(
+            x, w, ids, reduction="none")), None)  # fmt: skip
+    except ImportError as err:
+        methods["liger lp"] = f"skipped: {err}"
     return methods
 
 
@@ -382,8 +466,8 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     computed from the same (rounded) inputs."""
     n, d, v = shape
     dtype = DTYPES[dtype_name]
-    peak = lookup(BF16_PEAK_TFS, device_name(device)) if dtype == torch.bfloat16 else None
-    flops, fwd_flops = 8.0 * n * d * v, 2.0 * n * d * v
+    peaks = device_peaks(device) if dtype == torch.bfloat16 else None
+    work, fwd_work = linear_work(n, d, v, dtype, gemms=4), linear_work(n, d, v, dtype, gemms=1, grads=False)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
@@ -404,10 +488,10 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         torch.mm(x, w.T, out=logits)
 
     floors = []
-    for method, fn, work in (("4-GEMM floor", gemms, flops), ("1-GEMM floor (no grad)", one_gemm, fwd_flops)):
+    for method, fn, each in (("4-GEMM floor", gemms, work), ("1-GEMM floor (no grad)", one_gemm, fwd_work)):
         log(f"lp {n}x{d}x{v} {dtype_name} {method}")
-        floors.append(_floor_row("lp", shape, dtype_name, method, fn, work, reps, device, peak,
-                                 mem_floor if work == flops else None))  # fmt: skip
+        floors.append(_floor_row("lp", shape, dtype_name, method, fn, each, reps, device, peaks,
+                                 mem_floor if each == work else None))  # fmt: skip
     rows, fwd_rows = [floors[0]], [floors[1]]  # printed as two blocks: forward+backward, then the no-grad forward
     floor_ms, fwd_floor_ms = floors[0].ms, floors[1].ms
     logits = dx = dw = None  # free the N×V floor buffer before the methods run
@@ -424,15 +508,15 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         log(f"lp {n}x{d}x{v} {dtype_name} {method}")
         xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
         try:
-            lp, ent = fn(xg, wg, ids)
-            row.error = max((lp.detach().float() - ref_lp).abs().max().item(),
-                            (ent.detach().float() - ref_ent).abs().max().item())  # fmt: skip
-            lp = ent = None
+            outputs = [out for out in fn(xg, wg, ids) if out is not None]  # (lp only): no entropy
+            refs = (ref_lp, ref_ent)
+            row.error = max((out.detach().float() - ref).abs().max().item() for out, ref in zip(outputs, refs))
+            count, outputs = len(outputs), None
 
-            def step(fn=fn):
-                return torch.autograd.grad(fn(xg, wg, ids), (xg, wg), grads)
+            def step(fn=fn, count=count):
+                return torch.autograd.grad(fn(xg, wg, ids)[:count], (xg, wg), grads[:count])
 
-            _time_into(row, step, reps, device, flops, peak, floor_ms)
+            _time_into(row, step, reps, device, work, peaks, floor_ms)
             timed.append((method, fn))
         except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
             row.note = _failure(err)
@@ -449,7 +533,7 @@ def bench_log_probs(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
                 return fn(x, w, ids)
 
         try:
-            _time_into(row, forward, reps, device, fwd_flops, peak, fwd_floor_ms)
+            _time_into(row, forward, reps, device, fwd_work, peaks, fwd_floor_ms)
         except Exception as err:
             row.note = _failure(err)
         finally:
@@ -522,8 +606,8 @@ def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
     floor. ``value``: each method's loss; ``error``: |loss − an fp32 reference from the same (rounded) inputs|."""
     n, d, v = shape
     dtype = DTYPES[dtype_name]
-    peak = lookup(BF16_PEAK_TFS, device_name(device)) if dtype == torch.bfloat16 else None
-    flops = 8.0 * n * d * v
+    peaks = device_peaks(device) if dtype == torch.bfloat16 else None
+    work = linear_work(n, d, v, dtype, gemms=4, heads=2)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(n, d, generator=gen).to(device=device, dtype=dtype)
     w = (torch.randn(v, d, generator=gen) / math.sqrt(d)).to(device=device, dtype=dtype)
@@ -543,7 +627,7 @@ def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
         torch.mm(logits.T, x, out=dw)
 
     log(f"distill {n}x{d}x{v} {dtype_name} GEMM floor")
-    rows = [_floor_row("distill", shape, dtype_name, "4-GEMM floor", gemms, flops, reps, device, peak, mem_floor)]
+    rows = [_floor_row("distill", shape, dtype_name, "4-GEMM floor", gemms, work, reps, device, peaks, mem_floor)]
     floor_ms = rows[0].ms
     logits = dx = dw = None
     w32, w_t32 = w.float(), w_t.float()
@@ -570,7 +654,7 @@ def bench_distill(shape, dtype_name, reps, device, smoke, log) -> List[Row]:
                 def step(fn=fn):
                     return torch.autograd.grad(_mean_of(fn(xg, wg, x_t, w_t, labels)), (xg, wg))
 
-                _time_into(row, step, reps, device, flops, peak, floor_ms)
+                _time_into(row, step, reps, device, work, peaks, floor_ms)
             except Exception as err:  # a method that fails here (e.g. out of memory) is reported, not fatal
                 row.note = _failure(err)
             finally:
@@ -623,7 +707,7 @@ def format_rows(rows: List[Row], unit: str) -> str:
     when any row carries one."""
     with_value = any(r.value is not None for r in rows)
     value_head = f" {'value':>10}" if with_value else ""
-    head = (f"{'shape':>20} {'dtype':>5} {'method':<22}{value_head} {'ms':>9} {unit:>7} {'%peak':>6} {'ratio':>6} "
+    head = (f"{'shape':>20} {'dtype':>5} {'method':<22}{value_head} {'ms':>9} {unit:>7} {'%SOL':>6} {'ratio':>6} "
             f"{'peak MiB':>9} {'floor MiB':>9} {'|Δloss|':>8}")  # fmt: skip
     lines = [head, "-" * len(head)]
 
@@ -645,59 +729,137 @@ def format_rows(rows: List[Row], unit: str) -> str:
     return "\n".join(lines)
 
 
+# --- sections ---------------------------------------------------------------------------------------------------
+# One entry per section: its heading, what it prints, and (for --predict) the work of each shape it measures. A new
+# section is one more entry in SECTIONS; --only takes its key.
+
+
+class Run(NamedTuple):
+    """What a section gets: the shapes, dtypes, repetitions, device (None for --predict), the smoke flag, a logger."""
+
+    plain_shapes: Tuple[Tuple[int, int], ...]
+    linear_shape: Tuple[int, int, int]
+    dtypes: List[str]
+    reps: int
+    device: Optional[torch.device]
+    smoke: bool
+    log: Callable[[str], None]
+
+    @property
+    def linear_dtype(self) -> str:
+        """The fused sections' dtype: bf16 on a GPU; fp32 in the CPU smoke run (bf16 products are emulated there)."""
+        return "fp32" if self.smoke else "bf16"
+
+
+class Section(NamedTuple):
+    title: str
+    run: Callable[[Run], str]  # measures, returns the table
+    work: Callable[[Run], List[Tuple[tuple, str, str, Work]]] = lambda run: []  # (shape, dtype, what, work)
+    in_smoke: bool = True
+
+
+def _linear_work(run: Run, gemms: int, heads: int = 1, grads: bool = True) -> Work:
+    n, d, v = run.linear_shape
+    return linear_work(n, d, v, DTYPES[run.linear_dtype], gemms, heads, grads)
+
+
+def _fsdp(run: Run) -> str:
+    command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_memory.py"),
+               "--accelerate", "--nproc", str(torch.cuda.device_count())]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True).stdout or "fsdp_memory.py failed"
+
+
+SECTIONS: Dict[str, Section] = {
+    "ce": Section(
+        "plain cross-entropy, forward+backward; GB/s = plain_bytes / time; ratio = time / F.cross_entropy's",
+        lambda r: format_rows(bench_plain(r.plain_shapes, r.dtypes, r.reps, r.device, r.smoke, r.log), "GB/s"),
+        lambda r: [(s, d, "fwd+bwd", plain_work(*s, DTYPES[d])) for s in r.plain_shapes for d in r.dtypes],
+    ),
+    "lce": Section(
+        "fused linear cross-entropy, forward+backward; TF/s on 6·N·D·V; ratio = time / the GEMM floor's",
+        lambda r: format_rows(bench_linear_ce(r.linear_shape, r.linear_dtype, r.reps, r.device, r.smoke, r.log),
+                              "TF/s"),  # fmt: skip
+        lambda r: [(r.linear_shape, r.linear_dtype, "fwd+bwd", _linear_work(r, 3))],
+    ),
+    "lp": Section(
+        "fused per-token log-probs + entropy, forward+backward (random upstream gradients on both; \"… lp\" methods: "
+        "log-probs only); TF/s on 8·N·D·V, ratio = time / the 4-GEMM floor's; no-grad rows: forward only, TF/s on "
+        "2·N·D·V, ratio = time / one GEMM's; |Δloss| = max |Δ| of log_probs and entropy vs fp32",
+        lambda r: format_rows(bench_log_probs(r.linear_shape, r.linear_dtype, r.reps, r.device, r.smoke, r.log),
+                              "TF/s"),  # fmt: skip
+        lambda r: [(r.linear_shape, r.linear_dtype, "fwd+bwd", _linear_work(r, 4)),
+                   (r.linear_shape, r.linear_dtype, "fwd", _linear_work(r, 1, grads=False))],  # fmt: skip
+    ),
+    "distill": Section(
+        "fused distillation (generalized JSD, student fwd+bwd), per beta; value = the mean loss; TF/s on 8·N·D·V; "
+        "ratio = time / the 4-GEMM floor's; |Δloss| vs fp32",
+        lambda r: format_rows(bench_distill(r.linear_shape, r.linear_dtype, r.reps, r.device, r.smoke, r.log),
+                              "TF/s"),  # fmt: skip
+        lambda r: [(r.linear_shape, r.linear_dtype, "fwd+bwd", _linear_work(r, 4, heads=2))],
+    ),
+    "fsdp": Section(
+        "crossent.transformers.patch under accelerate's FSDP2 plugin (vocabulary 128256), every GPU a rank: per-rank "
+        "step peak memory and time, stock vs patched (benchmarks/fsdp_memory.py --accelerate)",
+        _fsdp,
+        in_smoke=False,
+    ),
+}
+
+
+def predict(run: Run, keys: List[str], peaks: Peaks = H100_SXM) -> str:
+    """The speed-of-light table: per section and shape, FLOPs and bytes from the sections' formulas and the least
+    time they take at ``peaks`` (compute-bound or HBM-bound, whichever is longer)."""
+    head = (f"{'section':<8} {'shape':>18} {'dtype':>5} {'work':<8} {'GFLOP':>9} {'GB':>7} {'compute ms':>10} "
+            f"{'HBM ms':>8} {'SOL ms':>8}")  # fmt: skip
+    lines = [f"speed of light on an {peaks.name} ({peaks.hbm_gbs / 1e3:g} TB/s HBM, {peaks.bf16_tfs:g} TFLOP/s dense "
+             f"bf16): max(FLOPs / peak, bytes / bandwidth)", head, "-" * len(head)]  # fmt: skip
+    for key in keys:
+        for shape, dtype_name, what, work in SECTIONS[key].work(run):
+            compute, memory = 1e3 * work.flops / (peaks.bf16_tfs * 1e12), 1e3 * work.bytes / (peaks.hbm_gbs * 1e9)
+            shape_text = "x".join(str(s) for s in shape)
+            lines.append(f"{key:<8} {shape_text:>18} {dtype_name:>5} {what:<8} {work.flops / 1e9:9.1f} "
+                         f"{work.bytes / 1e9:7.3f} {compute:10.3f} {memory:8.3f} {sol_ms(work, peaks):8.3f}")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU through Triton's interpreter")
-    parser.add_argument("--only", choices=("ce", "lce", "lp", "distill", "fsdp"), help="run one section")
+    parser.add_argument("--only", choices=tuple(SECTIONS), help="run one section")
     parser.add_argument("--dtype", choices=tuple(DTYPES), action="append", help="repeatable; default both")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 20; smoke 1)")
     parser.add_argument("--sweep", action="store_true", help="time launch-table candidates instead")
+    parser.add_argument("--predict", action="store_true", help="print the speed-of-light times on an H100 SXM and exit")
     args = parser.parse_args(argv)
     reps = args.reps or (1 if args.smoke else 20)
     dtypes = args.dtype or list(DTYPES)
-    if args.smoke:
-        device = torch.device("cpu")
-        plain_shapes, linear_shape = SMOKE_PLAIN_SHAPES, SMOKE_LINEAR_SHAPE
-    elif torch.cuda.is_available():
-        device = torch.device("cuda")
-        plain_shapes, linear_shape = PLAIN_SHAPES, LINEAR_SHAPE
-    else:
-        print("no CUDA device: run with --smoke for the CPU check", file=sys.stderr)
-        return 2
+    shapes = (SMOKE_PLAIN_SHAPES, SMOKE_LINEAR_SHAPE) if args.smoke else (PLAIN_SHAPES, LINEAR_SHAPE)
+    keys = [args.only] if args.only else [key for key, section in SECTIONS.items() if section.in_smoke or not args.smoke]
     started = time.perf_counter()
 
     def log(msg):
         print(f"[{time.perf_counter() - started:6.1f} s] {msg}", file=sys.stderr, flush=True)
 
-    print(f"device: {device_name(device)}; torch {torch.__version__}; median of {reps}")
-    if args.sweep:
-        rows = sweep(plain_shapes, dtypes, reps, device, args.smoke, log)
-        print(format_rows(rows, "GB/s"))
+    if args.predict:
+        print(predict(Run(*shapes, dtypes, reps, None, args.smoke, log), keys))
         return 0
-    if args.only in (None, "ce"):
-        print("\nplain cross-entropy, forward+backward; GB/s = plain_bytes / time; ratio = time / F.cross_entropy's")
-        print(format_rows(bench_plain(plain_shapes, dtypes, reps, device, args.smoke, log), "GB/s"))
-    if args.only in (None, "lce"):
-        print("\nfused linear cross-entropy, forward+backward; TF/s on 6·N·D·V; ratio = time / the GEMM floor's")
-        rows = bench_linear_ce(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
-        print(format_rows(rows, "TF/s"))
-    if args.only in (None, "lp"):
-        print("\nfused per-token log-probs + entropy, forward+backward (random upstream gradients on both); TF/s on "
-              "8·N·D·V, ratio = time / the 4-GEMM floor's; no-grad rows: forward only, TF/s on 2·N·D·V, ratio = time / "
-              "one GEMM's; |Δloss| = max |Δ| of log_probs and entropy vs fp32")  # fmt: skip
-        rows = bench_log_probs(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
-        print(format_rows(rows, "TF/s"))
-    if args.only in (None, "distill"):
-        print("\nfused distillation (generalized JSD, student fwd+bwd), per beta; value = the mean loss; TF/s on "
-              "8·N·D·V; ratio = time / the 4-GEMM floor's; |Δloss| vs fp32")  # fmt: skip
-        rows = bench_distill(linear_shape, "bf16" if not args.smoke else "fp32", reps, device, args.smoke, log)
-        print(format_rows(rows, "TF/s"))
-    if args.only in (None, "fsdp") and not args.smoke:
-        print("\ncrossent.transformers.patch under accelerate's FSDP2 plugin (vocabulary 128256), every GPU a rank: "
-              "per-rank step peak memory and time, stock vs patched (benchmarks/fsdp_memory.py --accelerate)")  # fmt: skip
-        command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_memory.py"),
-                   "--accelerate", "--nproc", str(torch.cuda.device_count())]  # fmt: skip
-        print(subprocess.run(command, capture_output=True, text=True).stdout or "fsdp_memory.py failed", flush=True)
+    if args.smoke:
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("no CUDA device: run with --smoke for the CPU check, or --predict for the speed-of-light table",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    run = Run(*shapes, dtypes, reps, device, args.smoke, log)
+    print(f"device: {device_name(device)}; torch {torch.__version__}; median of {reps}; %SOL = speed-of-light time "
+          f"on this device / measured time (--predict)")  # fmt: skip
+    if args.sweep:
+        print(format_rows(sweep(run.plain_shapes, dtypes, reps, device, args.smoke, log), "GB/s"))
+        return 0
+    for key in keys:
+        print(f"\n{SECTIONS[key].title}")
+        print(SECTIONS[key].run(run), flush=True)
     log("done")
     return 0
 

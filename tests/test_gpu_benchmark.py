@@ -1,7 +1,9 @@
-"""benchmarks/gpu.py --smoke: every code path of the GPU benchmark runs on CPU (Triton's interpreter)."""
+"""benchmarks/gpu.py --smoke: every code path of the GPU benchmark runs on CPU (Triton's interpreter); --predict's
+speed-of-light table against hand-computed values."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 import subprocess
@@ -70,14 +72,15 @@ def test_gpu_benchmark_sweep():
 
 def test_log_probs_section(smoke_out):
     rows = section_rows(smoke_out, "fused per-token log-probs")
-    assert list(rows) == ["4-GEMM floor", "materialized", "crossent", "1-GEMM floor (no grad)",
-                          "materialized (no grad)", "crossent (no grad)"], rows  # fmt: skip
+    # TRL's fused head (trl.kernels.ChunkedLogProbFunction, the crossent[trl] extra) is a peer where installed
+    methods = ["materialized", "crossent", "crossent lp"] + (["TRL"] if importlib.util.find_spec("trl") else [])
+    assert list(rows) == ["4-GEMM floor", *methods, "1-GEMM floor (no grad)", *(f"{m} (no grad)" for m in methods)]
     for method, row in rows.items():
         assert finite(row, ["ms", "rate", "ratio"]) and row["ms"] > 0, (method, row)
     assert rows["4-GEMM floor"]["ratio"] == rows["1-GEMM floor (no grad)"]["ratio"] == 1.0
-    # both fwd+bwd methods against the fp32 reference (fp32 smoke inputs: rounding only); a wrong sign, a
+    # every fwd+bwd method against the fp32 reference (fp32 smoke inputs: rounding only); a wrong sign, a
     # missing entropy or misaligned ids would be O(1)
-    for method in ("materialized", "crossent"):
+    for method in methods:
         assert finite(rows[method], ["error", "mem_floor"]) and rows[method]["error"] < 1e-4, (method, rows[method])
 
 
@@ -95,3 +98,19 @@ def test_distill_section(smoke_out):
         assert fused["error"] < 1e-5 and recipe["error"] < 1e-5, (fused, recipe)
     # the two betas are different divergences (a beta that never reached the kernels would print one value twice)
     assert rows["crossent β=0"]["value"] != rows["crossent β=0.5"]["value"], rows
+
+
+def test_predict_prints_the_speed_of_light_table():
+    run = subprocess.run([sys.executable, str(SCRIPT), "--predict"], capture_output=True, text=True, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    sol = {}
+    for line in run.stdout.splitlines()[3:]:
+        section, shape, dtype, work, *_, last = line.split()
+        sol[(section, shape, dtype, work)] = float(last)
+    assert {key[0] for key in sol} == {"ce", "lce", "lp", "distill"}, run.stdout
+    # by hand, H100 SXM: plain CE bf16 moves 3·N·C·2 + 32·N = 6 442 713 088 B → / 3.35e12 B/s = 1.923 ms;
+    # the fused CE's 6·N·D·V = 2.582e13 FLOP → / 989e12 FLOP/s = 26.109 ms (its 2.2 GB take 0.67 ms: compute-bound)
+    assert sol[("ce", "8192x131072", "bf16", "fwd+bwd")] == 1.923, run.stdout
+    assert sol[("lce", "8192x4096x128256", "bf16", "fwd+bwd")] == 26.109, run.stdout
+    assert sol[("lp", "8192x4096x128256", "bf16", "fwd")] == 8.703, run.stdout  # no grad: 2·N·D·V, 1 of the 4 GEMMs
