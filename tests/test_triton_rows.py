@@ -3,7 +3,7 @@
 The tests run the real kernels on the ``device`` fixture's device (see ``_triton_mode``): CPU tensors
 through Triton's interpreter where there is no GPU, the compiled kernels on CUDA where there is one. The
 ``cuda`` tests at the end add GPU-sized shapes; whether they run is decided when they run (they skip
-without a GPU). The sm_90 compile check runs in a subprocess, since this process may be interpreting.
+without a GPU). tests/test_triton_compile.py compiles every launch for real GPUs.
 
 Precision contract tested here: per-row loss in fp32 and LSE in fp64 (stored from the fp32 running max
 and log-sum, added in fp64); gradients formed in fp32 and cast once to the logits' dtype. A dtype passes when its error against the float64 reference is at most the error of
@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import _triton_mode  # noqa: I001  (first: it may set TRITON_INTERPRET before anything imports Triton)
 import math
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -416,56 +413,6 @@ def test_launch_table():
     assert triton_rows.row_launch(torch.float32, 1000) == (1024, 2)
     assert triton_rows.row_launch(torch.float16, 7) == (8, 1)
     assert triton_rows.row_launch(torch.float32, 1) == (1, 1)
-
-
-# Compiles the three kernels, every option on (the most registers), for an H100 with Triton's bundled ptxas (no GPU
-# needed) and prints cuobjdump's resource line for each. Run in a fresh process: this one may be interpreting.
-_COMPILE_SM90 = """
-import subprocess, tempfile
-import torch, triton
-from triton.backends.compiler import GPUTarget
-from crossent.kernels import triton_rows
-common = dict(C="i32", ignore_index="i32", eps="fp32", z_loss="fp32", softcap="fp32")
-common.update({k: "constexpr" for k in ("HAS_WEIGHT", "SMOOTH", "SOFTCAP", "BLOCK")})
-rows = dict(z_ptr="*bf16", stride_z="i64", t_ptr="*fp32", stride_t="i64", w_ptr="*fp32")
-block, warps = triton_rows.row_launch(torch.bfloat16, 131072)
-every = dict(HAS_WEIGHT=True, SMOOTH=True, SOFTCAP=True, BLOCK=block)
-kernels = {
-    "_row_forward_kernel": (dict(rows, loss_ptr="*fp32", lse_ptr="*fp64", PROBS="constexpr", **common),
-                            dict(every, PROBS=True)),
-    "_row_backward_kernel": (dict(rows, wsum_ptr="*fp32", lse_ptr="*fp64", stride_lse="i64", g_ptr="*fp32",
-                                  stride_g="i64", out_ptr="*bf16", stride_out="i64", v0="i64", C_all="i64",
-                                  PROBS="constexpr", **common),
-                             dict(every, PROBS=True)),
-    "_chunk_step_kernel": (dict(z_ptr="*fp32", stride_z="i64", t_ptr="*i64", w_ptr="*fp32", wsum_ptr="*fp32",
-                                loss_ptr="*fp32", lse_ptr="*fp64", g_ptr="*fp32", stride_g="i64",
-                                HAS_GRAD="constexpr", **common),
-                           dict(every, HAS_GRAD=True)),
-}
-for name, (signature, constexprs) in kernels.items():
-    source = triton.compiler.ASTSource(fn=getattr(triton_rows, name), signature=signature, constexprs=constexprs)
-    kernel = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    print(name, [line.strip() for line in usage.splitlines() if "REG:" in line][0])
-"""
-
-
-def test_kernels_compile_for_sm90_without_spills(tmp_path):
-    # The interpreter is more permissive than the compiler: compile the heaviest variants for real and
-    # check that no registers spill to local memory.
-    triton = pytest.importorskip("triton")
-    if "nvidia" not in getattr(triton.backends, "backends", {}) or not hasattr(triton, "knobs"):
-        pytest.skip("needs Triton >= 3.4 with its NVIDIA backend")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path)
-    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90], capture_output=True, text=True, env=env, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    lines = run.stdout.strip().splitlines()
-    assert len(lines) == 3 and all(" LOCAL:0 " in line for line in lines), run.stdout
 
 
 # --- on a GPU, when there is one -----------------------------------------------------------------------------
