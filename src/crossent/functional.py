@@ -7,7 +7,7 @@ from typing import Literal, Optional, Union, overload
 import torch
 from torch import Tensor
 
-from crossent._autograd.common import apply_function, with_transform_rules
+from crossent._autograd.common import apply_function, apply_plain, with_transform_rules
 from crossent._autograd.cross_entropy import CrossEntropyRows, RowCall
 from crossent._autograd.linear import LinearCall, LinearCrossEntropyFused, LinearCrossEntropyRecompute
 from crossent._dtensor import check_shard_target, local_operands
@@ -150,12 +150,12 @@ def classes_last_cross_entropy(
     the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
     plan = one_pass(logits, target, weight, kind, opts, shard)
     call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward, plan)
-    if plan is not None and not (torch.is_grad_enabled() and logits.requires_grad):
-        # nothing to differentiate (a one pass runs in plain eager mode without forward-mode AD): the Function's
-        # forward alone, what its apply would run, without the graph's bookkeeping (~15 µs of a ~40 µs call)
-        loss, lse, _ = CrossEntropyRows.forward(logits, target, weight, call)
-    else:
+    if plan is None:
         loss, lse, _ = apply_function(CrossEntropyRows, logits, target, weight, call)
+    elif torch.is_grad_enabled() and logits.requires_grad:  # (a plan: plain eager mode, no forward-mode AD)
+        loss, lse, _ = apply_plain(CrossEntropyRows, logits, target, weight, call)
+    else:  # nothing to differentiate: the Function's forward alone, what its apply would run, without the graph's
+        loss, lse, _ = CrossEntropyRows.forward(logits, target, weight, call)  # bookkeeping (~15 of ~40 µs)
     if plan is None or plan.row_scale is None:  # a one pass with a row scale reduced on the host (host_row_scale)
         loss = reduce_rows(loss, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)

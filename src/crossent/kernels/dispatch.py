@@ -64,8 +64,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
 def one_pass_backend(logits: Tensor, dtype_ok: bool) -> str:
     """``"c"`` where the C one pass covers ``logits`` (``dtype_ok``: ``cpu_rows.covers``) and PyTorch's kernel is not
     the faster one for its size (:data:`PYTORCH_FASTER_FROM`), else ``"aten"``."""
-    faster_from = PYTORCH_FASTER_FROM.get(cpu_rows.VARIANT, {}).get(logits.dtype)
-    return "c" if dtype_ok and (faster_from is None or logits.numel() < faster_from) else "aten"
+    if not dtype_ok:
+        return "aten"
+    level = PYTORCH_FASTER_FROM.get(cpu_rows.VARIANT)
+    faster_from = None if level is None else level.get(logits.dtype)
+    return "c" if faster_from is None or logits.numel() < faster_from else "aten"
 
 
 def one_pass(

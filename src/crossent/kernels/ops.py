@@ -132,11 +132,13 @@ def ce_one_pass(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], 
     """A small CPU call's one pass (``kernels/one_pass.py``; plain eager mode only, so no custom op) on logits (C,) or
     (N, C): per-position loss and float64 lse of the target's shape, the float64 sum of the losses, and the gradient
     formed for the plan's row scale (the logits' shape and dtype), or None."""
-    with no_autocast(logits.device):  # PyTorch's kernels ("aten") in the precision chosen there
-        if logits.dim() == 2:
-            return one_pass.forward(logits, target, class_weight, opts, plan)
-        loss, lse, total, formed = one_pass.forward(logits.view(1, -1), target.view(1), class_weight, opts, plan)
-    return loss.view(()), lse.view(()), total, None if formed is None else formed.view(logits.shape)
+    if logits.dim() == 1:  # one unbatched row
+        loss, lse, total, formed = ce_one_pass(logits.view(1, -1), target.view(1), class_weight, opts, plan)
+        return loss.view(()), lse.view(()), total, None if formed is None else formed.view(logits.shape)
+    if plan.backend == "c":  # (C reads no autocast state)
+        return one_pass.forward(logits, target, class_weight, opts, plan)
+    with no_autocast(logits.device):  # PyTorch's kernels in the precision chosen there
+        return one_pass.forward(logits, target, class_weight, opts, plan)
 
 
 def ce_one_pass_backward(logits, target, class_weight, lse, upstream, opts: RowOptions, plan: OnePass, inplace: bool):
