@@ -29,6 +29,7 @@ import crossent
 from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 from crossent.bench import load
 from crossent.bench.measure import format_bytes, interleaved_medians
+from crossent.bench.report import cpu_paths
 
 
 def make(shape, dtype, seed=0):
@@ -139,7 +140,8 @@ def main(argv=None) -> int:
         return 0
     n, d, v = shape
     print(f"distillation forward+backward, fp32, (N, D, V) = ({n}, {d}, {v}), beta={args.beta}, CPU, {args.load}, "
-          f"torch {torch.__version__}, {report['threads']} threads, median of {args.reps} (interleaved)")  # fmt: skip
+          f"torch {torch.__version__}, {report['threads']} threads, median of {args.reps} (interleaved); "
+          f"{cpu_paths()}")  # fmt: skip
     print(f"{'method':8} {'time (s)':>9} {'× floor':>8} {'TF/s':>6} {'peak extra':>11}")
     for name in fns:
         tflops = 8 * n * d * v / times[name] / 1e12  # the four products: 8·N·D·V FLOPs
