@@ -30,10 +30,11 @@ import sys
 import typing
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-if sys.argv[1:2] == ["record"]:
-    os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
-else:
-    os.environ.pop("TRITON_INTERPRET", None)
+if __name__ == "__main__":  # a step in a fresh process (imported, e.g. by pytest's doctest collection: no change)
+    if sys.argv[1:2] == ["record"]:
+        os.environ["TRITON_INTERPRET"] = "1"  # before anything imports Triton
+    else:
+        os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
