@@ -21,6 +21,7 @@ custom op runs.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -145,12 +146,9 @@ def ce_one_pass_backward(logits, target, class_weight, lse, upstream, opts: RowO
     """The gradient of a one pass's loss for ``upstream`` (a float for every position, or one per position) from its
     float64 ``lse``: in a new tensor, or written over the logits (``inplace``)."""
     out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype)
-    with no_autocast(logits.device):
-        if logits.dim() == 2:
-            one_pass.backward(logits, target, class_weight, lse, upstream, opts, plan, out)
-        else:
-            one_pass.backward(logits.view(1, -1), target.view(1), class_weight, lse.view(1), upstream, opts, plan,
-                              out.view(1, -1))  # fmt: skip
+    args = (class_weight, lse.view(-1), upstream, opts, plan)
+    with contextlib.nullcontext() if plan.backend == "c" else no_autocast(logits.device):  # C reads no autocast state
+        one_pass.backward(logits.view(-1, logits.shape[-1]), target.reshape(-1), *args, out.view(-1, out.shape[-1]))
     if inplace:
         torch.autograd.graph.increment_version(logits)  # as the op's mutates_args does: a second backward raises
     return out
