@@ -356,12 +356,15 @@ class _HeadCapture:
 
     def _forward(self, input, *args, **kwargs):
         self.calls += 1
-        if self.keep_logits:  # first: a head with its own FSDP unit may be resharded after ``inside``
-            run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
-            out = run(input, *args, **kwargs)
-        else:
-            out = input.new_empty(input.shape[:-1] + (0,))
-        self.result = _in_fsdp_unit(self.head, self.inside, input)
+        run = self.previous if self.previous is not None else types.MethodType(type(self.head).forward, self.head)
+
+        def both(hidden):  # ``inside`` first: its errors name what crossent refuses (a DTensor placement)
+            result = self.inside(hidden)
+            if self.keep_logits:
+                return result, run(hidden, *args, **kwargs)
+            return result, hidden.new_empty(hidden.shape[:-1] + (0,))
+
+        self.result, out = _in_fsdp_unit(self.head, both, input)
         return out
 
     def result_for(self, model):
