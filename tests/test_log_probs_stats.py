@@ -90,7 +90,8 @@ def test_hand_values():
         # row 0 at T = 2: x = (0, log √3, −inf), p = (1, √3, 0) / (1 + √3); Σ p² = 4 / (1 + √3)²
         torch.testing.assert_close(out.log_sum_sq_probs[0], torch.tensor(np.log(4.0) - 2 * np.log(1 + np.sqrt(3.0)),
                                                                          dtype=torch.float64))  # fmt: skip
-        torch.testing.assert_close(out.mean_logits[2], torch.tensor(np.log(3.0) / 3, dtype=torch.float64))  # x = (0, log 3, 0)
+        x_mean = torch.tensor(np.log(3.0) / 3, dtype=torch.float64)  # x = (0, log 3, 0)
+        torch.testing.assert_close(out.mean_logits[2], x_mean)
         assert out.is_top1.tolist() == [True, False, True]  # row 1: id 2 ties with column 1, which comes first
         assert fused or out.mean_logits[0] == -float("inf")  # a masked column: the mean of x is −inf, as x.mean(-1)
 
@@ -103,6 +104,7 @@ def test_plain_matches_reference_and_torch(option, k):
     g = torch.Generator().manual_seed(0)
     z, ids = _tied(3.0 * torch.randn(N, V, generator=g, dtype=torch.float64), _ids(k, ign), ign)
     out = crossent.token_log_probs(z, ids, entropy=True, **STATS, **opts)
+    assert out.log_sum_sq_probs.dtype == out.mean_logits.dtype == torch.float64 and out.is_top1.dtype == torch.bool
     _check(out, _reference(z, ids, opts), 1e-12)
     _check(out, _plain_torch(z, ids, **opts), 1e-12)
     assert out.is_top1[1].tolist() == (False if k is None else [False, True, False])

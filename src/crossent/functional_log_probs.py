@@ -48,7 +48,7 @@ def token_log_probs(
     normalized over the full vocabulary. On request, three statistics without gradient (TRL's fused head logs them;
     docs/math.md, "Three statistics without gradient")::
 
-        log_sum_sq_probs = log Σ_c p_c² = lse(2x) − 2 lse(x)     mean_logits = (1/C) Σ_c x_c     is_top1_k = [t_k = argmax x]
+        log_sum_sq_probs = log Σ_c p_c² = lse(2x) − 2 lse(x)    mean_logits = Σ_c x_c / C    is_top1_k = [t_k = argmax x]
 
     (the mean of ``x``, after softcap and temperature; on ties the first column is the argmax, as ``torch.argmax``).
     Each is computed only when asked. Gradients flow from the log-probs or the entropy or both:
@@ -89,7 +89,8 @@ def token_log_probs(
         >>> out.entropy  # log 4; −(3 · ⅙ log ⅙ + ½ log ½)
         tensor([1.3863, 1.2425])
         >>> z = torch.tensor([[0.0, 3.0, 3.0], [0.0, 0.0, torch.log(torch.tensor(3.0))]])
-        >>> out = crossent.token_log_probs(z, torch.tensor([2, 2]), log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+        >>> stats = dict(log_sum_sq_probs=True, mean_logits=True, is_top1=True)
+        >>> out = crossent.token_log_probs(z, torch.tensor([2, 2]), **stats)
         >>> out.is_top1  # row 0: tied with column 1, which comes first
         tensor([False,  True])
         >>> out.log_sum_sq_probs[1]  # p = (⅕, ⅕, ⅗): log(11 / 25)

@@ -70,7 +70,8 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
         top_at, top_before = (t.reshape(index.shape) for t in logprob_rows.top_stats(top, top_col, ids, vocab_start))
     return LogProbStats(row_max.reshape(shape), sumexp.reshape(shape), rows_of(plogp, opts.entropy),
                         picked.reshape(index.shape), rows_of(sumsq, opts.log_sum_sq_probs),
-                        rows_of(logit_sum, opts.mean_logits), rows_of(top, opts.is_top1), top_at, top_before)  # fmt: skip
+                        rows_of(logit_sum, opts.mean_logits), rows_of(top, opts.is_top1), top_at,
+                        top_before)  # fmt: skip
 
 
 def forward(logits: Tensor, index: Tensor, opts: LogProbRowOptions, shard=None, combine=None):
