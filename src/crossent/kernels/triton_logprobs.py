@@ -48,9 +48,13 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     z = _unit_columns(logits.reshape(-1, num_classes))
     ids = index.reshape(-1, k).contiguous()
     rows = z.shape[0]
-    row_max, sumexp, plogp, sumsq, logit_sum, top = (torch.empty(rows, dtype=torch.float32, device=z.device)
-                                                     for _ in range(6))  # fmt: skip
-    top_col = torch.empty(rows, dtype=torch.int64, device=z.device)
+    row_max, sumexp, plogp = (torch.empty(rows, dtype=torch.float32, device=z.device) for _ in range(3))
+
+    def optional(flag, dtype=torch.float32):  # the kernel writes it only when asked (else row_max stands in)
+        return torch.empty(rows, dtype=dtype, device=z.device) if flag else row_max
+
+    sumsq, logit_sum, top = optional(opts.log_sum_sq_probs), optional(opts.mean_logits), optional(opts.is_top1)
+    top_col = optional(opts.is_top1, torch.int64)
     picked = torch.empty((rows, k), dtype=torch.float32, device=z.device)
     if rows:
         block, warps = row_launch(z.dtype, num_classes)
@@ -184,10 +188,13 @@ def _stats_kernel(
     tl.store(m_ptr + row, m)
     tl.store(s_ptr + row, s)
     tl.store(d_ptr + row, d)
-    tl.store(q_ptr + row, q)
-    tl.store(xs_ptr + row, xs)
-    tl.store(top_ptr + row, top)
-    tl.store(top_col_ptr + row, top_col)
+    if SUMSQ:
+        tl.store(q_ptr + row, q)
+    if MEAN:
+        tl.store(xs_ptr + row, xs)
+    if TOP1:
+        tl.store(top_ptr + row, top)
+        tl.store(top_col_ptr + row, top_col)
     for k in range(0, K):
         col = tl.load(ids_ptr + row * K + k).to(tl.int64) - v0
         local = (col >= 0) & (col < C)
