@@ -10,7 +10,7 @@ import torch
 import crossent
 from crossent.kernels import cpu_rows, dispatch
 
-pytestmark = pytest.mark.one_pass
+pytestmark = [pytest.mark.one_pass, pytest.mark.cpu_path]  # cpu_path: the C one pass runs each level's build
 
 
 @pytest.fixture(params=["c", "aten"])
