@@ -24,6 +24,7 @@ Two steps, each in a fresh process (Triton fixes interpreter vs compiler once pe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -304,22 +305,35 @@ def rebuild(desc: list):
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def backend(arch: int):
+    """Triton's CUDA backend for ``arch`` and its hash (which runs ptxas --version): once per process."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    made = make_backend(GPUTarget("cuda", arch, 32))
+    return made, made.hash()
+
+
+@functools.lru_cache(maxsize=None)
+def binder(module: str, kernel: str, arch: int):
+    """The kernel and the argument binder a GPU launch of it runs on ``arch``."""
+    import importlib
+
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = getattr(importlib.import_module(module), kernel)
+    return fn, create_function_from_signature(fn.signature, fn.params, backend(arch)[0])
+
+
 def specialize(launch: dict, arch: int):
     """(fn, signature, constexprs, attrs, options) that the recorded launch compiles with on ``arch``: Triton's
     own binder and argument packing, as ``JITFunction.run`` does on a GPU of that architecture."""
-    import importlib
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    fn = getattr(importlib.import_module(launch["module"]), launch["kernel"])
-    backend = make_backend(GPUTarget("cuda", arch, 32))
+    fn, bind = binder(launch["module"], launch["kernel"], arch)
     args = [rebuild(a) for a in launch["args"]]
     kwargs = {k: rebuild(v) for k, v in launch["kwargs"].items()}
-    binder = create_function_from_signature(fn.signature, fn.params, backend)
-    bound, specialization, options = binder(*args, **kwargs)
-    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    bound, specialization, options = bind(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend(arch)[0], kwargs, bound, specialization, options)
     return fn, signature, constexprs, attrs, options
 
 
@@ -385,7 +399,7 @@ def compile_one(job: Tuple[dict, int, Optional[str]]) -> dict:
 
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource
 
     launch, arch, cache = job
     result = {"kernel": launch["kernel"], "variant": variant_name(launch), "arch": arch, "caller": launch["caller"]}
@@ -394,7 +408,7 @@ def compile_one(job: Tuple[dict, int, Optional[str]]) -> dict:
         src = ASTSource(fn, signature, constexprs, attrs)
         target = GPUTarget("cuda", arch, 32)
         key = hashlib.sha256(repr((RESULT_FORMAT, ARCH_LIMITS, triton.__version__, src.hash(),
-                                   make_backend(target).hash(), sorted(options.__dict__.items()))).encode()).hexdigest()
+                                   backend(arch)[1], sorted(options.__dict__.items()))).encode()).hexdigest()
         stored = os.path.join(cache, key + ".json") if cache else None
         if stored and os.path.exists(stored):
             with open(stored) as f:
