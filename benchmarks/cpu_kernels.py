@@ -3,8 +3,8 @@
 Per (N, C) and dtype, cross-entropy forward+backward (mean, class indices): ``F.cross_entropy``; crossent with the C
 kernels (``crossent._cpu_rows``); crossent with ``cpu_rows.ENABLED = False`` (the torch-ops kernels, what a machine
 without a C compiler runs). Methods interleaved (``bench.measure.interleaved_medians``); ratios to PyTorch.
-Shapes above 2^20 logits only: below, ``cross_entropy`` takes the small-input path (``_small_cpu.py``, the same C
-kernels in one pass; ``benchmarks/small_shapes.py`` measures it).
+Shapes above 2^20 logits only: below, ``cross_entropy`` takes the small inputs' one pass (``kernels/one_pass.py``, the
+same C kernels in one pass; ``benchmarks/small_shapes.py`` measures it).
 
 Then the kernels alone on one thread, ns per logit: the C cross-entropy forward (``cpu_rows.forward``) and forward +
 gradient in one pass (``cpu_rows.loss_and_grad``) against PyTorch's ``log_softmax`` (forward only, in the input
