@@ -23,7 +23,8 @@ A mismatch raises :class:`UnsupportedModelError` naming the model class and the 
 is left unpatched. See ``docs/transformers.md``.
 
 Training engines (docs/distributed.md, "Training engines"): the loss, ``token_log_probs`` and the verification run
-inside the head's call, where DDP, FSDP2 (before or after ``fully_shard``; then ``patch`` is collective) and tensor
+inside the head's call, where DDP, FSDP2 (before or after ``fully_shard``; then ``patch`` is collective), DeepSpeed
+ZeRO-3 (before or after ``deepspeed.initialize``: a nested call of the head, under ZeRO-3's own hooks) and tensor
 parallelism (a ``ColwiseParallel`` head: vocab-parallel, no gather) present the head.
 
 Importing :mod:`crossent` never imports transformers; this module needs it (``pip install
@@ -338,7 +339,8 @@ class _HeadCapture:
     around the call) and tensor parallelism has made the hidden states a replicated DTensor. A head with its
     own FSDP unit runs ``inside`` as a registered FSDP forward method (``register_fsdp_forward_method``,
     nested in the head's forward, so no second all-gather), which ties its result's backward to FSDP's
-    pre-backward unsharding.
+    pre-backward unsharding. A DeepSpeed ZeRO-3 head runs ``inside`` in a nested call of the head module, whose
+    ZeRO-3 hooks gather it again before the result's backward (see ``_in_engine_unit``).
     """
 
     def __init__(self, head: nn.Module, keep_logits: bool, inside: Callable[[Tensor], Any]):
@@ -364,7 +366,7 @@ class _HeadCapture:
                 return result, run(hidden, *args, **kwargs)
             return result, hidden.new_empty(hidden.shape[:-1] + (0,))
 
-        self.result, out = _in_fsdp_unit(self.head, both, input)
+        self.result, out = _in_engine_unit(self.head, both, input)
         return out
 
     def result_for(self, model):
@@ -375,9 +377,24 @@ class _HeadCapture:
         return self.result
 
 
-def _in_fsdp_unit(head: nn.Module, fn: Callable[[Tensor], Any], hidden: Tensor):
-    """``fn(hidden)``; for a head that is its own FSDP2 unit, as a forward method of that unit (its pre-forward
-    finds the head unsharded already; its post-forward registers FSDP's pre-backward hook on the result)."""
+def _in_engine_unit(head: nn.Module, fn: Callable[[Tensor], Any], hidden: Tensor):
+    """``fn(hidden)``, run where the head's engine covers it for forward and backward:
+
+    - a head that is its own FSDP2 unit: as a forward method of that unit (its pre-forward finds the head
+      unsharded already; its post-forward registers FSDP's pre-backward hook on the result);
+    - a DeepSpeed ZeRO-3 head (partitioned parameters): as a nested call of the head module, so ZeRO-3's module
+      hooks run around ``fn`` — the pre-forward fetch (the head is gathered already), the post-forward release,
+      and on ``fn``'s result the pre-backward hook that gathers the head again before its backward (ZeRO-3
+      gathers a module for backward only through hooks on that module's outputs);
+    - otherwise: a plain call.
+    """
+    if hasattr(head.weight, "ds_status"):  # ZeRO-3 marks its partitioned parameters
+        outer = head.__dict__["forward"]
+        head.forward = fn
+        try:
+            return head(hidden)
+        finally:
+            head.forward = outer
     fsdp = sys.modules.get("torch.distributed.fsdp")
     if fsdp is None or not isinstance(head, fsdp.FSDPModule):
         return fn(hidden)
@@ -456,7 +473,7 @@ def _verify(model: nn.Module, head: nn.Linear, transforms: HeadTransforms, opts:
     any transform crossent does not know (a factor, a shift, a cap). The RNG state is restored afterwards.
     """
     name = type(model).__name__
-    vocab = head.weight.shape[0]
+    vocab = getattr(head.weight, "ds_shape", head.weight.shape)[0]  # ZeRO-3: (0,) outside the head's forward
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     vocab_in = getattr(embeddings, "num_embeddings", vocab)
     device = head.weight.device
