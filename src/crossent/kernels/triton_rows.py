@@ -62,9 +62,10 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
 # Where the numbers come from: no GPU was lent while this file was written, so these are starting values
 # from the sizing rule for memory-bound row kernels, not measurements: 16 KiB of logits in flight per
 # program per step (fp32: 4096 × 4 B; 16-bit: 8192 × 2 B), i.e. 16 logits per thread = 4 (fp32) or 2
-# (16-bit) 16-byte loads and ~16 fp32 registers of row data per thread. Compiled for sm_90 at bf16 (cuobjdump),
-# plain rows take 32 (forward) / 46 (backward) registers per thread, so several programs fit per SM; the
-# heaviest variant (probability targets, every option) ~125, one 16-warp program per SM; none spill (tests).
+# (16-bit) 16-byte loads and ~16 fp32 registers of row data per thread. Compiled (tests/test_triton_compile.py,
+# every launch for sm_80/90/100; docs/benchmarks.md has the table), plain rows take 32 (forward) / 30–46 (backward)
+# registers per thread, several programs per SM; the heaviest, the fp32 forward with probability targets, 140 on
+# sm_90/100: one 8-warp program per SM (the first to time with --sweep); none spill.
 # Re-measure with `python benchmarks/gpu.py --sweep` on the target GPU and record the device here.
 ROW_LAUNCH = {
     2: (8192, 16),  # bfloat16 / float16
