@@ -15,7 +15,6 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported (
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import transformers  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 import crossent.transformers as ct  # noqa: E402
@@ -69,10 +68,11 @@ def _policy_loss(engine, ids, labels, stock=False):
 
 
 def _tied_model():
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
-    return transformers.LlamaForCausalLM(config).train()
+    """``_model()`` with its head's weight tied to the input embedding (one parameter, two modules)."""
+    model = _model()
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
 
 
 def _run(stage, rank, when=None, loss_fn=_lm_loss, make=_model, **patch_options):
@@ -114,8 +114,9 @@ def zero_job(rank, world):
         want = _run(stage, rank)
         for when in ("before", "after"):
             _case(out, f"ZeRO-{stage}, patch {when} initialize", lambda: _run(stage, rank, when), want)
-    _case(out, "ZeRO-3, patch before initialize, keep_logits", lambda: _run(3, rank, "before", keep_logits=True),
-          want)  # fmt: skip
+        if stage == 3:
+            _case(out, "ZeRO-3, patch before initialize, keep_logits",
+                  lambda: _run(3, rank, "before", keep_logits=True), want)  # fmt: skip
     want = _run(3, rank, make=_tied_model)  # the head's weight is the input embedding's, fetched twice a forward
     _case(out, "ZeRO-3, patch before initialize, tied embeddings", lambda: _run(3, rank, "before", make=_tied_model),
           want)  # fmt: skip
