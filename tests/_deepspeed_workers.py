@@ -1,8 +1,9 @@
 """Spawn targets for tests/test_deepspeed.py: crossent under DeepSpeed ZeRO on 2 gloo ranks (CPU accelerator).
 
 One job runs every case in one spawn: the same tiny Llama under the same ZeRO engine, stock and patched (before
-or after ``deepspeed.initialize``), two optimizer steps; each case compares the loss and every parameter's full
-gradient (``safe_get_full_grad``) at both steps and returns a problem string, or None.
+or after ``deepspeed.initialize``; fp32, and bf16 against the fp32 run), two optimizer steps; each case compares
+the loss and every parameter's full gradient (``safe_get_full_grad``) at both steps and returns a problem string,
+or None.
 """
 
 from __future__ import annotations
@@ -18,23 +19,24 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 import crossent.transformers as ct  # noqa: E402
-from _engine_workers import VOCAB, _batch, _model, _same  # noqa: E402
+from _engine_workers import VOCAB, _batch, _model, _no_worse, _same  # noqa: E402
 
 
-def _config(stage):
+def _config(stage, bf16):
     """ZeRO ``stage``; every parameter partitioned (no persistence threshold: the tiny head would stay whole)."""
     return {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": bf16},  # bf16 parameters and activations, fp32 master weights
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
     }
 
 
-def _engine(model, stage):
+def _engine(model, stage, bf16):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config(stage))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_config(stage, bf16))
     return engine
 
 
@@ -75,11 +77,11 @@ def _tied_model():
     return model
 
 
-def _run(stage, rank, when=None, loss_fn=_lm_loss, make=_model, **patch_options):
+def _run(stage, rank, when=None, loss_fn=_lm_loss, make=_model, bf16=False, **patch_options):
     model = make()
     if when == "before":
         ct.patch(model, **patch_options)
-    engine = _engine(model, stage)
+    engine = _engine(model, stage, bf16)
     if stage == 3:  # ZeRO-3 partitions the head: outside its forward each rank holds a (0,) placeholder
         head = engine.module.get_output_embeddings().weight
         assert head.shape == (0,) and tuple(head.ds_shape) == (VOCAB, 16), (head.shape, head.ds_shape)
@@ -95,9 +97,14 @@ def _compare(got, want):
     return "; ".join(p for p in (_same(g, w) for g, w in zip(got, want)) if p) or None
 
 
-def _case(out, name, fn, want):
+def _compare_bf16(got, stock, exact):
+    """Each step: crossent's distance to the fp32 run at most twice stock's (``_no_worse``)."""
+    return "; ".join(p for p in (_no_worse(*steps) for steps in zip(got, stock, exact)) if p) or None
+
+
+def _case(out, name, fn, *want, compare=_compare):
     try:
-        out[name] = _compare(fn(), want)
+        out[name] = compare(fn(), *want)
     except Exception as e:  # noqa: BLE001 - the message goes back to the parent test
         out[name] = f"{type(e).__name__}: {str(e)[:800]}"
 
@@ -117,6 +124,10 @@ def zero_job(rank, world):
         if stage == 3:
             _case(out, "ZeRO-3, patch before initialize, keep_logits",
                   lambda: _run(3, rank, "before", keep_logits=True), want)  # fmt: skip
+    exact, stock = want, _run(3, rank, bf16=True)
+    for when in ("before", "after"):
+        _case(out, f"ZeRO-3, patch {when} initialize, bf16", lambda: _run(3, rank, when, bf16=True), stock, exact,
+              compare=_compare_bf16)  # fmt: skip
     want = _run(3, rank, make=_tied_model)  # the head's weight is the input embedding's, fetched twice a forward
     _case(out, "ZeRO-3, patch before initialize, tied embeddings", lambda: _run(3, rank, "before", make=_tied_model),
           want)  # fmt: skip

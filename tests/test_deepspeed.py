@@ -36,9 +36,10 @@ def _failures(prefix):
 def test_zero3_patched_equals_stock():
     """The head partitioned to (0,) outside its forward; patch before or after deepspeed.initialize, with
     keep_logits, with the head tied to the input embedding: the loss runs in a nested call of the head, under
-    ZeRO-3's own fetch, release and pre-backward hooks — the same losses and gradients as stock over two steps."""
+    ZeRO-3's own fetch, release and pre-backward hooks — the same losses and gradients as stock over two steps;
+    with bf16 (before or after), crossent's distance to the fp32 run at most twice stock's."""
     names, failures = _failures("ZeRO-3, patch")
-    assert len(names) == 4 and not failures, "\n".join(failures)
+    assert len(names) == 6 and not failures, "\n".join(failures)
 
 
 @pytest.mark.timeout(330)
