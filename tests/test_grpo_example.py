@@ -1,21 +1,18 @@
 """examples/grpo_step.py runs (CI), and its loss equals the same GRPO loss built on the materializing recipe."""
 
-import importlib.util
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from _helpers import load_example
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "grpo_step.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("grpo_step", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("grpo_step")
 
 
 def test_example_runs():

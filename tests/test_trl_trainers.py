@@ -10,7 +10,6 @@ in different orders. Plain SGD: Adam's first step, ``lr · g / (|g| + ε)``, tur
 near-zero gradient entry into a full ``± lr`` update, which would test Adam, not the head.
 """
 
-import importlib.util
 import math
 import os
 import subprocess
@@ -28,16 +27,14 @@ import transformers  # noqa: E402  (after the skips: optional dependencies)
 import trl  # noqa: E402
 
 import crossent.trl  # noqa: E402
+from _helpers import load_example  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "trl_sft.py"
 
 
 def _example():
     """examples/trl_sft.py as a module: its local tokenizer and tiny model serve these tests too."""
-    spec = importlib.util.spec_from_file_location("trl_sft", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("trl_sft")
 
 
 example = _example()
