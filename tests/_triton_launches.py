@@ -11,14 +11,16 @@ Two steps, each in a fresh process (Triton fixes interpreter vs compiler once pe
         option is covered without editing this file (an option of a kind it cannot vary makes it fail, by name).
 
     python tests/_triton_launches.py compile LAUNCHES.json RESULTS.json [--arch 80,90,100] [--jobs N]
+                                             [--cache DIR] [--table TABLE.json] [--write-table TABLE.json]
         Gives each recorded launch Triton's own specialization for a CUDA target (the binder a GPU launch runs:
         argument types, ``tt.divisibility``, integers specialized to constexpr), keeps one launch per distinct
         compiled variant, compiles each with ``triton.compile`` for every architecture (Triton's bundled ptxas, no
         GPU needed) in ``N`` worker processes, reads registers, local memory (spills) and shared memory from
         ``cuobjdump --dump-resource-usage`` and Triton's metadata, and writes one result per (variant, arch).
-        Compiled kernels land in Triton's cache (``TRITON_CACHE_DIR``), whose key hashes the kernel's source and
-        every function it calls, the signature, constexprs, attributes, options, target and Triton's version: a
-        kept cache directory makes a rerun on unchanged kernels a cache read.
+        Each result is keyed by Triton's own hash of what its cubin depends on (:func:`result_key`); one found in
+        the committed table (``--table``: ``tests/triton_compile_results.json``) or a kept ``--cache`` directory
+        is read instead of compiled, so only variants whose kernel, options or toolchain changed are compiled.
+        ``--write-table`` refreshes the committed table with exactly this run's results.
 """
 
 from __future__ import annotations
@@ -390,30 +392,60 @@ def occupancy(arch: int, regs: int, shared: int, num_warps: int) -> int:
     return blocks * num_warps
 
 
-def compile_one(job: Tuple[dict, int, Optional[str]]) -> dict:
-    """Compile one launch for one architecture: its resources, or the error (the test reports it). With a cache
-    directory, a result is kept there under a hash of what the cubin depends on — Triton's own: the kernel's source
-    and that of every function and constexpr global it uses, the signature, constexprs, attributes, compile options,
-    the backend (target and ptxas version) and Triton's version — with ARCH_LIMITS and RESULT_FORMAT."""
+def result_key(src, arch: int, options) -> str:
+    """Triton's own hash of what a cubin depends on — the kernel's source and that of every function and constexpr
+    global it uses, the signature, constexprs, attributes (``ASTSource.hash``), the backend (target and ptxas
+    version), the compile options and Triton's version — with ARCH_LIMITS and RESULT_FORMAT. Library paths in the
+    options (libdevice's, inside the virtual environment) count by file name only, so that the key is the same in
+    every checkout (the committed table, :func:`load_table`, is read in CI's fresh clone)."""
     import hashlib
 
+    import triton
+
+    opts = dict(options.__dict__)
+    opts["extern_libs"] = tuple((name, os.path.basename(path)) for name, path in opts.get("extern_libs") or ())
+    text = repr((RESULT_FORMAT, ARCH_LIMITS, triton.__version__, src.hash(), backend(arch)[1], sorted(opts.items())))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: Optional[str]) -> Dict[str, dict]:
+    """The committed results (``tests/triton_compile_results.json``: key -> result), read once per process."""
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)["results"]
+
+
+def write_table(path: str, results: List[dict]) -> None:
+    """Keep exactly this run's results as the committed table, one per line (a kernel change reads as a diff)."""
+    kept = {r["key"]: {k: v for k, v in r.items() if k not in ("key", "caller")} for r in results if "error" not in r}
+    lines = [f"  {json.dumps(key)}: {json.dumps(kept[key], sort_keys=True)}" for key in sorted(kept)]
+    with open(path, "w") as f:
+        f.write(f'{{"format": {RESULT_FORMAT}, "results": {{\n' + ",\n".join(lines) + "\n}}\n")
+
+
+def compile_one(job: Tuple[dict, int, Optional[str], Optional[str]]) -> dict:
+    """Compile one launch for one architecture: its resources, or the error (the test reports it). A result whose
+    :func:`result_key` is in the committed ``table`` or in the ``cache`` directory is read, not compiled again: the
+    key changes with anything the cubin depends on, so a changed kernel is always compiled."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    launch, arch, cache = job
+    launch, arch, cache, table_path = job
     result = {"kernel": launch["kernel"], "variant": variant_name(launch), "arch": arch, "caller": launch["caller"]}
     try:
         fn, signature, constexprs, attrs, options = specialize(launch, arch)
         src = ASTSource(fn, signature, constexprs, attrs)
-        target = GPUTarget("cuda", arch, 32)
-        key = hashlib.sha256(repr((RESULT_FORMAT, ARCH_LIMITS, triton.__version__, src.hash(),
-                                   backend(arch)[1], sorted(options.__dict__.items()))).encode()).hexdigest()
+        key = result_key(src, arch, options)
+        if key in load_table(table_path):
+            return dict(load_table(table_path)[key], key=key, caller=launch["caller"], source="table")
         stored = os.path.join(cache, key + ".json") if cache else None
         if stored and os.path.exists(stored):
             with open(stored) as f:
-                return dict(json.load(f), caller=launch["caller"])
-        kernel = triton.compile(src, target=target, options=options.__dict__)
+                return dict(json.load(f), key=key, caller=launch["caller"], source="cache")
+        kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
         usage = resources(kernel.asm["cubin"], kernel.metadata.name)
     except Exception as err:  # reported per variant: the test fails listing every one
         result["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err).strip() else ''}"
@@ -426,21 +458,21 @@ def compile_one(job: Tuple[dict, int, Optional[str]]) -> dict:
         with open(stored + f".{os.getpid()}", "w") as f:
             json.dump(result, f)
         os.replace(stored + f".{os.getpid()}", stored)
-    return result
+    return dict(result, key=key, source="compiled")
 
 
 def compile_all(launch_paths: List[str], results_path: str, arches: List[int], jobs: int,
-                cache: Optional[str] = None) -> None:  # fmt: skip
+                cache: Optional[str] = None, table_path: Optional[str] = None) -> None:  # fmt: skip
     import multiprocessing
 
     launches = []
     for path in launch_paths:
         with open(path) as f:
             launches += json.load(f)["launches"]
-    distinct: Dict[str, Tuple[dict, int, Optional[str]]] = {}
+    distinct: Dict[str, Tuple[dict, int, Optional[str], Optional[str]]] = {}
     for arch in arches:
         for launch in launches:
-            distinct.setdefault(variant_key(launch, arch), (launch, arch, cache))
+            distinct.setdefault(variant_key(launch, arch), (launch, arch, cache, table_path))
     work = list(distinct.values())
     if cache:
         os.makedirs(cache, exist_ok=True)
@@ -507,15 +539,21 @@ def main(argv: List[str]) -> int:
     comp.add_argument("--arch", default="80,90,100")
     comp.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     comp.add_argument("--cache", help="a directory that keeps each variant's result (see compile_one)")
+    comp.add_argument("--table", help="the committed results to read before compiling (see load_table)")
+    comp.add_argument("--write-table", help="write this run's results there (the committed table, refreshed)")
     args = parser.parse_args(argv)
     if args.step == "record":
         part, parts = (int(v) for v in args.part.split("/"))
         record(args.launches, args.only, part, parts)
     else:
-        compile_all(args.launches, args.results, [int(a) for a in args.arch.split(",")], args.jobs, args.cache)
+        compile_all(args.launches, args.results, [int(a) for a in args.arch.split(",")], args.jobs, args.cache,
+                    args.table)  # fmt: skip
         with open(args.results) as f:
             results = json.load(f)["results"]
-        print(f"{table(results)}\n\n{summary(results)}")
+        if args.write_table:
+            write_table(args.write_table, results)
+        sources = {s: sum(r.get("source") == s for r in results) for s in ("compiled", "cache", "table")}
+        print(f"{table(results)}\n\n{summary(results)}\n\nvariants: {sources}")
     return 0
 
 
