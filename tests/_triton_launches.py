@@ -419,7 +419,8 @@ def load_table(path: Optional[str]) -> Dict[str, dict]:
 
 def write_table(path: str, results: List[dict]) -> None:
     """Keep exactly this run's results as the committed table, one per line (a kernel change reads as a diff)."""
-    kept = {r["key"]: {k: v for k, v in r.items() if k not in ("key", "caller")} for r in results if "error" not in r}
+    kept = {r["key"]: {k: v for k, v in r.items() if k not in ("key", "caller", "source")} for r in results
+            if "error" not in r}  # fmt: skip
     lines = [f"  {json.dumps(key)}: {json.dumps(kept[key], sort_keys=True)}" for key in sorted(kept)]
     with open(path, "w") as f:
         f.write(f'{{"format": {RESULT_FORMAT}, "results": {{\n' + ",\n".join(lines) + "\n}}\n")
