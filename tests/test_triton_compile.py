@@ -74,7 +74,8 @@ def compiled(request, tmp_path_factory):
         pytest.skip("needs Triton >= 3.4 with its NVIDIA backend (ptxas, cuobjdump)")
     tmp = tmp_path_factory.mktemp("triton_compile")
     kept = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: nothing is kept then
-    cache = Path(kept.mkdir("triton_compile")) if kept is not None else tmp
+    cache = Path(kept.mkdir("triton_compile")) if kept is not None else tmp / "kept"  # apart from the recording
+    cache.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp / "triton")  # the cubins themselves are not kept: results are
     parts = max(1, min(os.cpu_count() or 1, 4))
