@@ -19,9 +19,13 @@ def forward_ad_active() -> bool:
     return torch.autograd.forward_ad._current_level >= 0
 
 
+# plain_eager's test of its tensors' types: a set test in C (a generator over them costs ~0.3 µs a call)
+_PLAIN_TYPES = frozenset({torch.Tensor, type(None)})
+
+
 def plain_eager(*tensors) -> bool:
     """Whether this call runs in plain eager mode on plain tensors: not compiling or exporting, no ``torch.func``
     transform, no Python dispatch mode (FakeTensorMode, FlopCounterMode), no tensor subclass among ``tensors``
     (None entries allowed). There a custom op's body may run directly and a CPU value may be read on the host."""
     return (not torch.compiler.is_compiling() and not transforms_active() and _get_current_dispatch_mode() is None
-            and all(t is None or type(t) is torch.Tensor for t in tensors))  # fmt: skip
+            and _PLAIN_TYPES.issuperset(map(type, tensors)))  # fmt: skip

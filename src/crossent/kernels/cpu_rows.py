@@ -77,7 +77,7 @@ def covers(logits: Tensor, out: Optional[Tensor], opts) -> bool:
     """Whether the C row kernels take rows ``logits`` (N, M, C) or (N, C) (and write ``out``, same shape): CPU,
     fp32 / bf16 / fp16, no softcap (``opts``: the cross-entropy's or the log-probs' row options), the class dim
     contiguous."""
-    return (available() and logits.device.type == "cpu" and logits.dtype in _DTYPE_CODES and opts.softcap is None
+    return (available() and logits.is_cpu and logits.dtype in _DTYPE_CODES and opts.softcap is None
             and logits.shape[-1] > 0 and logits.stride(-1) == 1
             and (out is None or (out.dtype == logits.dtype and out.stride(-1) == 1)))  # fmt: skip
 

@@ -80,13 +80,14 @@ def one_pass(
     vocabulary shard, more than :data:`ONE_PASS_MAX_ELEMENTS` logits or another layout, softcap, not plain eager
     mode, forward-mode AD. Reads the targets on the host once: the range check (a ValueError) and the weighted
     mean's denominator, from which the reduction's row scale (``_reduction.host_row_scale``)."""
-    if (kind != "index" or opts.impl != "auto" or logits.device.type != "cpu" or logits.dim() > 2
+    if (kind != "index" or opts.impl != "auto" or not logits.is_cpu or logits.dim() > 2
             or logits.numel() > ONE_PASS_MAX_ELEMENTS or opts.row.softcap is not None or shard.group_name is not None
             or not plain_eager(logits, target, class_weight) or forward_ad_active()):  # fmt: skip
         return None
     num_classes = logits.shape[-1]
     weights = cpu_rows.class_weights(class_weight, num_classes)
-    total_weight = target_total_weight(target.reshape(-1), weights, num_classes, opts.row.ignore_index)
+    flat_target = target if target.dim() == 1 else target.reshape(-1)  # a reshape's new view costs ~0.7 µs
+    total_weight = target_total_weight(flat_target, weights, num_classes, opts.row.ignore_index)
     row_scale = host_row_scale(opts, total_weight)
     form = row_scale is not None and torch.is_grad_enabled() and logits.requires_grad and not opts.inplace_backward
     backend = one_pass_backend(logits, cpu_rows.covers(logits, None, opts.row))
