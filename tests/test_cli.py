@@ -92,12 +92,13 @@ def test_loaded_mode_runs_a_busy_process_during_timing_and_stops_it(monkeypatch,
             yield proc
 
     monkeypatch.setattr(load, "busy_process", spy)
+    others = set(_children(os.getpid()))  # e.g. inductor's compile workers, left by an earlier test in this process
     assert cli.main(["bench", "--quick", "--load", "both", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     assert [(r["load"], r["method"]) for r in rows] == [
         ("quiet", "torch"), ("quiet", "crossent"), ("loaded", "torch"), ("loaded", "crossent")]  # fmt: skip
     assert [alive for _, alive in seen] == [True]  # one busy child, alive while the loaded case ran
-    assert seen[0][0].returncode is not None and _children(os.getpid()) == []
+    assert seen[0][0].returncode is not None and set(_children(os.getpid())) <= others  # stopped, nothing new left
 
 
 def test_busy_process_is_busy_and_stopped_even_on_error():
