@@ -4,7 +4,8 @@ At (N, D, V) (default (4096, 1024, 32768)), fp32, ``entropy=True``, one id per t
 gradient on both outputs:
 
 - time (median of --reps, all methods interleaved in one process) of forward+backward of
-  ``fused``: crossent.linear_token_log_probs;  ``recipe``: F.linear → log_softmax → gather, −Σ p log p (PyTorch,
+  ``fused``: crossent.linear_token_log_probs;  ``fused_stats``: the same with log Σp², the mean logit and top-1
+  (what TRL's trainers also ask for);  ``recipe``: F.linear → log_softmax → gather, −Σ p log p (PyTorch,
   materializing N×V); ``floor``: the 4 GEMMs alone (X Wᵀ twice, G W, Gᵀ X: 8·N·D·V FLOPs);
   and of the no-grad forward: ``fused_nograd`` vs ``product`` (one X Wᵀ);
 - peak extra memory (peak RSS minus the RSS with the inputs alive), each method in its own subprocess;
@@ -45,9 +46,12 @@ def recipe(x, w, ids):
     return logp.gather(-1, ids[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)
 
 
-def fused(x, w, ids):
-    out = crossent.linear_token_log_probs(x, w, ids, entropy=True)
+def fused(x, w, ids, **statistics):
+    out = crossent.linear_token_log_probs(x, w, ids, entropy=True, **statistics)
     return out.log_probs, out.entropy
+
+
+STATISTICS = dict(log_sum_sq_probs=True, mean_logits=True, is_top1=True)  # TRL's extra outputs, no gradient
 
 
 def step(fn, x, w, ids, g_lp, g_h):
@@ -72,6 +76,7 @@ def methods(x, w, ids, g_lp, g_h):
 
     return {
         "fused": lambda: step(fused, x, w, ids, g_lp, g_h),
+        "fused_stats": lambda: step(lambda *a: fused(*a, **STATISTICS), x, w, ids, g_lp, g_h),
         "recipe": lambda: step(recipe, x, w, ids, g_lp, g_h),
         "floor": floor,
         "fused_nograd": fused_nograd,
@@ -143,7 +148,8 @@ def main(argv=None):
         result["seconds"] = t
         print("median seconds:", json.dumps({k: round(s, 3) for k, s in t.items()}))
         print(f"fused / floor (fwd+bwd) = {t['fused'] / t['floor']:.3f}   recipe / floor = {t['recipe'] / t['floor']:.3f}   "
-              f"fused_nograd / product = {t['fused_nograd'] / t['product']:.3f}")  # fmt: skip
+              f"fused_nograd / product = {t['fused_nograd'] / t['product']:.3f}   "
+              f"fused_stats / fused = {t['fused_stats'] / t['fused']:.3f}")  # fmt: skip
     if "memory" not in args.skip:
         m = {name: peak(n, d, v, name) for name in ("fused", "recipe")}
         result["peak_bytes"] = m
