@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import _dist_workers as workers
 
@@ -80,8 +81,7 @@ def test_trainer_under_ddp_trains_as_stock():
     result = json.loads(lines[0][len("RESULT "):])
     assert result["engine"] == "DistributedDataParallel" and result["world"] == 2, result
     assert len(result["stock"]) == 2, result
-    for got, want in zip(result["patched"], result["stock"]):
-        assert abs(got - want) <= 1e-5 * abs(want), result
+    torch.testing.assert_close(result["patched"], result["stock"], rtol=1e-5, atol=0, msg=lambda m: f"{m}\n{result}")
     assert result["param_diff"] <= 1e-5, result
 
 
