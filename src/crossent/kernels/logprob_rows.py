@@ -118,7 +118,7 @@ def shard_stats(logits: Tensor, index: Tensor, opts: LogProbRowOptions, vocab_st
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
         m = extra.add_sums(idx, src) if _any_extra(opts) else None  # the argmax pass gives the max too
-        m = (src.amax(-1) if m is None else m.clone()).clamp_(min=lowest)
+        m = (src.amax(-1) if m is None else m).clamp_(min=lowest)  # add_sums stored its own copy
         row_max[idx] = m
         y = torch.sub(src, m.unsqueeze(-1), out=x)  # x − m ≤ 0
         if plogp is None:
