@@ -62,7 +62,7 @@ def logprob_stats_hook(group_name: Optional[str]) -> Optional[LogProbStatsHook]:
     """The cross-rank combine of :class:`LogProbStats` over the named group (None for one process): one
     all-reduce MAX of the row max (with ``is_top1``: packed with ``top`` and the K ``top_at``, ``top_before``), then
     one all-reduce SUM of ``[a s, a (d + (m − M) s), a² q, Σ x, x_t (K)]`` per row with ``a = exp(m − M)`` (the
-    optional sums only when asked; ``logprob_rows.combine_stats``): O(N·(K + 2)) numbers, O(N·(3K + 5)) with every
+    optional sums only when asked; ``logprob_rows.combine_stats``): O(N·(K + 2)) numbers, N·(3K + 6) with every
     statistic."""
     if group_name is None:
         return None
