@@ -25,7 +25,7 @@ from torch import Tensor
 from crossent._checks import check_target_range
 from crossent._options import RowOptions
 from crossent._precision import compute_dtype
-from crossent._reduction import index_row_weight
+from crossent._reduction import index_mean_denominator, index_row_weight
 from crossent.kernels import cpu_rows, torch_rows
 
 
@@ -52,7 +52,7 @@ def target_total_weight(target: Tensor, weights: tuple, num_classes: int, ignore
             check_target_range(target, num_classes, ignore_index)  # raises the ValueError naming the index
         return total
     check_target_range(target, num_classes, ignore_index)
-    return float(index_row_weight(target, w64, ignore_index, torch.float64).sum())
+    return float(index_mean_denominator(target, w64, ignore_index, torch.float64))
 
 
 def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, plan: OnePass):
