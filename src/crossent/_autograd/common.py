@@ -18,7 +18,6 @@ def batch_first(x, dim, size):
     return x.expand(size, *x.shape) if dim is None else x.movedim(dim, 0)
 
 
-
 def vmap_by_loop(function, info, in_dims, args):
     """A vmap rule that runs ``function`` once per batch element and stacks the outputs (dim 0): the fused
     loops take one (N, D) batch of rows, and each element's dW is its own."""
@@ -87,7 +86,6 @@ def claim_forward_grads(ctx, name: str) -> None:
     ctx.consumed = True
 
 
-
 def scale_forward_grads(ctx, grad_out, name: str):
     """(dX, dW, db) formed in forward (saved first, then the inputs they are tied to), times ``grad_out``; dX
     summed over the ranks of a vocabulary shard. ``ctx.call`` has ``needs`` and ``shard``."""
@@ -104,8 +102,6 @@ def scale_forward_grads(ctx, grad_out, name: str):
             grads = [None if g is None else g.mul_(grad_out) for g in grads]
     dx, dw, db = grads
     return sum_over_ranks_(dx, ctx.call.shard.group_name), dw, db
-
-
 
 
 def whole_rows_only(name: str, shard: VocabShard, what: str, alternative: str = "the single-process function"):
@@ -135,7 +131,6 @@ def looped_and_first_order(function, name: str = "linear_cross_entropy"):
 
     Transformable.__name__ = Transformable.__qualname__ = f"{function.__name__}Transformable"
     return Transformable
-
 
 
 _TRANSFORMABLE: dict = {}

@@ -139,5 +139,4 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
         return tangent.to(compute_dtype(logits.dtype)), None, None
 
 
-
 register_transformable(CrossEntropyRows, CrossEntropyRowsTransformable)

@@ -35,7 +35,6 @@ class LinearCall(NamedTuple):
     impl: str
 
 
-
 class LinearCrossEntropyFused(torch.autograd.Function):
     """``"mean"``/``"sum"`` of the fused linear CE: ``(Σ_i row_scale · loss_i, lse)``.
 
@@ -65,7 +64,6 @@ class LinearCrossEntropyFused(torch.autograd.Function):
     def backward(ctx, grad_out, *_unused):
         dx, dw, db = scale_forward_grads(ctx, grad_out, "linear_cross_entropy")
         return dx, dw, db, None, None, None, None
-
 
 
 class LinearCrossEntropyRecompute(torch.autograd.Function):
@@ -101,7 +99,6 @@ class LinearCrossEntropyRecompute(torch.autograd.Function):
             )  # fmt: skip
         dx, dw, db = first_order_only((dx, dw, db), (input, linear_weight, linear_bias))
         return sum_over_ranks_(dx, c.shard.group_name), dw, db, None, None, None
-
 
 
 register_transformable(LinearCrossEntropyFused, looped_and_first_order(LinearCrossEntropyFused))

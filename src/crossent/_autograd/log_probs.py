@@ -95,7 +95,6 @@ class TokenLogProbRows(torch.autograd.Function):
         return grad, None, None
 
 
-
 class LinearTokenLogProbs(torch.autograd.Function):
     """Log-probabilities and entropy of ``input · linear_weightᵀ + linear_bias`` at ids ``(N, K)``, fused: forward
     runs one logits product per block and keeps the float64 lse and the entropy (O(N)); backward, given the
@@ -151,7 +150,6 @@ class TokenLogProbRowsTransformable(TokenLogProbRows):
             return (None,) * 6
         lp_dot, h_dot = composite.log_probs_jvp(logits, index, logits_tangent, ctx.call.opts)
         return lp_dot, h_dot, None, None, None, None
-
 
 
 register_transformable(TokenLogProbRows, TokenLogProbRowsTransformable)
