@@ -87,6 +87,12 @@ def local_operands(input, weight, bias, target, weight_name: str = "linear_weigh
     return LocalOperands(input, local, local_bias, target, shard, widest)
 
 
+def is_dtensor(t) -> bool:
+    """Whether ``t`` is a DTensor, without importing ``torch.distributed.tensor`` (loaded wherever one exists)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def check_shard_target(target, shard: VocabShard, ignore_index: int) -> None:
     """The class-range check the single-process CPU ops make, for a sharded head (whose ops leave it to the
     caller): the target is replicated, so every rank raises alike, before any collective."""

@@ -55,6 +55,7 @@ except ImportError as error:  # pragma: no cover - exercised only without the op
 
 import crossent
 from crossent import TokenLogProbs
+from crossent._dtensor import is_dtensor
 from crossent._options import LinearOptions
 from crossent.functional import autocast_operands, linear_cross_entropy_with_options, logit_scaled
 
@@ -408,7 +409,7 @@ def _in_engine_unit(head: nn.Module, fn: Callable[[Tensor], Any], hidden: Tensor
 
 def _full(t):
     """A DTensor's whole value on every rank (the verification's small logits and loss); other values as they are."""
-    return t.full_tensor() if _is_dtensor(t) else t
+    return t.full_tensor() if is_dtensor(t) else t
 
 
 def _linear_head(model: nn.Module) -> nn.Linear:
@@ -426,11 +427,6 @@ def _linear_head(model: nn.Module) -> nn.Linear:
     if not isinstance(head, nn.Linear) or type(head).forward is not nn.Linear.forward:
         raise UnsupportedModelError(f"{name}'s output embedding is a {type(head).__name__}, not a plain torch.nn.Linear")
     return head
-
-
-def _is_dtensor(t) -> bool:
-    module = sys.modules.get("torch.distributed.tensor")  # loaded wherever a DTensor exists
-    return module is not None and isinstance(t, module.DTensor)
 
 
 def _original_forward(model: nn.Module, previous):
@@ -524,7 +520,7 @@ def _reshard(model: nn.Module) -> None:
 def _stock_loss_context(head: nn.Module):
     """Where the stock loss needs one: tensor parallelism's ``loss_parallel()`` for a DTensor head (the stock
     cross-entropy of vocabulary-sharded logits raises without it; plain logits, as FSDP2's, ignore it)."""
-    if not _is_dtensor(head.weight):
+    if not is_dtensor(head.weight):
         return contextlib.nullcontext()
     from torch.distributed.tensor.parallel import loss_parallel
 
