@@ -251,12 +251,11 @@ def softmax_rows(logits: Tensor, index: Tensor, opts: LogProbRowOptions) -> Opti
     lowest = torch.finfo(cdt).min
     for idx, x, scratch in _chunks(z3, cdt, 1 if opts.entropy else 0):
         src = scaled_logits(x, z3[idx], opts)
-        if _any_extra(opts):  # before the softmax, which may write over src
-            extra.add_sums(idx, src)
+        top = extra.add_sums(idx, src) if _any_extra(opts) else None  # before the softmax, which may write over src
         if entropy is None:
             p = torch._softmax(src, -1, False, out=x)
         else:  # y = x − m (−inf → lowest: its term p·y is 0, not 0·(−inf)); p from y, the same softmax
-            row_max = src.amax(-1, keepdim=True).clamp_(min=lowest)
+            row_max = (src.amax(-1) if top is None else top).unsqueeze(-1).clamp_(min=lowest)  # top: max(-1) ran
             y = torch.sub(src, row_max, out=x).clamp_(min=lowest)
             p = torch._softmax(y, -1, False, out=scratch[0])
         p_ref, ref = p.gather(-1, ids_safe[idx]).max(-1)
