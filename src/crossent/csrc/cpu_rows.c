@@ -113,26 +113,26 @@ static inline uint16_t float_to_f16(float v) { /* round to nearest even */
     return (uint16_t)(h | sign);
 }
 
-/* exp(x) for x ≤ ~0 in fp32, about 1 ulp: exp(x) = 2^n · P(r), n = round(x / ln 2), r = x − n ln 2 (two-part
- * ln 2), P the degree-7 Taylor polynomial (|r| ≤ ln 2 / 2: truncation 5e-9 relative). Below −87.3 (where 2^n
- * leaves fp32's normal range) the result is 0, so −inf gives 0; NaN gives NaN. Branch-free (bit-mask selects:
- * GCC does not if-convert these ternaries below AVX-512's masks), so the loops calling it vectorize at every level. */
+/* exp(x) for x ≤ 88 in fp32 (the kernels call it on x − max ≤ 0), about 1 ulp: exp(x) = 2^n · P(r), n = round(x /
+ * ln 2), r = x − n ln 2 (two-part ln 2), P of degree 6 fitted to exp on |r| ≤ ln 2 / 2 (Chebyshev-node least squares
+ * for the relative error, coefficients rounded to fp32: 3.8e-9 relative, the degree-7 Taylor polynomial's is 5e-9).
+ * x is first raised to −88, where n = −127: the scale's exponent field is then 0, so exp gives 0 below about −87.7
+ * (fp32's subnormals, flushed) and for −inf; NaN passes the select and gives NaN through r and P. One bit-mask select
+ * (GCC does not if-convert the ternary below AVX-512's masks) and no upper clamp: 16 vector operations, and the loops
+ * calling it vectorize at every level. */
 static inline float exp_f32(float x) {
     const float shifter = 12582912.0f; /* 1.5 · 2^23: adding it rounds to an integer */
-    float xc = select_f32(x < -87.3f, -87.3f, x);
-    xc = select_f32(xc > 88.0f, 88.0f, xc);
+    float xc = select_f32(x < -88.0f, -88.0f, x);
     float n = (xc * 1.44269504088896341f + shifter) - shifter;
     float r = (xc - n * 0.693145751953125f) - n * 1.42860682030941723e-6f;
-    float p = 1.0f / 5040.0f;
-    p = p * r + 1.0f / 720.0f;
-    p = p * r + 1.0f / 120.0f;
-    p = p * r + 1.0f / 24.0f;
-    p = p * r + 1.0f / 6.0f;
-    p = p * r + 0.5f;
+    float p = 1.3751407386735082e-3f;
+    p = p * r + 8.368915878236294e-3f;
+    p = p * r + 4.166953265666962e-2f;
+    p = p * r + 0.166665181517601f;
+    p = p * r + 0.49999988079071045f;
     p = p * r + 1.0f;
     p = p * r + 1.0f;
-    float e = p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
-    return select_f32(x < -87.3f, 0.0f, e); /* NaN needs no select of its own: r, p and e are NaN */
+    return p * bits_to_float((uint32_t)((int32_t)n + 127) << 23);
 }
 
 /* Columns [c0, c0 + n) of a row as fp32: the row itself for fp32, else converted into buf. */
@@ -189,9 +189,11 @@ static float block_max(const float *x, int n) {
 
 /* Sums of exponentials, two ways. The divergence's lse sums are in float64 lanes (an error δ in a row's lse moves
  * a divergence by ~(D + 1) δ, and D can be small). The cross-entropy's, where δ moves the loss by δ, are in fp32
- * lanes over runs of SUM_RUN columns (4 to 16 terms per lane, rounding of the order of the exps' own ~1 ulp), each
- * run added into a float64 sum: float64 lanes cost ~25% more per exp at x86-64-v3. */
-#define SUM_RUN 64
+ * lanes over runs of SUM_RUN columns (16 to 64 terms per lane, AVX-512 to SSE: a relative rounding of ~1e-7, below
+ * what PyTorch's fp32 log_softmax gives, whose lanes run over the whole row), each run added into a float64 sum:
+ * float64 lanes cost ~25% more per exp at x86-64-v3, and runs of 64 columns ~20% more at x86-64-v4 (a horizontal
+ * sum per 4 vectors). */
+#define SUM_RUN 256
 
 /* Σ exp(x − m) over a block, in float64 lanes (the divergence's lse) */
 static double block_sumexp(const float *x, int n, float m) {
