@@ -149,15 +149,16 @@ def classes_last_cross_entropy(
     ``shard``): the backend (the rows' kernels, or for a small CPU call a one-pass backend: ``dispatch.one_pass``),
     the autograd Function, the reduction, the statistics. Shared with ``crossent.distributed``."""
     plan = one_pass(logits, target, weight, kind, opts, shard)
-    # a plan means impl="auto" on the CPU, which resolves to "torch" (no device lookup: ~0.3 µs of a small call)
-    impl = "torch" if plan is not None else resolve_impl(opts.impl, logits.device)
-    call = RowCall(opts.row, shard, impl, opts.inplace_backward, plan)
     if plan is None:
-        loss, lse, _ = apply_function(CrossEntropyRows, logits, target, weight, call)
-    elif torch.is_grad_enabled() and logits.requires_grad:  # (a plan: plain eager mode, no forward-mode AD)
-        loss, lse, _ = apply_plain(CrossEntropyRows, logits, target, weight, call)
-    else:  # nothing to differentiate: the Function's forward alone, what its apply would run, without the graph's
-        loss, lse, _ = CrossEntropyRows.forward(logits, target, weight, call)  # bookkeeping (~15 of ~40 µs)
+        call = RowCall(opts.row, shard, resolve_impl(opts.impl, logits.device), opts.inplace_backward)
+        loss, lse = apply_function(CrossEntropyRows, logits, target, weight, call)
+    else:  # (a plan: plain eager mode, no forward-mode AD; the Function hands the lse over in the call's list)
+        call = RowCall.one_pass_call(opts.row, shard, opts.inplace_backward, plan)
+        if torch.is_grad_enabled() and logits.requires_grad:
+            loss = apply_plain(CrossEntropyRows, logits, target, weight, call)
+        else:  # nothing to differentiate: the Function's forward alone, what its apply would run, without the
+            loss = CrossEntropyRows.forward(logits, target, weight, call)  # graph's bookkeeping (~15 of ~40 µs)
+        lse = call.handed_over[0]
     if plan is None or plan.row_scale is None:  # a one pass with a row scale reduced on the host (host_row_scale)
         loss = reduce_rows(loss, target, weight, kind, opts)
     return loss_result(loss, lse, target, weight, kind, opts, logits.dtype)

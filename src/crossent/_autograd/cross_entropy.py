@@ -22,18 +22,26 @@ from crossent.kernels.shard import VocabShard
 
 class RowCall(NamedTuple):
     """How :class:`CrossEntropyRows` runs: the row options, the shard, the rows' backend, in-place backward, and
-    for a small CPU call the one-pass plan (``dispatch.one_pass``; None: the rows' forward)."""
+    for a small CPU call the one-pass plan (``dispatch.one_pass``; None: the rows' forward) with the list its
+    forward hands the lse and the formed gradient over in (:meth:`one_pass_call`)."""
 
     opts: RowOptions
     shard: VocabShard
     impl: str
     inplace_backward: bool = False
     one_pass: Optional[OnePass] = None
+    handed_over: Optional[list] = None
+
+    @staticmethod
+    def one_pass_call(opts: RowOptions, shard: VocabShard, inplace_backward: bool, plan: OnePass) -> "RowCall":
+        """A one-pass call (the rows' backend is ``"torch"``: ``impl="auto"`` on the CPU), with an empty
+        ``handed_over`` list: after forward it holds the lse (the formed gradient is moved onto the context)."""
+        return RowCall(opts, shard, "torch", inplace_backward, plan, [])
 
 
 class CrossEntropyRows(torch.autograd.Function):
-    """Per-position cross-entropy and log-sum-exp of logits ``(..., C)`` (or of a vocabulary shard of them), and a
-    gradient formed in forward (None unless the call's one-pass plan forms one).
+    """Per-position cross-entropy and log-sum-exp of logits ``(..., C)`` (or of a vocabulary shard of them); with a
+    one-pass plan only the loss (below).
 
     Saves the logits (no copy), the target, the class weights and the float64 LSE: O(N) beyond the input.
     The LSE output carries no gradient. Backward runs the fused kernels; where a transform needs the gradient
@@ -46,31 +54,37 @@ class CrossEntropyRows(torch.autograd.Function):
     (``_reduction.host_total``), and where it forms the gradient (the logits need one, not in place) the gradient
     for grad_output 1 is kept on ``ctx`` — not saved, so the first backward with grad_output 1 hands it out without
     a copy. Every other backward (another grad_output, a second one, ``"none"``, in place) runs the backend's
-    gradient pass from the saved lse, into a new tensor or (in place) the logits.
+    gradient pass from the saved lse, into a new tensor or (in place) the logits. The lse and the formed gradient
+    are handed over in the call's list (``RowCall.handed_over``), not as outputs: the loss is the only output, as
+    each further one costs autograd ~1.5 µs over forward and backward (a tenth of a 64 × 1000 call's fixed cost);
+    plain eager mode, which a plan implies, reads them there.
     """
 
     @staticmethod
     def forward(logits, target, class_weight, call: RowCall):
         plan = call.one_pass
         if plan is None:
-            return (*ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl), None)
+            return ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl)
         loss, lse, total, formed = ops.ce_one_pass(logits, target, class_weight, call.opts, plan)
-        return (loss if plan.row_scale is None else host_total(total, plan.row_scale, loss.dtype)), lse, formed
+        call.handed_over[:] = lse, formed
+        return loss if plan.row_scale is None else host_total(total, plan.row_scale, loss.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         logits, target, class_weight, call = inputs
-        ctx.save_for_backward(logits, target, class_weight, output[1])
-        ctx.call, ctx.formed = call, output[2]
+        ctx.call, ctx.formed = call, None
         if call.one_pass is None:
+            ctx.save_for_backward(logits, target, class_weight, output[1])
             ctx.save_for_forward(logits, target, class_weight)
             ctx.mark_non_differentiable(output[1])
-        else:  # eager, no forward-mode AD; no zero (N, C) gradient materialized for the formed output in backward
-            ctx.mark_non_differentiable(*(output[1:] if output[2] is not None else output[1:2]))
-            ctx.set_materialize_grads(False)
+            return
+        # eager, no forward-mode AD: the formed gradient moves onto ctx (the list keeps only the lse, so that the
+        # first backward's hand-out is the gradient's only reference, which autograd then takes without a copy)
+        ctx.save_for_backward(logits, target, class_weight, call.handed_over[0])
+        ctx.formed = call.handed_over.pop()
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse, _grad_formed):
+    def backward(ctx, grad_loss, *_grad_lse):
         c, plan, formed = ctx.call, ctx.call.one_pass, ctx.formed
         ctx.formed = None  # handed out at most once: the caller may keep and modify it
         # formed: a one pass's, for grad_output 1 (CPU, plain eager: the host read is free)
@@ -122,7 +136,7 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
             raise RuntimeError("cross_entropy under torch.func.vmap: the class weights must not be batched")
         logits = batch_first(logits, in_dims[0], info.batch_size)
         target = batch_first(target, in_dims[1], info.batch_size)
-        return CrossEntropyRowsTransformable.apply(logits, target, class_weight, call), (0, 0, None)
+        return CrossEntropyRowsTransformable.apply(logits, target, class_weight, call), (0, 0)
 
     @staticmethod
     def jvp(ctx, logits_tangent, target_tangent, _weight_tangent, _call_tangent):
@@ -136,7 +150,7 @@ class CrossEntropyRowsTransformable(CrossEntropyRows):
         if target_tangent is not None and target.is_floating_point():
             tangent = tangent + (composite.target_grad(logits, target, class_weight, ones, opts).double()
                                  * target_tangent.double()).sum(-1)  # fmt: skip
-        return tangent.to(compute_dtype(logits.dtype)), None, None
+        return tangent.to(compute_dtype(logits.dtype)), None
 
 
 register_transformable(CrossEntropyRows, CrossEntropyRowsTransformable)
