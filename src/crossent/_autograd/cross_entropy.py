@@ -67,7 +67,7 @@ class CrossEntropyRows(torch.autograd.Function):
             return ops.ce_forward(logits, target, class_weight, call.opts, call.shard, call.impl)
         loss, lse, total, formed = ops.ce_one_pass(logits, target, class_weight, call.opts, plan)
         call.handed_over[:] = lse, formed
-        return loss if plan.row_scale is None else host_total(total, plan.row_scale, loss.dtype)
+        return loss if plan.row_scale is None else host_total(total, plan.row_scale, compute_dtype(logits.dtype))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

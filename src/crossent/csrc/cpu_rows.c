@@ -254,8 +254,9 @@ static void block_grad(const float *x, float *out, int n, float hi, float lo, fl
         for (int i = 0; i < n; i++) out[i] = scale * exp_f32((x[i] - hi) - lo) - smooth;
 }
 
-/* Rows per dynamic chunk: about 2^15 logits, so a few dozen chunks share the work of a large call. */
-static inline int64_t chunk_rows(int64_t classes) { return classes >= (1 << 15) ? 1 : (1 << 15) / classes; }
+/* Rows per dynamic chunk: about 2^13 logits (a few µs of work), so that a thread that joins late (woken, or on a
+ * core another process holds) still takes a share of a small call, and a few hundred chunks share a large one. */
+static inline int64_t chunk_rows(int64_t classes) { return classes >= (1 << 13) ? 1 : (1 << 13) / classes; }
 
 typedef struct {
     const char *base; /* logits */
@@ -538,13 +539,19 @@ static void row_cached(const Rows *z, const RowOptions *o, int64_t r, float *los
 
 /* Rows' loss and lse, and with out_base their gradient g_r · ∂loss/∂z too (each row while it is in the cache: the
  * fused loops and the small-input path know g in forward), g_r = grad[r], or grad_value where grad is NULL.
- * *total: Σ_r loss_r in float64, in row order. */
+ * *total: Σ_r loss_r in float64, in row order; loss NULL: only that sum is wanted (the rows' losses go to a
+ * scratch array). */
 static int rows_loss(const Rows *z, char *out_base, int64_t out_s_n, int64_t out_s_m, const RowOptions *o, float *loss,
                      double *lse, const float *grad, double grad_value, int factored, int64_t rows, int threads,
                      double *total) {
     int failed;
     double *block_weight = block_weights(o, z->classes, &failed);
     if (failed) return -1;
+    float *row_loss_out = loss ? loss : (float *)malloc(sizeof(float) * (size_t)(rows > 0 ? rows : 1));
+    if (!row_loss_out) {
+        free(block_weight);
+        return -1;
+    }
 #pragma omp parallel num_threads(threads) if (threads > 1)
     {
         float *buf = z->classes <= CACHED_MAX ? row_buffer(2 * z->classes) : NULL; /* once per thread and call */
@@ -552,16 +559,17 @@ static int rows_loss(const Rows *z, char *out_base, int64_t out_s_n, int64_t out
         for (int64_t r = 0; r < rows; r++) {
             double g = grad ? (double)grad[r] : grad_value;
             if (buf) {
-                row_cached(z, o, r, loss + r, lse + r, out_base, out_s_n, out_s_m, g, factored, buf);
+                row_cached(z, o, r, row_loss_out + r, lse + r, out_base, out_s_n, out_s_m, g, factored, buf);
                 continue;
             }
-            row_forward(z, o, block_weight, r, loss + r, lse + r);
+            row_forward(z, o, block_weight, r, row_loss_out + r, lse + r);
             if (out_base) row_backward(z, out_base, out_s_n, out_s_m, o, lse[r], g, factored, r);
         }
     }
     free(block_weight);
     *total = 0.0;
-    for (int64_t r = 0; r < rows; r++) *total += (double)loss[r];
+    for (int64_t r = 0; r < rows; r++) *total += (double)row_loss_out[r];
+    if (!loss) free(row_loss_out);
     return 0;
 }
 
@@ -843,7 +851,7 @@ PyDoc_STRVAR(cross_entropy_rows_doc,
              "weight_f32, W, eps, z_loss, loss, lse, grad, grad_value, factored, rows, threads): mode 0 the per-row loss "
              "(fp32) and lse (float64), returning the loss's float64 sum; 1 the gradient into out from lse and the "
              "per-row upstream gradient grad (or grad_value on every row where grad is 0); 2 both, row by row, "
-             "returning the sum. Pointers are addresses (0 where the mode reads or writes nothing).");
+             "returning the sum (loss 0: only the sum). Pointers are addresses (0 where the mode reads or writes nothing).");
 
 static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     int mode, dtype, factored, threads;

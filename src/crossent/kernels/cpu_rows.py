@@ -83,12 +83,13 @@ def covers(logits: Tensor, out: Optional[Tensor], opts) -> bool:
 
 
 def forward(
-    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, weights=None
-) -> Tuple[Tensor, Tensor, float]:  # fmt: skip
+    logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, weights=None,
+    row_losses: bool = True,
+) -> Tuple[Optional[Tensor], Tensor, float]:  # fmt: skip
     """Per-row loss (float32) and lse (float64), flat (rows,), of logits (N, M, C) or (N, C) and int targets of
     the batch shape, and the float64 sum of the losses. ``weights``: :func:`class_weights` of ``class_weight``,
-    when the caller has them."""
-    return _loss_rows(0, logits, target, class_weight, opts, weights=weights)
+    when the caller has them; ``row_losses`` False: only the sum is wanted, the loss is None."""
+    return _loss_rows(0, logits, target, class_weight, opts, row_losses, weights=weights)
 
 
 def backward(
@@ -105,24 +106,26 @@ def backward(
 
 def loss_and_grad(
     logits: Tensor, target: Tensor, class_weight: Optional[Tensor], grad_loss: Union[Tensor, float], opts: RowOptions,
-    out: Tensor, factored: bool = False, weights=None,
-) -> Tuple[Tensor, Tensor, float]:  # fmt: skip
+    out: Tensor, factored: bool = False, weights=None, row_losses: bool = True,
+) -> Tuple[Optional[Tensor], Tensor, float]:  # fmt: skip
     """:func:`forward` and then :func:`backward` (into ``out``, which may be the logits), each row while it is in the
     cache — one exp per logit where the row fits the kernels' row buffer: the fused loops and the small-input path
-    know the upstream gradient ``grad_loss`` in forward. Returns (loss, lse) flat and the float64 sum of the losses.
+    know the upstream gradient ``grad_loss`` in forward. Returns (loss, lse) flat and the float64 sum of the losses;
+    ``row_losses`` False: only the sum is wanted, and the loss is None (no (N,) tensor for a reduced loss).
 
     ``factored``: write only the gradient's ``scale · p`` part (``scale`` as in ``torch_rows.IndexGradFactors``: 0
     on ignored rows, NaN on out-of-range ones); the fused loops add the target and smoothing terms after their
     products."""
     grad, grad_value = _upstream(grad_loss, logits.shape[:-1])
-    return _loss_rows(2, logits, target, class_weight, opts, out=out, grad=grad, grad_value=grad_value,
+    return _loss_rows(2, logits, target, class_weight, opts, row_losses, out=out, grad=grad, grad_value=grad_value,
                       factored=factored, weights=weights)  # fmt: skip
 
 
-def _loss_rows(mode, logits, target, class_weight, opts, **kwargs) -> Tuple[Tensor, Tensor, float]:
-    """:func:`_cross_entropy_rows` in mode 0 or 2 into new per-row loss (float32) and lse (float64) tensors."""
+def _loss_rows(mode, logits, target, class_weight, opts, row_losses=True, **kwargs):
+    """:func:`_cross_entropy_rows` in mode 0 or 2 into new per-row loss (float32; None unless ``row_losses``) and lse
+    (float64) tensors, and the float64 sum of the losses."""
     rows = math.prod(logits.shape[:-1])
-    loss = torch.empty(rows, dtype=torch.float32)
+    loss = torch.empty(rows, dtype=torch.float32) if row_losses else None
     lse = torch.empty(rows, dtype=torch.float64)
     total = _cross_entropy_rows(mode, logits, target, class_weight, opts, loss=loss, lse=lse, **kwargs)
     return loss, lse, total

@@ -56,9 +56,10 @@ def target_total_weight(target: Tensor, weights: tuple, num_classes: int, ignore
 
 
 def forward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], opts: RowOptions, plan: OnePass):
-    """Per-row loss (compute dtype, flat (N,)), float64 lse (N,), the float64 sum of the losses, and the gradient
-    ``row_scale · ∂loss/∂logits`` in the logits' dtype and shape where ``plan.form_grad`` (else None), of logits
-    (N, C) and checked int64 class indices (N,)."""
+    """Per-row loss (compute dtype, flat (N,); may be None where the plan has a row scale: the sum is what is
+    wanted then), float64 lse (N,), the float64 sum of the losses, and the gradient ``row_scale · ∂loss/∂logits`` in
+    the logits' dtype and shape where ``plan.form_grad`` (else None), of logits (N, C) and checked int64 class
+    indices (N,)."""
     if plan.backend == "c":
         return _c_forward(logits, target, opts, plan)
     return _aten_forward(logits, target, class_weight, opts, plan)
@@ -78,10 +79,12 @@ def backward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse
 
 
 def _c_forward(logits, target, opts, plan):
+    row_losses = plan.row_scale is None  # a row scale: only the sum is wanted
     if not plan.form_grad:
-        return (*cpu_rows.forward(logits, target, None, opts, plan.weights), None)
+        return (*cpu_rows.forward(logits, target, None, opts, plan.weights, row_losses), None)
     formed = torch.empty(logits.shape, dtype=logits.dtype)
-    loss, lse, total = cpu_rows.loss_and_grad(logits, target, None, plan.row_scale, opts, formed, weights=plan.weights)
+    loss, lse, total = cpu_rows.loss_and_grad(logits, target, None, plan.row_scale, opts, formed, weights=plan.weights,
+                                              row_losses=row_losses)  # fmt: skip
     return loss, lse, total, formed
 
 

@@ -135,7 +135,8 @@ def ce_one_pass(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], 
     formed for the plan's row scale (the logits' shape and dtype), or None."""
     if logits.dim() == 1:  # one unbatched row
         loss, lse, total, formed = ce_one_pass(logits.view(1, -1), target.view(1), class_weight, opts, plan)
-        return loss.view(()), lse.view(()), total, None if formed is None else formed.view(logits.shape)
+        loss = None if loss is None else loss.view(())  # (None: a reduced loss, only its sum)
+        return loss, lse.view(()), total, None if formed is None else formed.view(logits.shape)
     if plan.backend == "c":  # (C reads no autocast state)
         return one_pass.forward(logits, target, class_weight, opts, plan)
     with no_autocast(logits.device):  # PyTorch's kernels in the precision chosen there
