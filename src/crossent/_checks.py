@@ -41,23 +41,32 @@ def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if target.device != input.device:
         raise ValueError(f"target is on {target.device} but input is on {input.device}")
+    if target.is_floating_point():
+        if target.shape == input.shape:
+            if ignore_index >= 0:  # as PyTorch: a negative ignore_index can never match and is allowed
+                raise ValueError(
+                    f"ignore_index={ignore_index} can't be used with class-probability targets "
+                    f"(floating target of the input's shape {tuple(input.shape)})"
+                )
+            return "probs"
+    elif not target.is_complex() and target.dtype != torch.bool and _is_index_shape(input.shape, target.shape):
+        return "index"
     class_dim = 0 if input.dim() == 1 else 1
     index_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
-    if target.is_floating_point() and target.shape == input.shape:
-        if ignore_index >= 0:  # as PyTorch: a negative ignore_index can never match and is allowed
-            raise ValueError(
-                f"ignore_index={ignore_index} can't be used with class-probability targets "
-                f"(floating target of the input's shape {tuple(input.shape)})"
-            )
-        return "probs"
-    if not target.is_floating_point() and not target.is_complex() and target.dtype != torch.bool:
-        if target.shape == index_shape:
-            return "index"
     raise ValueError(
         f"target of shape {tuple(target.shape)} and dtype {target.dtype} matches neither target kind for input "
         f"of shape {tuple(input.shape)}: expected integer class indices of shape {tuple(index_shape)} or "
         f"floating class probabilities of shape {tuple(input.shape)}"
     )
+
+
+def _is_index_shape(input_shape: torch.Size, target_shape: torch.Size) -> bool:
+    """``target_shape`` is ``input_shape`` without its class dim (dim 1, or dim 0 of a (C,) input). The (N, C) case
+    is compared without building that shape (~0.4 µs of a small call)."""
+    if len(input_shape) == 2:
+        return len(target_shape) == 1 and target_shape[0] == input_shape[0]
+    class_dim = 0 if len(input_shape) == 1 else 1
+    return target_shape == input_shape[:class_dim] + input_shape[class_dim + 1 :]
 
 
 def class_indices(target: torch.Tensor) -> torch.Tensor:
