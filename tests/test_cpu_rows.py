@@ -80,14 +80,14 @@ def _run(x, t, w, opts, reduction="none", enabled=True, monkeypatch=None):
     ran exactly when on (a ``covers`` that declined would compare the torch ops with themselves)."""
     monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
     calls = []
-    native = cpu_rows._cross_entropy_rows
-    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", lambda *a, **k: calls.append(a[0]) or native(*a, **k))
+    native = cpu_rows._rows_call
+    monkeypatch.setattr(cpu_rows, "_rows_call", lambda *a, **k: calls.append(a[0]) or native(*a, **k))
     xr = x.clone().requires_grad_()
     loss = crossent.cross_entropy(xr, t, reduction=reduction, **row_kwargs(opts, w))
     g = torch.Generator().manual_seed(1)
     upstream = torch.randn(loss.shape, generator=g) if loss.dim() else torch.tensor(1.0)
     loss.backward(upstream)
-    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", native)
+    monkeypatch.setattr(cpu_rows, "_rows_call", native)
     assert bool(calls) == enabled, calls
     return loss.detach(), xr.grad, upstream
 
@@ -225,8 +225,8 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
 @pytest.mark.parametrize("path", ["o_n", pytest.param("small", marks=pytest.mark.one_pass)])
 def test_out_of_range_class_raises_before_any_kernel_runs(path, monkeypatch):
     calls = []
-    native = cpu_rows._cross_entropy_rows
-    monkeypatch.setattr(cpu_rows, "_cross_entropy_rows", lambda *a, **k: calls.append(1) or native(*a, **k))
+    native = cpu_rows._rows_call
+    monkeypatch.setattr(cpu_rows, "_rows_call", lambda *a, **k: calls.append(1) or native(*a, **k))
     x = torch.randn(4, 500, requires_grad=True)
     assert _one_pass_backend(x, torch.zeros(4, dtype=torch.long)) == ("c" if path == "small" else None)
     with pytest.raises(ValueError, match="class index 500, outside"):

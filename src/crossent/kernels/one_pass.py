@@ -5,7 +5,7 @@ gradient that is kept for backward. Written in place: the logits, by :func:`back
 
 Two backends with one contract (:func:`forward`), chosen by ``dispatch.one_pass_backend``:
 
-- ``"c"``: the C kernels' one pass (``cpu_rows.loss_and_grad``: one exp per logit for loss and gradient), for fp32 /
+- ``"c"``: the C kernels' one pass (``cpu_rows.one_pass_rows``: one exp per logit for loss and gradient), for fp32 /
   bf16 / fp16 rows with the class dim contiguous;
 - ``"aten"``: PyTorch's fused ``log_softmax`` and ``nll_loss`` (and their backward kernels for the gradient), for
   the rest, and for the shapes where PyTorch's kernel is the faster (``dispatch.PYTORCH_FASTER_FROM``).
@@ -79,12 +79,10 @@ def backward(logits: Tensor, target: Tensor, class_weight: Optional[Tensor], lse
 
 
 def _c_forward(logits, target, opts, plan):
-    row_losses = plan.row_scale is None  # a row scale: only the sum is wanted
-    if not plan.form_grad:
-        return (*cpu_rows.forward(logits, target, None, opts, plan.weights, row_losses), None)
-    formed = torch.empty(logits.shape, dtype=logits.dtype)
-    loss, lse, total = cpu_rows.loss_and_grad(logits, target, None, plan.row_scale, opts, formed, weights=plan.weights,
-                                              row_losses=row_losses)  # fmt: skip
+    formed = torch.empty(logits.shape, dtype=logits.dtype) if plan.form_grad else None
+    # (a row scale: only the sum of the losses is wanted)
+    loss, lse, total = cpu_rows.one_pass_rows(logits, target, opts, plan.weights, plan.row_scale or 0.0, formed,
+                                              plan.row_scale is None)  # fmt: skip
     return loss, lse, total, formed
 
 
