@@ -427,3 +427,33 @@ def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature
     z_s, z_t = (xs @ ws.T).double().numpy(), (xt @ wt.T).double().numpy()
     ref = reference.generalized_jsd(z_s, z_t, beta=beta, temperature=temperature, target=target.numpy())
     torch.testing.assert_close(got[0].double(), torch.tensor(float(ref), dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("beta", [0.0, 1.0])
+@pytest.mark.parametrize("vocab", [700, 70_000], ids=["kept", "streaming"])
+def test_distill_step_infinite_and_nan_logits_as_the_torch_step(beta, vocab, monkeypatch):
+    # −inf columns in both heads add nothing; in one head only, a huge finite term (the torch step clamps the
+    # log-probabilities to the lowest finite value); an all −inf row or a NaN logit: a NaN loss and gradient row
+    g = torch.Generator().manual_seed(11)
+    z, zt = torch.randn(6, vocab, generator=g) * 3, torch.randn(6, vocab, generator=g) * 3
+    z[0, -5:], zt[0, -5:] = -math.inf, -math.inf
+    z[1, : vocab // 2] = -math.inf  # the student's only
+    zt[2, 3] = -math.inf  # the teacher's only
+    z[3] = -math.inf
+    z[4, 7], zt[5, 2] = math.nan, math.nan
+    calls = []
+    native = cpu_rows.distill
+    monkeypatch.setattr(cpu_rows, "distill", lambda *a: calls.append(1) or native(*a))
+
+    def run(enabled):
+        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+        x = z.clone().requires_grad_()
+        loss = crossent.distill_loss(x, zt, beta=beta, reduction="none")
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    got = run(True)
+    assert calls
+    want = run(False)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7, equal_nan=True)

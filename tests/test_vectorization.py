@@ -91,8 +91,9 @@ def unvectorized(source_path: Path, level: str) -> list[str]:
 
 
 def test_the_exp_loops_are_found():
-    # the block kernels' exp loops: sum and exp-and-sum (float64 lanes, and fp32 runs), sum with Σ p log p, gradient
-    # (with and without weights), log-probs gradient (with and without entropy), distillation's shifted exp
+    # the block kernels' exp loops: sum (float64 lanes, and fp32 runs), exp-and-sum (fp32 runs), sum with Σ p log p,
+    # gradient (with and without weights), log-probs gradient (with and without entropy), distillation's row pass
+    # (both rows' exps and the divergence) and shifted exp
     assert len(exp_loops(SOURCE.read_text())) == 10
 
 

@@ -418,17 +418,6 @@ static void row_backward(const Rows *z, char *out_base, int64_t out_s_n, int64_t
  * rescale each time a block raises the max). Longer rows, or a failed allocation, take the streaming pair. */
 #define CACHED_MAX (1 << 16)
 
-/* e_i = exp(x_i − m); returns Σ e_i in float64 lanes (the divergence's lse) */
-static double block_exp_sum(const float *x, int n, float m, float *e) {
-    double s = 0.0;
-#pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; i++) {
-        e[i] = exp_f32(x[i] - m);
-        s += (double)e[i];
-    }
-    return s;
-}
-
 /* e_i = exp(x_i − m); returns Σ e_i in fp32 runs (the cross-entropy's lse) */
 static double block_exp_sum_runs(const float *x, int n, float m, float *e) {
     double s = 0.0;
@@ -660,29 +649,33 @@ static void rows_log_prob_grad(const Rows *z, char *out_base, int64_t out_s_n, i
 }
 
 /* Distillation with β = 0 (forward KL(p ‖ q)) or β = 1 (reverse KL(q ‖ p)) of student logits s and teacher logits t
- * at temperature T (crossent.kernels.distill_rows.block_step_, without softcap or hard loss): with
- * lq = s / T − lse_s and lp = t / T − lse_t (each clamped to −FLT_MAX, as the torch step clamps them; lq − lp
- * taken as (s − t) / T − (lse_s − lse_t)),
- *   D = Σ_c p_c (lp_c − lq_c)   or   D = Σ_c q_c (lq_c − lp_c)                    (float64 row sums)
- * and, with row_scale, s ← row_scale · ∂D/∂(s / T) = row_scale · (q − p)   or   row_scale · q (lq − lp − D).
- * Three passes over a row (stats, D, gradient): the last two read it from the cache. Rows of ≤ CACHED_MAX columns
- * keep both rows' exponentials in the row buffer (row_distill: 2 exps per logit); longer ones recompute them in
- * each pass (5 for the forward KL, 4 for the reverse). The block kernels take the exponentials either way. */
-static inline float shifted_log(float x, float hi, float lo) {
-    float y = (x - hi) - lo;
-    return select_f32(y < -FLT_MAX, -FLT_MAX, y);
+ * at temperature T (crossent.kernels.distill_rows.block_step_, without softcap or hard loss). With x_s = s / T,
+ * x_t = t / T, q = softmax(x_s), p = softmax(x_t), and (a, b) = (t, s) for the forward KL, (s, t) for the reverse
+ * (a: the model whose probabilities weight the sum; π_a its softmax),
+ *   D = Σ_c π_a,c r_c,   r_c = log π_a,c − log π_b,c = (x_a,c − x_b,c) − (lse_a − lse_b)          (float64 row sum)
+ * and, with row_scale, s ← row_scale · ∂D/∂x_s = row_scale · (q − p)   or   row_scale · q (r − D).
+ * Rows of ≤ CACHED_MAX columns (row_distill with the row buffer): with m the row maxes, e = exp(x − m), S = Σ e,
+ *   r_c = u_c − (log S_a − log S_b),  u_c = (x_a,c − x_b,c) − (m_a − m_b),
+ *   D = (Σ_c e_a,c u_c) / S_a − log S_a + log S_b
+ * — one pass takes both rows' exponentials (kept in the row buffer) and the three sums, a second writes the gradient
+ * from them: 2 exps per logit, three passes over a row (max, exps and D, gradient), the last two from the cache.
+ * Longer rows: the log-sum-exps by a running max, then D and the gradient with their exponentials recomputed per
+ * pass (5 exps per logit for the forward KL, 4 for the reverse). */
+
+/* (x_a − x_b) − k, k in two fp32 parts: rounded once, relative to the result (the log ratio u or r above; r − D for
+ * the reverse KL's gradient). x_a − x_b = +inf (x_b = −inf: probability 0 in b, not in a) is taken as FLT_MAX, as the
+ * torch step's log-probabilities clamped to −FLT_MAX give it: a huge finite term */
+static inline float log_ratio(float xa, float xb, const float *k) {
+    float d = xa - xb;
+    return (select_f32(d > FLT_MAX, FLT_MAX, d) - k[0]) - k[1];
 }
 
-/* lq − lp as (s − t) − (lse_s − lse_t) (shift[4..5]: the lse difference in two parts): rounded once, relative to
- * the result, where lq and lp would each be rounded at their own magnitude; where it is not finite (an −inf
- * logit), the clamped lq − lp (a finite value whose weight q or p is then 0) */
-static inline float log_ratio(float s, float t, float lq, float lp, const float *shift) {
-    float d = ((s - t) - shift[4]) - shift[5];
-    return select_f32(fabsf(d) <= FLT_MAX, d, lq - lp); /* false for NaN and ±inf */
-}
+/* w · r, 0 where the weight w is 0 (0 · log 0 = 0, as in the torch step: also where x_a = −inf makes r −inf or,
+ * with x_b = −inf too, NaN); a NaN weight or ratio (NaN logits, a NaN log-sum-exp) stays NaN */
+static inline float weighted(float w, float r) { return select_f32(w == 0.0f, 0.0f, w * r); }
 
-/* lse of z / T over a row, by the running max (returned); its two-part fp32 shift (hi, lo) into shift[0..1] */
-static double row_lse_shift(const Rows *z, const void *row, double temperature, float *buf, float *shift) {
+/* lse of z / T over a row, by the running max */
+static double row_lse(const Rows *z, const void *row, double temperature, float *buf) {
     float m = -FLT_MAX;
     double s = 0.0;
     for (int64_t c = 0; c < z->classes; c += BLOCK) {
@@ -695,105 +688,125 @@ static double row_lse_shift(const Rows *z, const void *row, double temperature, 
         }
         s += block_sumexp(x, n, m);
     }
-    double lse = (double)m + log(s);
-    split2(lse, shift, shift + 1);
-    return lse;
+    return (double)m + log(s);
 }
 
-/* Σ p (lp − lq) (forward) or Σ q (lq − lp) (reverse) over a block, the weight p = e_t / S_t or q = e_s / S_s from
- * the block's exponentials (`e`, `inv_sum` the matching 1 / S; 1 where e is already p or q), in float64 lanes: its
- * terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
-static double block_kl(const float *s, const float *t, const float *e, int n, const float *shift,
-                       int reverse, float inv_sum) {
-    double acc = 0.0;
-    const float sign = reverse ? 1.0f : -1.0f;
-#pragma omp simd reduction(+ : acc)
-    for (int i = 0; i < n; i++) {
-        float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-        acc += (double)(sign * (e[i] * inv_sum) * log_ratio(s[i], t[i], lq, lp, shift));
+/* Row `row` of z / T as fp32: the row itself for fp32 at T = 1, else converted (and divided) into dst (C floats);
+ * *max: its max, at least −FLT_MAX (as row_lse's) */
+static const float *tempered_row(const Rows *z, const void *row, double temperature, float *dst, float *max) {
+    const int64_t C = z->classes;
+    const float *x = z->dtype == DTYPE_FLOAT32 && temperature == 1.0 ? (const float *)row : dst;
+    for (int64_t c = 0; c < C && x == dst; c += BLOCK) {
+        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        tempered_block(z, row, c, n, temperature, dst + c);
     }
+    float m = block_max(x, (int)C);
+    *max = m < -FLT_MAX ? -FLT_MAX : m;
+    return x;
+}
+
+/* A cached row's pass (CACHED_MAX columns at most): e_a = exp(x_a − m_a) into ea and e_b = exp(x_b − m_b) into eb
+ * (each may be its x), sums = (Σ e_a, Σ e_b, Σ e_a log_ratio(x_a, x_b, k)) in float64 lanes (an error δ in either
+ * log-sum-exp moves D by ~(D + 1) δ, and D can be small); k = m_a − m_b in two parts */
+static void row_exps_kl(const float *xa, const float *xb, float *ea, float *eb, int n, float m_a, float m_b,
+                        const float *k, double *sums) {
+    double s_a = 0.0, s_b = 0.0, acc = 0.0;
+#pragma omp simd reduction(+ : s_a, s_b, acc)
+    for (int i = 0; i < n; i++) {
+        float u = log_ratio(xa[i], xb[i], k), e_a = exp_f32(xa[i] - m_a), e_b = exp_f32(xb[i] - m_b);
+        ea[i] = e_a;
+        eb[i] = e_b;
+        s_a += (double)e_a;
+        s_b += (double)e_b;
+        acc += (double)weighted(e_a, u);
+    }
+    sums[0] = s_a;
+    sums[1] = s_b;
+    sums[2] = acc;
+}
+
+/* e_i = exp((x_i − hi) − lo): a block's p or q from its tempered logits and lse in two parts (streaming rows) */
+static void block_probs(const float *x, int n, const float *lse, float *e) {
+    for (int i = 0; i < n; i++) e[i] = exp_f32((x[i] - lse[0]) - lse[1]);
+}
+
+/* Σ π_a r over a block of a streaming row (π_a from block_probs), r = log_ratio(x_a, x_b, k), in float64 lanes: its
+ * terms are as large as the divergence itself (fp32 lanes lost ~4e-6 at D ≈ 13) */
+static double block_kl(const float *xa, const float *xb, const float *pa, int n, const float *k) {
+    double acc = 0.0;
+#pragma omp simd reduction(+ : acc)
+    for (int i = 0; i < n; i++) acc += (double)weighted(pa[i], log_ratio(xa[i], xb[i], k));
     return acc;
+}
+
+/* D of a streaming row, given its log-sum-exps in two parts each (lse: s, then t) and lse_a − lse_b */
+static double streaming_kl(const Rows *s, const Rows *t, const void *s_row, const void *t_row, double temperature,
+                           int reverse, const float *lse, double lse_diff) {
+    float s_buf[BLOCK], t_buf[BLOCK], pa[BLOCK], k[2];
+    split2(lse_diff, k, k + 1);
+    double d = 0.0;
+    for (int64_t c = 0; c < s->classes; c += BLOCK) {
+        int n = s->classes - c < BLOCK ? (int)(s->classes - c) : BLOCK;
+        const float *xs = tempered_block(s, s_row, c, n, temperature, s_buf);
+        const float *xt = tempered_block(t, t_row, c, n, temperature, t_buf);
+        block_probs(reverse ? xs : xt, n, reverse ? lse : lse + 2, pa);
+        d += reverse ? block_kl(xs, xt, pa, n, k) : block_kl(xt, xs, pa, n, k);
+    }
+    return d;
 }
 
 /* out_i = scale · (q_i − p_i) from the exponentials (forward KL's gradient; no exp) */
 static void block_kl_grad(const float *es, const float *et, float *out, int n, float inv_s, float inv_t,
                           float scale) {
+#pragma omp simd
     for (int i = 0; i < n; i++) out[i] = scale * (es[i] * inv_s - et[i] * inv_t);
 }
 
-/* out_i = scale · q_i (lq_i − lp_i − D), q from the exponentials (reverse KL's gradient; no exp) */
-static void block_rkl_grad(const float *s, const float *t, const float *es, float *out, int n,
-                           const float *shift, float inv_s, float divergence, float scale) {
-    for (int i = 0; i < n; i++) {
-        float lq = shifted_log(s[i], shift[0], shift[1]), lp = shifted_log(t[i], shift[2], shift[3]);
-        float q = es[i] * inv_s;
-        out[i] = scale * (q * log_ratio(s[i], t[i], lq, lp, shift) - divergence * q);
-    }
+/* out_i = scale · q_i (r_i − D) = scale · q_i log_ratio(x_s, x_t, lse_s − lse_t + D), q from the exponentials
+ * (reverse KL's gradient; no exp). out may be xs: each out_i is written after its x_s,i is read. */
+static void block_rkl_grad(const float *xs, const float *xt, const float *es, float *out, int n, const float *k,
+                           float inv_s, float scale) {
+#pragma omp simd
+    for (int i = 0; i < n; i++) out[i] = scale * weighted(es[i] * inv_s, log_ratio(xs[i], xt[i], k));
 }
 
-/* Row `row` of z / T as fp32 into dst (C floats); returns its max, at least −FLT_MAX (as row_lse_shift's) */
-static float tempered_row(const Rows *z, const void *row, double temperature, float *dst) {
-    float m = -FLT_MAX;
-    for (int64_t c = 0; c < z->classes; c += BLOCK) {
-        int n = z->classes - c < BLOCK ? (int)(z->classes - c) : BLOCK;
-        const float *x = load_block(row, z->dtype, c, n, dst + c);
-        if (temperature != 1.0)
-            divide_block(x, n, (float)temperature, dst + c);
-        else if (x != dst + c)
-            memcpy(dst + c, x, (size_t)n * sizeof(float));
-        float bm = block_max(dst + c, n);
-        m = bm > m ? bm : m;
-    }
-    return m;
-}
-
-/* e_i = exp(max((x_i − hi) − lo, −FLT_MAX)): a block's p or q from its tempered logits and lse (streaming rows) */
-static void block_exp_shifted(const float *x, int n, float hi, float lo, float *e) {
-    for (int i = 0; i < n; i++) e[i] = exp_f32(shifted_log(x[i], hi, lo));
-}
-
-/* Columns [c, c + n) of a row's exponentials: kept in the row buffer (`kept`), or computed from the tempered block
- * x and the row's lse in two parts (`hilo`) into tmp */
-static inline const float *block_exps(const float *kept, int64_t c, const float *x, int n, const float *hilo,
-                                      float *tmp) {
-    if (kept) return kept + c;
-    block_exp_shifted(x, n, hilo[0], hilo[1], tmp);
-    return tmp;
-}
-
-/* One row of rows_distill. With the row buffer `buf` (2C floats; rows of ≤ CACHED_MAX columns) e_s = exp(s / T −
- * m_s) and e_t = exp(t / T − m_t) are kept, so p = e_t / S_t and q = e_s / S_s cost no more exps: 2 per logit in
- * all. Without it (longer rows) the exponentials are recomputed per pass from lq and lp (inverse sums 1): 5 for the
- * forward KL, 4 for the reverse. The block kernels are the same. */
+/* One row of rows_distill. With the row buffer `buf` (2C floats; rows of ≤ CACHED_MAX columns) e_s and e_t are
+ * kept there (p = e_t / S_t, q = e_s / S_s); without it (longer rows) p and q are recomputed per pass from the
+ * log-sum-exps. fp32 gradients go straight into the student's row, 16-bit ones through a block buffer. */
 static void row_distill(const Rows *s, const Rows *t, double temperature, int reverse, const float *row_scale,
                         double *divergence, int64_t r, float *buf) {
     const int64_t C = s->classes;
-    float s_buf[BLOCK], t_buf[BLOCK], es_buf[BLOCK], et_buf[BLOCK], out_buf[BLOCK], shift[6];
+    float s_buf[BLOCK], t_buf[BLOCK], es_buf[BLOCK], et_buf[BLOCK], out_buf[BLOCK], lse[4], k[2];
     void *s_row = (void *)row_at(s, r);
     const void *t_row = row_at(t, r);
     float *es = buf, *et = buf ? buf + C : NULL, inv_s = 1.0f, inv_t = 1.0f;
+    double lse_s, lse_t, d = 0.0;
     if (buf) {
-        float m_s = tempered_row(s, s_row, temperature, es), m_t = tempered_row(t, t_row, temperature, et);
-        double sum_s = block_exp_sum(es, (int)C, m_s, es), sum_t = block_exp_sum(et, (int)C, m_t, et);
-        double lse_s = (double)m_s + log(sum_s), lse_t = (double)m_t + log(sum_t);
-        split2(lse_s, shift, shift + 1);
-        split2(lse_t, shift + 2, shift + 3);
-        split2(lse_s - lse_t, shift + 4, shift + 5);
+        float m_s, m_t;
+        double sums[3]; /* Σ e_a, Σ e_b, Σ e_a u */
+        const float *xs = tempered_row(s, s_row, temperature, es, &m_s);
+        const float *xt = tempered_row(t, t_row, temperature, et, &m_t);
+        split2(reverse ? (double)m_s - (double)m_t : (double)m_t - (double)m_s, k, k + 1);
+        if (reverse)
+            row_exps_kl(xs, xt, es, et, (int)C, m_s, m_t, k, sums);
+        else
+            row_exps_kl(xt, xs, et, es, (int)C, m_t, m_s, k, sums);
+        const double sum_s = sums[reverse ? 0 : 1], sum_t = sums[reverse ? 1 : 0];
+        lse_s = (double)m_s + log(sum_s);
+        lse_t = (double)m_t + log(sum_t);
+        d = sums[2] / sums[0] - log(sums[0]) + log(sums[1]);
         inv_s = (float)(1.0 / sum_s);
         inv_t = (float)(1.0 / sum_t);
     } else {
-        double lse_diff = row_lse_shift(s, s_row, temperature, s_buf, shift) -
-                          row_lse_shift(t, t_row, temperature, t_buf, shift + 2);
-        split2(lse_diff, shift + 4, shift + 5);
+        lse_s = row_lse(s, s_row, temperature, s_buf);
+        lse_t = row_lse(t, t_row, temperature, t_buf);
     }
-    double d = 0.0;
-    for (int64_t c = 0; c < C; c += BLOCK) {
-        int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
-        const float *xs = tempered_block(s, s_row, c, n, temperature, s_buf);
-        const float *xt = tempered_block(t, t_row, c, n, temperature, t_buf);
-        const float *e = reverse ? block_exps(es, c, xs, n, shift, es_buf) : block_exps(et, c, xt, n, shift + 2, et_buf);
-        d += block_kl(xs, xt, e, n, shift, reverse, reverse ? inv_s : inv_t);
-    }
+    split2(lse_s, lse, lse + 1); /* the streaming passes' q and p */
+    split2(lse_t, lse + 2, lse + 3);
+    if (!isfinite(lse_s) || !isfinite(lse_t))
+        d = NAN; /* an all −inf row has no softmax: NaN, as the torch step's log_softmax gives (also for NaN rows) */
+    else if (!buf)
+        d = streaming_kl(s, t, s_row, t_row, temperature, reverse, lse, reverse ? lse_s - lse_t : lse_t - lse_s);
     divergence[r] = d;
     if (!row_scale) return;
     float scale = row_scale[r];
@@ -801,17 +814,23 @@ static void row_distill(const Rows *s, const Rows *t, double temperature, int re
         fill_row(s_row, s->dtype, C, 0.0f);
         return;
     }
+    if (reverse) split2(lse_s - lse_t + d, k, k + 1);
     for (int64_t c = 0; c < C; c += BLOCK) {
         int n = C - c < BLOCK ? (int)(C - c) : BLOCK;
+        float *out = s->dtype == DTYPE_FLOAT32 ? (float *)s_row + c : out_buf;
         /* the logits are read again where the exponentials are not kept, and for the reverse KL's log ratio */
         const float *xs = !buf || reverse ? tempered_block(s, s_row, c, n, temperature, s_buf) : NULL;
         const float *xt = !buf || reverse ? tempered_block(t, t_row, c, n, temperature, t_buf) : NULL;
-        const float *eq = block_exps(es, c, xs, n, shift, es_buf);
-        if (reverse)
-            block_rkl_grad(xs, xt, eq, out_buf, n, shift, inv_s, (float)d, scale);
-        else
-            block_kl_grad(eq, block_exps(et, c, xt, n, shift + 2, et_buf), out_buf, n, inv_s, inv_t, scale);
-        store_block(s_row, s->dtype, c, n, out_buf);
+        const float *eq = buf ? es + c : es_buf;
+        if (!buf) block_probs(xs, n, lse, es_buf);
+        if (reverse) {
+            block_rkl_grad(xs, xt, eq, out, n, k, inv_s, scale);
+        } else {
+            const float *ep = buf ? et + c : et_buf;
+            if (!buf) block_probs(xt, n, lse + 2, et_buf);
+            block_kl_grad(eq, ep, out, n, inv_s, inv_t, scale);
+        }
+        if (out == out_buf) store_block(s_row, s->dtype, c, n, out_buf);
     }
 }
 
