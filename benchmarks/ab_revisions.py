@@ -20,6 +20,14 @@ import sys
 
 # (name, setup, step): setup builds tensors once; step is one forward+backward
 WORKLOADS = {
+    "ce 64x1000 f32 (x200)": (  # a small call's fixed cost: 200 steps per timing
+        "z = torch.randn(64, 1000, requires_grad=True); t = torch.randint(0, 1000, (64,))",
+        "for _ in range(200): crossent.cross_entropy(z, t).backward(); z.grad = None",
+    ),
+    "ce 64x1000 bf16 (x200)": (
+        "z = torch.randn(64, 1000).bfloat16().requires_grad_(); t = torch.randint(0, 1000, (64,))",
+        "for _ in range(200): crossent.cross_entropy(z, t).backward(); z.grad = None",
+    ),
     "ce 4096x32768 f32": (
         "z = torch.randn(4096, 32768, requires_grad=True); t = torch.randint(0, 32768, (4096,))",
         "crossent.cross_entropy(z, t).backward(); z.grad = None",
