@@ -404,29 +404,39 @@ def test_distill_step_matches_the_torch_step_and_the_reference(beta, temperature
     ws, wt = torch.randn(v, d, generator=g), torch.randn(v, d, generator=g)
     target = torch.randint(0, v, (n,), generator=g)
     target[::3] = -100
-    calls = []
-    native = cpu_rows.distill
-    monkeypatch.setattr(cpu_rows, "distill", lambda *a: calls.append(1) or native(*a))
 
-    def run(enabled):
-        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
-        x = xs.clone().requires_grad_()
+    def loss_of(x):
         if form == "logits":
-            loss = crossent.distill_loss(x @ ws.T, xt @ wt.T, beta=beta, temperature=temperature, target=target)
-        else:
-            loss = crossent.linear_distill_loss(x, ws, xt, wt, beta=beta, temperature=temperature, target=target)
-        loss.backward()
-        return loss.detach(), x.grad
+            return crossent.distill_loss(x @ ws.T, xt @ wt.T, beta=beta, temperature=temperature, target=target)
+        return crossent.linear_distill_loss(x, ws, xt, wt, beta=beta, temperature=temperature, target=target)
 
-    got = run(True)
-    assert bool(calls) == (beta in (0.0, 1.0))
-    want = run(False)
+    got, want, c_step_ran = _with_and_without_the_c_step(xs, loss_of, monkeypatch)
+    assert c_step_ran == (beta in (0.0, 1.0))
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
     # dX sums V terms in fp32 in both paths: at 70000 columns each is ~1e-5 off float64 (the C one no further)
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-7 if v < 10_000 else 4e-5)
     z_s, z_t = (xs @ ws.T).double().numpy(), (xt @ wt.T).double().numpy()
     ref = reference.generalized_jsd(z_s, z_t, beta=beta, temperature=temperature, target=target.numpy())
     torch.testing.assert_close(got[0].double(), torch.tensor(float(ref), dtype=torch.float64), rtol=1e-5, atol=1e-6)
+
+
+def _with_and_without_the_c_step(x0, loss_of, monkeypatch):
+    """(loss, dX) of ``loss_of(x)`` for ``x`` a copy of ``x0`` with the C kernels on, the same with them off, and
+    whether the C distillation step ran (with them on)."""
+    calls = []
+    native = cpu_rows.distill
+    monkeypatch.setattr(cpu_rows, "distill", lambda *a: calls.append(1) or native(*a))
+
+    def run(enabled):
+        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
+        x = x0.clone().requires_grad_()
+        loss = loss_of(x)
+        loss.sum().backward()
+        return loss.detach(), x.grad
+
+    got = run(True)
+    c_step_ran = bool(calls)
+    return got, run(False), c_step_ran
 
 
 @pytest.mark.parametrize("beta", [0.0, 1.0])
@@ -441,19 +451,9 @@ def test_distill_step_infinite_and_nan_logits_as_the_torch_step(beta, vocab, mon
     zt[2, 3] = -math.inf  # the teacher's only
     z[3] = -math.inf
     z[4, 7], zt[5, 2] = math.nan, math.nan
-    calls = []
-    native = cpu_rows.distill
-    monkeypatch.setattr(cpu_rows, "distill", lambda *a: calls.append(1) or native(*a))
-
-    def run(enabled):
-        monkeypatch.setattr(cpu_rows, "ENABLED", enabled)
-        x = z.clone().requires_grad_()
-        loss = crossent.distill_loss(x, zt, beta=beta, reduction="none")
-        loss.sum().backward()
-        return loss.detach(), x.grad
-
-    got = run(True)
-    assert calls
-    want = run(False)
+    got, want, c_step_ran = _with_and_without_the_c_step(
+        z, lambda x: crossent.distill_loss(x, zt, beta=beta, reduction="none"), monkeypatch
+    )
+    assert c_step_ran
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
     torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7, equal_nan=True)
