@@ -456,4 +456,10 @@ def test_distill_step_infinite_and_nan_logits_as_the_torch_step(beta, vocab, mon
     )
     assert c_step_ran
     torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-7, equal_nan=True)
+    # the torch step rounds log q and log p at their own magnitude (|log q| up to ~2^5 with these logits), so its
+    # gradient is off by up to ~2^5 fp32 ulps of its row's largest entry (31 measured under PyTorch's AVX2 kernels,
+    # the C step's ~1): per row, twice that (a row with the huge clamped term has its own scale)
+    row_scale = want[1].nan_to_num(0.0, posinf=0.0, neginf=0.0).abs().amax(-1, keepdim=True)
+    bound = 2**-17 * row_scale + 1e-4 * want[1].abs()
+    close = ((got[1] - want[1]).abs() <= bound) | (got[1] == want[1]) | (got[1].isnan() & want[1].isnan())
+    assert close.all(), (got[1][~close], want[1][~close])
