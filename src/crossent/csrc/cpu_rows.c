@@ -870,7 +870,8 @@ PyDoc_STRVAR(cross_entropy_rows_doc,
              "weight_f32, W, eps, z_loss, loss, lse, grad, grad_value, factored, rows, threads): mode 0 the per-row loss "
              "(fp32) and lse (float64), returning the loss's float64 sum; 1 the gradient into out from lse and the "
              "per-row upstream gradient grad (or grad_value on every row where grad is 0); 2 both, row by row, "
-             "returning the sum (loss 0: only the sum). Pointers are addresses (0 where the mode reads or writes nothing).");
+             "returning the sum (loss 0: only the sum). Pointers are addresses (0 where the mode reads or writes "
+             "nothing).");
 
 static PyObject *py_cross_entropy_rows(PyObject *Py_UNUSED(self), PyObject *args) {
     int mode, dtype, factored, threads;
