@@ -149,7 +149,7 @@ def apply_function(function, *args):
     # the same test Function.apply makes before its own plain branch, which this repeats without the binding
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return function.apply(*args)
-    return super(torch.autograd.Function, function).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
+    return apply_plain(function, *args)
 
 
 def apply_plain(function, *args):
