@@ -51,8 +51,7 @@ def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
             return "probs"
     elif not target.is_complex() and target.dtype != torch.bool and _is_index_shape(input.shape, target.shape):
         return "index"
-    class_dim = 0 if input.dim() == 1 else 1
-    index_shape = input.shape[:class_dim] + input.shape[class_dim + 1 :]
+    index_shape = _index_shape(input.shape)
     raise ValueError(
         f"target of shape {tuple(target.shape)} and dtype {target.dtype} matches neither target kind for input "
         f"of shape {tuple(input.shape)}: expected integer class indices of shape {tuple(index_shape)} or "
@@ -60,13 +59,18 @@ def target_kind(input: torch.Tensor, target, ignore_index: int) -> TargetKind:
     )
 
 
+def _index_shape(input_shape: torch.Size) -> torch.Size:
+    """``input_shape`` without its class dim (dim 1, or dim 0 of a (C,) input): class indices' shape."""
+    class_dim = 0 if len(input_shape) == 1 else 1
+    return input_shape[:class_dim] + input_shape[class_dim + 1 :]
+
+
 def _is_index_shape(input_shape: torch.Size, target_shape: torch.Size) -> bool:
-    """``target_shape`` is ``input_shape`` without its class dim (dim 1, or dim 0 of a (C,) input). The (N, C) case
-    is compared without building that shape (~0.4 µs of a small call)."""
+    """``target_shape == _index_shape(input_shape)``; the (N, C) case compared without building that shape (~0.4 µs
+    of a small call)."""
     if len(input_shape) == 2:
         return len(target_shape) == 1 and target_shape[0] == input_shape[0]
-    class_dim = 0 if len(input_shape) == 1 else 1
-    return target_shape == input_shape[:class_dim] + input_shape[class_dim + 1 :]
+    return target_shape == _index_shape(input_shape)
 
 
 def class_indices(target: torch.Tensor) -> torch.Tensor:
