@@ -21,7 +21,6 @@ custom op runs.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -147,9 +146,9 @@ def ce_one_pass_backward(logits, target, class_weight, lse, upstream, opts: RowO
     """The gradient of a one pass's loss for ``upstream`` (a float for every position, or one per position) from its
     float64 ``lse``: in a new tensor, or written over the logits (``inplace``)."""
     out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype)
-    args = (class_weight, lse.view(-1), upstream, opts, plan)
-    with contextlib.nullcontext() if plan.backend == "c" else no_autocast(logits.device):  # C reads no autocast state
-        one_pass.backward(logits.view(-1, logits.shape[-1]), target.reshape(-1), *args, out.view(-1, out.shape[-1]))
+    with no_autocast(logits.device):  # the "aten" backend's kernels in the precision chosen there
+        one_pass.backward(logits.view(-1, logits.shape[-1]), target.reshape(-1), class_weight, lse.view(-1), upstream,
+                          opts, plan, out.view(-1, out.shape[-1]))  # fmt: skip
     if inplace:
         torch.autograd.graph.increment_version(logits)  # as the op's mutates_args does: a second backward raises
     return out
