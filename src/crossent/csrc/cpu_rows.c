@@ -23,7 +23,7 @@
  *
  * Sums are ``omp simd`` reductions: the divergence and the distillation's sums of exponentials in float64 lanes
  * (an error in either moves a loss by as much), the cross-entropy's sum of exponentials in fp32 lanes over runs of
- * 64 columns each added into a float64 sum (block_sumexp_runs) — over a whole row where it sits in the row buffer
+ * SUM_RUN (256) columns each added into a float64 sum (block_sumexp_runs) — over a whole row where it sits in the row buffer
  * (rows of at most CACHED_MAX columns), else per block of 256 columns; the smoothing dot and the log-probs' S and
  * Σ p log p in fp32 lanes per block of 256 columns; every block's sum is added into a float64 row sum.
  */
