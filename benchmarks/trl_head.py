@@ -31,7 +31,7 @@ import torch
 from crossent.bench import load
 from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 from crossent.bench.report import cpu_paths
-from crossent.bench.measure import interleaved_medians
+from crossent.bench.measure import interleaved_medians, max_abs_diff
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from trl.trainer import utils as trl_utils  # noqa: E402  (after the offline switch)
@@ -119,8 +119,8 @@ def accuracy(n, d, v, dtypes):
         want = reference(*data)
         for name, fn in FUNCTIONS.items():
             got = step(fn, *data)
-            out[f"{name} {dtype}"] = {what: (a.double() - b).abs().max().item()
-                                       for what, a, b in zip(("log_probs", "entropy", "dX", "dW"), got, want)}  # fmt: skip
+            errors = zip(("log_probs", "entropy", "dX", "dW"), got, want)
+            out[f"{name} {dtype}"] = {what: max_abs_diff(a, b) for what, a, b in errors}
     return out
 
 
