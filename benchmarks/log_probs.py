@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 import crossent
 from crossent.bench import load
+from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 from crossent.bench.measure import interleaved_medians, max_abs_diff
 
 
@@ -93,21 +94,15 @@ def times(n, d, v, reps, load_name="quiet"):
         return interleaved_medians(fns, reps)
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def peak_child(n, d, v, name):
     """Peak RSS during one call minus the RSS before it (inputs alive), in bytes. The high-water mark is reset
     first (``/proc/self/clear_refs``), so the inputs' own creation does not count."""
     data = problem(n, d, v)
     fn = methods(*data)[name]
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = _status_kib("VmRSS")
+    _reset_peak_rss()
+    base = _rss_bytes("VmRSS")
     fn()
-    return (_status_kib("VmHWM") - base) * 1024
+    return _rss_bytes("VmHWM") - base
 
 
 def peak(n, d, v, name):
