@@ -1,8 +1,8 @@
 """The C row kernels against the torch-ops kernels they replace and against PyTorch, in one process (CPU).
 
 Per (N, C) and dtype, cross-entropy forward+backward (mean, class indices): ``F.cross_entropy``; crossent with the C
-kernels (``crossent._cpu_rows``); crossent with ``cpu_rows.ENABLED = False`` (the torch-ops kernels, what a machine
-without a C compiler runs). Methods interleaved (``bench.measure.interleaved_medians``); ratios to PyTorch.
+kernels (the build that runs, ``cpu_rows.VARIANT``); crossent with ``cpu_rows.ENABLED = False`` (the torch-ops
+kernels, what a machine without a C compiler runs). Methods interleaved (``bench.measure.interleaved_medians``); ratios to PyTorch.
 Shapes above 2^20 logits only: below, ``cross_entropy`` takes the small inputs' one pass (``kernels/one_pass.py``, the
 same C kernels in one pass; ``benchmarks/small_shapes.py`` measures it).
 
@@ -79,12 +79,10 @@ def methods(x: torch.Tensor, t: torch.Tensor, other=None):
 
         return loss
 
-    def with_build(a, b):
-        with build(other):
-            return crossent.cross_entropy(a, b)
-
     fns = {"torch": step(F.cross_entropy), "C kernels": step(with_c(True)), "torch ops": step(with_c(False))}
-    return fns if other is None else {**fns, "B build": step(with_build)}
+    if other is not None:
+        fns["B build"] = step(lambda a, b: _with(other, crossent.cross_entropy, a, b))
+    return fns
 
 
 def main(argv=None):
@@ -99,13 +97,19 @@ def main(argv=None):
     if not cpu_rows.available():
         raise SystemExit("crossent._cpu_rows was not built (no C compiler at install): nothing to compare")
     other = None if args.ab is None else load_build(args.ab)
+    paths = cpu_paths() + ("" if other is None else f"; B build: {args.ab}")
     if args.kernels_only:
-        print(cpu_paths() + ("" if other is None else f"; B build: {args.ab}"))
+        print(f"CPU, {args.load}, torch {torch.__version__}; {paths}")
+    else:
+        steps(args, other, paths)
+    with load.condition(args.load):
         kernels_alone(args.reps, other, args.statistic)
-        return
+
+
+def steps(args, other, paths: str) -> None:
+    """The forward+backward table: per shape and dtype, each method's median as a ratio to F.cross_entropy's."""
     print(f"cross_entropy forward+backward, CPU, {args.load}, torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, median of {args.reps} (interleaved); ratio to F.cross_entropy; {cpu_paths()}"
-          + ("" if other is None else f"; B build: {args.ab}"))  # fmt: skip
+          f"threads, median of {args.reps} (interleaved); ratio to F.cross_entropy; {paths}")  # fmt: skip
     print(f"{'N x C':>12} {'dtype':>9} {'torch':>9} {'C kernels':>10} {'torch ops':>10}"
           + ("" if other is None else f" {'B build':>10}"))  # fmt: skip
     for n, c in SHAPES:
@@ -121,8 +125,6 @@ def main(argv=None):
             base = sec["torch"]
             print(f"{n:>5}x{c:<6} {str(dtype)[6:]:>9} {base * 1e3:7.1f}ms {sec['C kernels'] / base:9.2f}x "
                   f"{sec['torch ops'] / base:9.2f}x" + ("" if other is None else f" {sec['B build'] / base:9.2f}x"))
-    with load.condition(args.load):
-        kernels_alone(args.reps, other, args.statistic)
 
 
 KERNEL_SHAPES = [(64, 1000), (64, 32000)]
