@@ -219,9 +219,10 @@ def test_import_crossent_does_not_import_trl():
 # ---------------------------------------------------------------------------------------------- a fused-head model
 
 
-def test_model_with_trls_fused_head():
+def test_model_with_trls_fused_head(monkeypatch):
     """A tiny Gemma 2 (softcap) with ``add_fused_lm_head``: labels with −100, every output, temperature; the
-    loss, outputs (0 at ignored positions) and gradients are TRL's with crossent patched in."""
+    loss, outputs (0 at ignored positions) and gradients are TRL's with crossent patched in (and crossent ran:
+    a head that kept TRL's function would pass the comparison by itself)."""
     cfg = transformers.Gemma2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                     num_attention_heads=2, num_key_value_heads=1, head_dim=8,
                                     final_logit_softcapping=5.0)  # fmt: skip
@@ -239,9 +240,14 @@ def test_model_with_trls_fused_head():
         (out.loss + out.entropy.sum()).backward()
         return [getattr(out, n) for n in ("loss",) + ct.OUTPUTS], [p.grad.clone() for p in model.parameters()]
 
+    calls = []
+    monkeypatch.setattr(ct, "_crossent_call", lambda *a, real=ct._crossent_call: calls.append(a) or real(*a))
     theirs = run()
-    ct.patch()
+    assert not calls
+    ct.patch()  # its probe calls crossent too
+    calls.clear()
     ours = run()
+    assert len(calls) == 1, len(calls)  # the model's one head call
     for a, b in zip(theirs[0] + theirs[1], ours[0] + ours[1]):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     mask = labels[:, 1:] != -100
