@@ -31,6 +31,8 @@ _TENSORS = "Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor targ
 
 
 def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """``t``, or a new empty tensor like ``like`` for None (custom ops take and return tensors only; also
+    :mod:`crossent.kernels.logprob_ops`'s, whose ``_or_none`` turns it back)."""
     return like.new_empty(0) if t is None else t
 
 

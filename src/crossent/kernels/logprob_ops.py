@@ -19,7 +19,7 @@ from crossent._checks import check_target_range
 from crossent._options import LogProbRowOptions
 from crossent._precision import compute_dtype
 from crossent.kernels import linear_loop
-from crossent.kernels.linear_ops import _fake_grads, _vmap_by_loop
+from crossent.kernels.linear_ops import _fake_grads, _grads_out, _or_empty, _vmap_by_loop
 from crossent.kernels.collectives import logprob_stats_hook
 from crossent.kernels.dispatch import logprob_chunk_kernels, logprob_kernels, no_autocast
 from crossent.kernels.linear_loop import GradNeeds, LinearGrads, LoopArgs
@@ -42,11 +42,7 @@ def _check_range(index: Tensor, shard: VocabShard, opts: LogProbRowOptions) -> N
 def _rows_out(rows: LogProbRows):
     """The ops' six outputs: ``(log_probs, entropy, lse, log_sum_sq_probs, mean_logits, is_top1)``, the optional
     ones empty (float64) when not asked."""
-    return tuple(rows.lse.new_empty(0) if t is None else t for t in rows)  # one each: outputs may not alias
-
-
-def _or_empty(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
+    return tuple(_or_empty(t, rows.lse) for t in rows)  # one each: outputs may not alias
 
 
 def _or_none(t: Tensor) -> Optional[Tensor]:
@@ -134,7 +130,7 @@ def _linear_logprob_backward(input, linear_weight, linear_bias, index, lse, entr
             input, linear_weight, linear_bias, index, lse, _or_none(entropy), _or_none(grad_log_probs),
             _or_none(grad_entropy), opts, loop, needs=needs, shard=shard, kernels=logprob_chunk_kernels(impl),
         )  # fmt: skip
-    return tuple(_or_empty(g, input) for g in grads)
+    return _grads_out(grads, input)
 
 
 @_linear_logprob_backward.register_fake
@@ -150,10 +146,6 @@ _vmap_by_loop(_linear_logprob_backward)
 # --- how the autograd layer calls the ops --------------------------------------------------------------
 
 
-def _empty_if_none(t: Optional[Tensor], like: Tensor) -> Tensor:
-    return like.new_empty(0) if t is None else t
-
-
 def logprob_forward(logits: Tensor, index: Tensor, opts: LogProbRowOptions, shard: VocabShard, impl: str):
     """``(log_probs (..., K), entropy (...), lse (...) float64, log_sum_sq_probs (...), mean_logits (...), is_top1
     (..., K) bool)`` of logits (..., V_s), the optional ones empty tensors when not asked."""
@@ -164,7 +156,7 @@ def logprob_backward(logits, index, lse, entropy, grad_log_probs, grad_entropy, 
                      shard: VocabShard, impl: str) -> Tensor:  # fmt: skip
     """The gradient w.r.t. the logits (this shard's columns); None upstream gradients are zero."""
     return _logprob_backward(
-        logits, index, lse, entropy, _empty_if_none(grad_log_probs, lse), _empty_if_none(grad_entropy, lse),
+        logits, index, lse, entropy, _or_empty(grad_log_probs, lse), _or_empty(grad_entropy, lse),
         *flatten(opts, shard), impl,
     )  # fmt: skip
 
@@ -181,7 +173,7 @@ def linear_logprob_backward(input, linear_weight, linear_bias, index, lse, entro
                             impl: str) -> LinearGrads:  # fmt: skip
     """(dX, dW, db) (None where not asked), the logits recomputed block by block."""
     grads = _linear_logprob_backward(
-        input, linear_weight, linear_bias, index, lse, entropy, _empty_if_none(grad_log_probs, lse),
-        _empty_if_none(grad_entropy, lse), *flatten(opts, shard, loop, needs), impl,
+        input, linear_weight, linear_bias, index, lse, entropy, _or_empty(grad_log_probs, lse),
+        _or_empty(grad_entropy, lse), *flatten(opts, shard, loop, needs), impl,
     )  # fmt: skip
     return LinearGrads(*(g if need else None for g, need in zip(grads, needs)))
