@@ -68,7 +68,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # column). Unknown devices print no percentage.
 HBM_PEAK_GBS = (("H100 PCIe", 2000), ("H100", 3350), ("H200", 4800), ("H20", 4000), ("A100", 2039), ("B200", 8000))
 # Dense bf16 tensor-core peak in TF/s, same matching, for the same column.
-BF16_PEAK_TFS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("A100", 312), ("B200", 2250))
+BF16_PEAK_TFS = (("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("H20", 148), ("A100", 312), ("B200", 2250))
 
 LossFn = Callable[..., torch.Tensor]
 
@@ -136,17 +136,26 @@ class Peaks(NamedTuple):
     bf16_tfs: float
 
 
-H100_SXM = Peaks("H100 SXM", 3350.0, 989.0)  # NVIDIA's data sheet: 3.35 TB/s HBM3, 989 TFLOP/s dense bf16
-
-
-def device_peaks(device: torch.device) -> Optional[Peaks]:
-    name = device_name(device)
+def peaks_of(name: str) -> Optional[Peaks]:
+    """The peaks of the device called ``name`` from the two tables above; None where either is unknown."""
     hbm, tfs = lookup(HBM_PEAK_GBS, name), lookup(BF16_PEAK_TFS, name)
     return None if hbm is None or tfs is None else Peaks(name, hbm, tfs)
 
 
+def device_peaks(device: torch.device) -> Optional[Peaks]:
+    return peaks_of(device_name(device))
+
+
+H100_SXM = peaks_of("H100 SXM")  # 3.35 TB/s HBM3, 989 TFLOP/s dense bf16
+
+
+def bound_ms(work: Work, peaks: Peaks) -> Tuple[float, float]:
+    """The least time of ``work``'s FLOPs at the dense bf16 peak and of its bytes at the HBM peak, ms each."""
+    return 1e3 * work.flops / (peaks.bf16_tfs * 1e12), 1e3 * work.bytes / (peaks.hbm_gbs * 1e9)
+
+
 def sol_ms(work: Work, peaks: Peaks) -> float:
-    return 1e3 * max(work.flops / (peaks.bf16_tfs * 1e12), work.bytes / (peaks.hbm_gbs * 1e9))
+    return max(bound_ms(work, peaks))
 
 
 def sol_pct(work: Work, peaks: Optional[Peaks], ms: float) -> Optional[float]:
@@ -764,9 +773,14 @@ def _linear_work(run: Run, gemms: int, heads: int = 1, grads: bool = True) -> Wo
 
 
 def _fsdp(run: Run) -> str:
+    if run.device is None or run.device.type != "cuda":
+        return "skipped: needs CUDA GPUs (benchmarks/fsdp_memory.py alone runs the comparison on CPU ranks)"
     command = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fsdp_memory.py"),
                "--accelerate", "--nproc", str(torch.cuda.device_count())]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True).stdout or "fsdp_memory.py failed"
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:  # a partial table is not a result: say so, with the error's end
+        return f"fsdp_memory.py failed (exit {done.returncode}):\n{done.stdout}{done.stderr[-3000:]}"
+    return done.stdout
 
 
 SECTIONS: Dict[str, Section] = {
@@ -815,10 +829,10 @@ def predict(run: Run, keys: List[str], peaks: Peaks = H100_SXM) -> str:
              f"bf16): max(FLOPs / peak, bytes / bandwidth)", head, "-" * len(head)]  # fmt: skip
     for key in keys:
         for shape, dtype_name, what, work in SECTIONS[key].work(run):
-            compute, memory = 1e3 * work.flops / (peaks.bf16_tfs * 1e12), 1e3 * work.bytes / (peaks.hbm_gbs * 1e9)
+            compute, memory = bound_ms(work, peaks)
             shape_text = "x".join(str(s) for s in shape)
             lines.append(f"{key:<8} {shape_text:>18} {dtype_name:>5} {what:<8} {work.flops / 1e9:9.1f} "
-                         f"{work.bytes / 1e9:7.3f} {compute:10.3f} {memory:8.3f} {sol_ms(work, peaks):8.3f}")  # fmt: skip
+                         f"{work.bytes / 1e9:7.3f} {compute:10.3f} {memory:8.3f} {max(compute, memory):8.3f}")  # fmt: skip
     return "\n".join(lines)
 
 
