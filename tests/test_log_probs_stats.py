@@ -188,6 +188,27 @@ def test_no_gradient_and_gradients_unchanged():
     assert not any(getattr(out, f).requires_grad for f in FIELDS)
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
+def test_vmap_statistics(fused):
+    """``torch.func.vmap`` over a batch dim gives each element's statistics (the Functions' vmap rules: plain by
+    moving the batch dim in front of the rows, fused by one call per element); entropy off, so its empty
+    placeholder sits between the vmapped outputs."""
+    g = torch.Generator().manual_seed(0)
+    xb, w = torch.randn(3, 5, D, generator=g, dtype=torch.float64), torch.randn(V, D, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (3, 5, 2), generator=g)
+    ids[1, 0] = -100  # a position whose ids are all ignored
+
+    def stats(a, i):
+        out = (crossent.linear_token_log_probs(a, w, i, **STATS) if fused
+               else crossent.token_log_probs(F.linear(a, w), i, **STATS))  # fmt: skip
+        return tuple(getattr(out, f) for f in FIELDS)
+
+    batched = torch.func.vmap(stats)(xb, ids)
+    one_by_one = [stats(a, i) for a, i in zip(xb, ids)]
+    for f, got, *want in zip(FIELDS, batched, *one_by_one):
+        torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12, msg=lambda m, f=f: f"{f}: {m}")
+
+
 @pytest.mark.parametrize("flag", FIELDS)
 def test_bad_flags(flag):
     with pytest.raises(TypeError, match=f"{flag} must be a bool, got 1"):
