@@ -54,6 +54,27 @@ def test_json_is_parseable_and_out_writes_both_files(capsys, tmp_path):
     assert (tmp_path / "bench-ce.txt").read_text().count("64x1000") == 2
 
 
+def test_header_and_meta_name_the_cpu_paths_that_run(monkeypatch, capsys):
+    from crossent.bench import report
+
+    assert cli.main(["bench", "--quick", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["meta"]["cpu"] == report.cpu_paths()
+    assert cli.main(["bench", "--quick"]) == 0
+    assert capsys.readouterr().out.splitlines()[0].endswith(f"threads; {report.cpu_paths()}")
+    # cpu_paths' other cases, faked: the switch below an AVX-512 CPU, and a machine without the C kernels
+    monkeypatch.setattr(report._cpu_level, "detected", lambda: "x86-64-v4")
+    monkeypatch.setattr(report._cpu_level, "level", lambda: "x86-64-v3")
+    monkeypatch.setattr(report.cpu_rows, "VARIANT", "x86-64-v3")
+    monkeypatch.setattr(report.cpu_rows, "available", lambda: True)
+    monkeypatch.setattr(report, "fast_half_products", lambda device, dtype: dtype == torch.bfloat16)
+    assert report.cpu_paths() == ("CPU x86-64-v4, run as x86-64-v3 (CROSSENT_CPU_CAPABILITY); C kernels: x86-64-v3 "
+                                  "build; native 16-bit products: bf16")  # fmt: skip
+    monkeypatch.setattr(report._cpu_level, "level", lambda: "x86-64-v4")
+    monkeypatch.setattr(report.cpu_rows, "available", lambda: False)
+    monkeypatch.setattr(report, "fast_half_products", lambda device, dtype: False)
+    assert report.cpu_paths() == "CPU x86-64-v4; C kernels: off (not built); native 16-bit products: none"
+
+
 def test_plot_writes_a_png(tmp_path):
     path = tmp_path / "bench.png"
     assert cli.main(["bench", "--quick", "--plot", str(path)]) == 0
