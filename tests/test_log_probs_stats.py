@@ -209,10 +209,17 @@ def test_vmap_statistics(fused):
         torch.testing.assert_close(got, torch.stack(want), rtol=1e-12, atol=1e-12, msg=lambda m, f=f: f"{f}: {m}")
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("flag", FIELDS)
-def test_bad_flags(flag):
-    with pytest.raises(TypeError, match=f"{flag} must be a bool, got 1"):
-        crossent.token_log_probs(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), **{flag: 1})
+def test_bad_flags(flag, fused):
+    """Both public forms refuse a non-bool flag before any work (an int is not taken for a bool)."""
+    z, ids = torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64)
+    for value, shown in ((1, "1 of type int"), ("yes", "'yes' of type str")):
+        with pytest.raises(TypeError, match=f"{flag} must be a bool, got {shown}"):
+            if fused:
+                crossent.linear_token_log_probs(z, torch.zeros(4, 3), ids, **{flag: value})
+            else:
+                crossent.token_log_probs(z, ids, **{flag: value})
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["plain", "fused"])
