@@ -32,9 +32,10 @@ from crossent.kernels.shard import VocabShard
 ONE_PASS_MAX_ELEMENTS = 1 << 20
 
 # Where PyTorch's fused log_softmax + nll_loss (the "aten" one pass) is faster than the C one pass, per level of the
-# C kernels' build that runs (cpu_rows.VARIANT) and dtype: the number of logits from which "aten" runs. Empty for
-# x86-64-v4 (AVX512-BF16; benchmarks/small_shapes.py: the C pass wins at every shape there). A level's entry comes
-# from benchmarks/small_shapes.py on a CPU of that level (or under CROSSENT_CPU_CAPABILITY), stated where measured.
+# C kernels' build that runs (cpu_rows.VARIANT) and dtype: the number of logits from which "aten" runs. Empty: at
+# x86-64-v4 and at x86-64-v3 (under CROSSENT_CPU_CAPABILITY, PyTorch on AVX2) the C pass is below PyTorch's kernel at
+# every shape measured (benchmarks/cpu_kernels.py and crossent bench; docs/benchmarks.md, "The user's CPU, second
+# round"). A level's entry comes from benchmarks/small_shapes.py on a CPU of that level, stated where measured.
 PYTORCH_FASTER_FROM: Dict[str, Dict[torch.dtype, int]] = {}
 
 
