@@ -19,7 +19,7 @@ import torch.distributed as dist  # noqa: E402
 from deepspeed.utils import safe_get_full_grad  # noqa: E402
 
 import crossent.transformers as ct  # noqa: E402
-from _engine_workers import VOCAB, _batch, _model, _no_worse, _same  # noqa: E402
+from _engine_workers import VOCAB, _batch, _loss, _model, _no_worse, _same  # noqa: E402
 
 
 def _config(stage, bf16):
@@ -54,7 +54,7 @@ def _steps(engine, rank, loss_fn, n=2):
 
 
 def _lm_loss(engine, ids, labels):
-    return engine(input_ids=ids, labels=labels).loss
+    return _loss(engine, ids, labels, engine.module)
 
 
 def _policy_loss(engine, ids, labels, stock=False):

@@ -50,12 +50,37 @@ def _full(t):
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+_crossent_losses = []  # one entry per loss crossent's patched forward computed (this spawned process only)
+
+
+def _counted(head_loss):
+    def counted(*args, **kwargs):
+        _crossent_losses.append(1)
+        return head_loss(*args, **kwargs)
+
+    return counted
+
+
+ct._head_loss = _counted(ct._head_loss)
+
+
+def _loss(model, ids, labels, module):
+    """``model``'s loss on the batch, checked to be crossent's exactly when ``module`` (the model ``patch`` was
+    given) is patched: an engine that bypassed the patched forward would compare stock with stock, and pass."""
+    before = len(_crossent_losses)
+    loss = model(input_ids=ids, labels=labels).loss
+    ran, patched = len(_crossent_losses) - before, ct.is_patched(module)
+    if ran != int(patched):
+        raise AssertionError(f"crossent computed {ran} losses in one forward of a model with patched={patched}")
+    return loss
+
+
 def _step(model, ids, labels, params=None, context=contextlib.nullcontext):
     """One forward + backward: (loss, {name: full gradient}) — every rank gathers every gradient alike."""
-    with context():
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
     params = params or model
+    with context():
+        loss = _loss(model, ids, labels, params)
+        loss.backward()
     return _full(loss.detach()).float(), {n: _full(p.grad).float() for n, p in params.named_parameters()}
 
 
