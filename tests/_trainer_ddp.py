@@ -3,7 +3,8 @@
 
 Two optimizer steps of a tiny random Llama on 2 CPU ranks (``Trainer`` wraps it in DistributedDataParallel over
 gloo; each rank its half of the batches), once stock and once with ``crossent.transformers.patch``. Rank 0
-prints one line ``RESULT {json}``: both runs' step losses and the largest parameter difference after training.
+prints one line ``RESULT {json}``: both runs' step losses, the largest parameter difference after training, and
+how many losses crossent computed in each run on that rank.
 """
 
 import json
@@ -15,6 +16,7 @@ import torch.distributed as dist
 import transformers
 
 import crossent.transformers as ct
+from _engine_workers import _crossent_losses  # counts crossent's losses in this process
 from _helpers import padded_lm_rows  # tests/ is this script's directory: on sys.path
 
 VOCAB, SEQ = 37, 10
@@ -35,20 +37,23 @@ def train(patched: bool, out_dir: str):
         ddp_backend="gloo",
     )  # fmt: skip
     trainer = transformers.Trainer(model=model, args=args, train_dataset=rows)
+    before = len(_crossent_losses)
     trainer.train()
     engine = type(trainer.model_wrapped).__name__
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return engine, losses, {n: p.detach().clone() for n, p in model.named_parameters()}
+    ran = len(_crossent_losses) - before
+    return engine, losses, {n: p.detach().clone() for n, p in model.named_parameters()}, ran
 
 
 def main():
     with tempfile.TemporaryDirectory() as tmp:
-        engine, stock_losses, stock = train(False, tmp + "/stock")
-        _, losses, params = train(True, tmp + "/patched")
+        engine, stock_losses, stock, stock_ran = train(False, tmp + "/stock")
+        _, losses, params, ran = train(True, tmp + "/patched")
     drift = max((params[n] - stock[n]).abs().max().item() for n in stock)
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({"engine": engine, "world": dist.get_world_size(), "stock": stock_losses,
-                                      "patched": losses, "param_diff": drift}))  # fmt: skip
+                                      "patched": losses, "param_diff": drift,
+                                      "crossent_losses": {"stock": stock_ran, "patched": ran}}))  # fmt: skip
     sys.stdout.flush()
 
 

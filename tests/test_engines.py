@@ -70,7 +70,7 @@ def test_tensor_parallel_head_runs_vocab_parallel():
 @pytest.mark.timeout(330)
 def test_trainer_under_ddp_trains_as_stock():
     """Trainer wraps the model in DistributedDataParallel on 2 CPU ranks; two steps with gradient accumulation:
-    the same step losses and parameters as stock."""
+    the same step losses and parameters as stock, crossent computing every patched loss."""
     pytest.importorskip("accelerate")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "_trainer_ddp.py")]  # fmt: skip
@@ -83,6 +83,8 @@ def test_trainer_under_ddp_trains_as_stock():
     assert len(result["stock"]) == 2, result
     torch.testing.assert_close(result["patched"], result["stock"], rtol=1e-5, atol=0, msg=lambda m: f"{m}\n{result}")
     assert result["param_diff"] <= 1e-5, result
+    # crossent computed the patched run's losses (2 steps × 2 accumulated micro-batches on the rank), none of stock's
+    assert result["crossent_losses"] == {"stock": 0, "patched": 4}, result
 
 
 @pytest.mark.timeout(330)
