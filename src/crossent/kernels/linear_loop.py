@@ -316,12 +316,7 @@ def linear_log_probs(
     plan = _half_plan(input, linear_weight, opts, loop, shard, combine, kernels is TORCH_LOGPROB_KERNELS, False)
     ws = _Workspace(input, linear_weight, linear_bias, index, None, 0.0, loop, GradNeeds(False, False, False), shard,
                     False, plan, half_block=plan is not None)  # fmt: skip
-    def out(shape, dtype, wanted=True):
-        return torch.empty(shape, dtype=dtype, device=input.device) if wanted else None
-
-    out_rows = LogProbRows(out(index.shape, ws.cdt), out(ws.n, ws.cdt, opts.entropy), out(ws.n, torch.float64),
-                           out(ws.n, ws.cdt, opts.log_sum_sq_probs), out(ws.n, ws.cdt, opts.mean_logits),
-                           out(index.shape, torch.bool, opts.is_top1))  # fmt: skip
+    out_rows = LogProbRows.empty((ws.n,), index.shape, opts, ws.cdt, input.device)
     whole = len(ws.pieces) == 1 and ws.vocab_start == 0 and ws.vocab == ws.num_classes and combine is None
     for r0, r1 in ws.row_blocks():
         ids = index[r0:r1]

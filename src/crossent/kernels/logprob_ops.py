@@ -50,14 +50,8 @@ def _or_none(t: Tensor) -> Optional[Tensor]:
 
 
 def _fake_rows(batch_shape, index, like, opts: LogProbRowOptions):
-    cdt = compute_dtype(like.dtype)
-
-    def out(shape, dtype, wanted=True):
-        return like.new_empty(shape, dtype=dtype) if wanted else like.new_empty(0, dtype=torch.float64)
-
-    return (out(index.shape, cdt), out(batch_shape, cdt, opts.entropy), out(batch_shape, torch.float64),
-            out(batch_shape, cdt, opts.log_sum_sq_probs), out(batch_shape, cdt, opts.mean_logits),
-            out(index.shape, torch.bool, opts.is_top1))  # fmt: skip
+    """The forward ops' outputs as their eager implementations return them (:func:`_rows_out`)."""
+    return _rows_out(LogProbRows.empty(batch_shape, index.shape, opts, compute_dtype(like.dtype), like.device))
 
 
 @torch.library.custom_op(

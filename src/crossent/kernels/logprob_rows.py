@@ -77,6 +77,18 @@ class LogProbRows(NamedTuple):
     mean_logits: Optional[Tensor] = None
     is_top1: Optional[Tensor] = None
 
+    @staticmethod
+    def empty(batch_shape, index_shape, opts: LogProbRowOptions, dtype: torch.dtype, device) -> "LogProbRows":
+        """Uninitialized results for ``opts`` on ``device``, ``dtype`` the compute dtype: the shapes and dtypes
+        above, None where not asked (the fused loop's outputs; the custom ops' fakes)."""
+
+        def new(shape, kind=dtype, wanted=True):
+            return torch.empty(shape, dtype=kind, device=device) if wanted else None
+
+        return LogProbRows(new(index_shape), new(batch_shape, wanted=opts.entropy), new(batch_shape, torch.float64),
+                           new(batch_shape, wanted=opts.log_sum_sq_probs), new(batch_shape, wanted=opts.mean_logits),
+                           new(index_shape, torch.bool, opts.is_top1))  # fmt: skip
+
 
 def forward(
     logits: Tensor,
