@@ -35,14 +35,6 @@ CONFIGS = {  # name → (patched, mixed precision)
 }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
 def rank_main(name: str, quick: bool, accelerate: bool) -> None:
     import torch
     import torch.distributed as dist
@@ -50,6 +42,7 @@ def rank_main(name: str, quick: bool, accelerate: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     import crossent.transformers as ct
+    from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 
     patched, bf16 = CONFIGS[name]
     cuda = torch.cuda.is_available()
@@ -108,11 +101,10 @@ def rank_main(name: str, quick: bool, accelerate: bool) -> None:
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
     else:
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current RSS
+        before = _rss_bytes("VmRSS") / 1024  # KiB, as the CUDA figures
+        _reset_peak_rss()  # VmHWM to the current RSS
         loss = step()
-        peak = _status_kib("VmHWM")
+        peak = _rss_bytes("VmHWM") / 1024
         seconds = float("nan")
     row = torch.tensor([before, peak, float(loss), seconds], dtype=torch.float64, device=device)
     rows = [torch.empty_like(row) for _ in range(dist.get_world_size())]
