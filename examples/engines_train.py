@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 import transformers
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor.parallel import loss_parallel
 
 import crossent.transformers as ct
 
@@ -68,8 +69,6 @@ def main():
         for _ in range(args.steps):
             ids = torch.randint(0, 1000, (4, 64), generator=g).to(mesh.device_type)
             stock_tp = args.engine == "tp" and not patched  # the stock loss of a vocabulary-sharded head needs it
-            from torch.distributed.tensor.parallel import loss_parallel
-
             with loss_parallel() if stock_tp else contextlib.nullcontext():
                 loss = wrapped(input_ids=ids, labels=ids).loss
                 loss.backward()
