@@ -31,7 +31,7 @@ import torch
 from crossent.bench import load
 from crossent.bench.linear_memory import _reset_peak_rss, _rss_bytes
 from crossent.bench.report import cpu_paths
-from crossent.bench.measure import interleaved_medians, max_abs_diff
+from crossent.bench.measure import interleaved_medians, logit_products, max_abs_diff
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from trl.trainer import utils as trl_utils  # noqa: E402  (after the offline switch)
@@ -63,19 +63,11 @@ def step(fn, x, w, ids, g_lp, g_h):
     return out[0].detach(), out[1].detach(), dx, dw
 
 
-def floor(x, w, g_full):
-    """The 4 products alone (logits in forward, logits again, G W and Gᵀ X in backward: 8·N·D·V FLOPs), the work
-    both functions do; what either spends beyond it is its own."""
-    torch.mm(x, w.T, out=g_full)
-    torch.mm(x, w.T, out=g_full)
-    return g_full @ w, g_full.T @ x
-
-
 def times(n, d, v, dtype, ignored, load_name, reps):
     data = problem(n, d, v, dtype, ignored)
     fns = {name: (lambda f=f: step(f, *data)) for name, f in FUNCTIONS.items()}
     g_full = torch.empty(n, v, dtype=dtype)
-    fns["floor"] = lambda: floor(data[0], data[1], g_full)
+    fns["floor"] = lambda: logit_products(data[0], data[1], g_full)  # the work both do; beyond it, each its own
     for fn in fns.values():  # warm-up
         fn()
     with load.condition(load_name):
